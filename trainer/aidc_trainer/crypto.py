@@ -1,0 +1,426 @@
+"""AES-256-GCM chunked streaming encryption and the checkpoint key ring.
+
+File layout (integers big-endian)::
+
+    header  = b"AIDCGCM1" | u32 chunk_size | 16B file_id | 16B key_check
+              | u16 len | key_id (utf-8) | u16 len | identity (utf-8)
+    record  = u32 len(ciphertext) | 12B nonce | ciphertext (plaintext + 16B GCM tag)
+
+Every record is authenticated with AAD = header | u64 chunk_index | u8 is_final, so a changed byte,
+a reordered chunk, a dropped tail or a file swapped for another (different identity) all fail the
+GCM tag. The reader then classifies the failure to give a distinct message. ``key_check`` is an
+HMAC of a constant under the key: a wrong key is reported as such instead of as tampering.
+Nonces are 96 random bits per chunk, so one key can safely encrypt far more data than a job writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "CheckpointCorruptError",
+    "DecryptingReader",
+    "EncryptingWriter",
+    "KeyRing",
+    "MissingKeyError",
+    "WrongKeyError",
+    "decrypt_bytes",
+    "decrypt_file",
+    "encrypt_bytes",
+    "is_encrypted",
+    "read_header",
+]
+
+MAGIC = b"AIDCGCM1"
+DEFAULT_CHUNK_SIZE = 1 << 20  # big enough to amortise per-call cost, small enough to stream
+KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_NONCE = 12
+_TAG = 16
+_REC = struct.Struct(">I")
+_IDX = struct.Struct(">QB")
+_MAX_RECLASSIFY = 4096  # bound the work spent explaining a failed chunk
+
+
+def key_check(key: bytes) -> bytes:
+    """16-byte commitment to a key; reveals nothing about it but lets a reader detect a wrong key."""
+    return hmac.new(key, b"aidc key check v1", hashlib.sha256).digest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- keys
+
+
+class KeyRing:
+    """Data keys by id, as mounted from the job's key Secret (see docs/contracts.md).
+
+    ``current_id`` is the id new checkpoints are written with; ``key(id)`` returns the 32-byte key
+    for any id still present. Wrapped keys (RFC 3394 under a KEK) are unwrapped on first use.
+    """
+
+    def __init__(self, keys: dict[str, bytes], current_id: str | None) -> None:
+        for key_id, key in keys.items():
+            _check_key_id(key_id)
+            if len(key) != 32:
+                raise MissingKeyError(f"key {key_id!r} is {len(key)} bytes, expected 32 (AES-256)", key_id)
+        self._keys = dict(keys)
+        self._loaders: dict[str, Path] = {}
+        self._kek: bytes | None = None
+        self._current_id = current_id
+
+    @classmethod
+    def from_dir(
+        cls, path: str | os.PathLike[str], kek_file: str | os.PathLike[str] | None = None
+    ) -> KeyRing:
+        """Read a mounted key Secret: ``current-key-id`` plus ``key-<id>`` files.
+
+        The current key is loaded (and unwrapped) eagerly so a bad mount fails at start-up;
+        other ids lazily. Raises :class:`MissingKeyError` (or :class:`WrongKeyError`) on problems.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise MissingKeyError(f"key directory {str(root)!r} does not exist")
+        ring = cls({}, None)
+        if kek_file is not None:
+            kek = _read_file(Path(kek_file), "KEK file")
+            if len(kek) not in (16, 24, 32):
+                raise MissingKeyError(
+                    f"KEK file {str(kek_file)!r} is {len(kek)} bytes, expected 16, 24 or 32"
+                )
+            ring._kek = kek
+        for entry in root.iterdir():  # Secret mounts also hold ..data symlinks: take key-* only
+            if entry.name.startswith("key-") and KEY_ID_RE.match(entry.name[4:]):
+                ring._loaders[entry.name[4:]] = entry
+        current_file = root / "current-key-id"
+        if not current_file.exists():
+            raise MissingKeyError(f"key directory {str(root)!r} has no current-key-id file")
+        current = _read_file(current_file, "current-key-id").decode("utf-8", "replace").strip()
+        _check_key_id(current)
+        ring._current_id = current
+        ring.key(current)
+        return ring
+
+    @property
+    def current_id(self) -> str:
+        if self._current_id is None:
+            raise MissingKeyError("key ring has no current key id")
+        return self._current_id
+
+    def ids(self) -> list[str]:
+        return sorted(set(self._keys) | set(self._loaders))
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._keys or key_id in self._loaders
+
+    def key(self, key_id: str) -> bytes:
+        if key_id in self._keys:
+            return self._keys[key_id]
+        loader = self._loaders.get(key_id)
+        if loader is None:
+            raise MissingKeyError(f"key id {key_id!r} is not in the key ring (have: {self.ids()})", key_id)
+        raw = _read_file(loader, f"key {key_id!r}")
+        if self._kek is not None:
+            if len(raw) != 40:
+                raise MissingKeyError(
+                    f"key {key_id!r} is {len(raw)} bytes; with a KEK, 40 wrapped bytes are expected",
+                    key_id,
+                )
+            try:
+                raw = aes_key_unwrap(self._kek, raw)
+            except InvalidUnwrap:
+                raise WrongKeyError(
+                    f"key {key_id!r} could not be unwrapped with the KEK (wrong KEK or damaged key)", key_id
+                ) from None
+        elif len(raw) == 40:
+            raise MissingKeyError(
+                f"key {key_id!r} looks wrapped (40 bytes) but no KEK file is configured", key_id
+            )
+        if len(raw) != 32:
+            raise MissingKeyError(f"key {key_id!r} is {len(raw)} bytes, expected 32 (AES-256)", key_id)
+        self._keys[key_id] = raw
+        return raw
+
+    def __repr__(self) -> str:  # never show key bytes
+        return f"KeyRing(current_id={self._current_id!r}, ids={self.ids()})"
+
+
+def _check_key_id(key_id: str) -> None:
+    if not KEY_ID_RE.match(key_id):
+        raise MissingKeyError(f"invalid key id {key_id!r}: must match [A-Za-z0-9._-]+", key_id)
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise MissingKeyError(f"cannot read {what} at {str(path)!r}: {e.strerror}") from None
+
+
+# ------------------------------------------------------------------------------------------ header
+
+
+class Header:
+    __slots__ = ("chunk_size", "file_id", "identity", "key_check", "key_id", "raw")
+
+    def __init__(self, chunk_size: int, file_id: bytes, kcheck: bytes, key_id: str, identity: str) -> None:
+        self.chunk_size, self.file_id, self.key_check = chunk_size, file_id, kcheck
+        self.key_id, self.identity = key_id, identity
+        kid, ident = key_id.encode(), identity.encode()
+        self.raw = (
+            MAGIC
+            + struct.pack(">I", chunk_size)
+            + file_id
+            + kcheck
+            + struct.pack(">H", len(kid))
+            + kid
+            + struct.pack(">H", len(ident))
+            + ident
+        )
+
+    def aad(self, index: int, final: bool) -> bytes:
+        return self.raw + _IDX.pack(index, 1 if final else 0)
+
+
+def read_header(src: BinaryIO, name: str = "<stream>") -> Header:
+    """Parse the header of an encrypted stream (no key needed)."""
+
+    def take(n: int) -> bytes:
+        b = src.read(n)
+        if len(b) != n:
+            raise CheckpointCorruptError(f"{name}: truncated: file ends inside the header", "truncated", name)
+        return b
+
+    magic = src.read(len(MAGIC))
+    if magic != MAGIC:
+        if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
+            raise CheckpointCorruptError(f"{name}: truncated: file ends inside the header", "truncated", name)
+        raise CheckpointCorruptError(f"{name}: not an aidc encrypted file (bad magic)", "format", name)
+    (chunk_size,) = struct.unpack(">I", take(4))
+    file_id, kcheck = take(16), take(16)
+    key_id = take(struct.unpack(">H", take(2))[0]).decode("utf-8", "replace")
+    identity = take(struct.unpack(">H", take(2))[0]).decode("utf-8", "replace")
+    if chunk_size == 0 or chunk_size > 1 << 30:
+        raise CheckpointCorruptError(f"{name}: implausible chunk size {chunk_size}", "format", name)
+    return Header(chunk_size, file_id, kcheck, key_id, identity)
+
+
+def is_encrypted(path: str | os.PathLike[str]) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+# ------------------------------------------------------------------------------------------ writer
+
+
+class EncryptingWriter:
+    """Write-only file object: plaintext in, encrypted records out to ``dst``.
+
+    Buffers at most one chunk ahead so the last chunk can be flagged final on :meth:`close`.
+    Usable directly as the target of ``torch.save``.
+    """
+
+    def __init__(
+        self,
+        dst: BinaryIO,
+        key: bytes,
+        key_id: str,
+        identity: str,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        _check_key_id(key_id)
+        self._dst = dst
+        self._aead = AESGCM(key)
+        self._header = Header(chunk_size, os.urandom(16), key_check(key), key_id, identity)
+        self._chunk = chunk_size
+        self._buf = bytearray()
+        self._index = 0
+        self._closed = False
+        self.plaintext_bytes = 0
+        dst.write(self._header.raw)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        self.plaintext_bytes += n
+        if not self._buf and n > self._chunk:  # fast path: encrypt big writes without copying into _buf
+            whole = (n - 1) // self._chunk  # keep >=1 byte back: the final chunk must stay unwritten
+            for i in range(whole):
+                self._emit(mv[i * self._chunk : (i + 1) * self._chunk], final=False)
+            mv = mv[whole * self._chunk :]
+        self._buf += mv
+        while len(self._buf) > self._chunk:
+            self._emit(memoryview(self._buf)[: self._chunk], final=False)
+            del self._buf[: self._chunk]
+        return n
+
+    def _emit(self, chunk: memoryview | bytes, final: bool) -> None:
+        nonce = os.urandom(_NONCE)
+        ct = self._aead.encrypt(nonce, bytes(chunk), self._header.aad(self._index, final))
+        self._dst.write(_REC.pack(len(ct)) + nonce)
+        self._dst.write(ct)
+        self._index += 1
+
+    def flush(self) -> None:
+        self._dst.flush()
+
+    def close(self) -> None:
+        """Emit the final chunk (possibly empty). Does not close ``dst``."""
+        if not self._closed:
+            self._emit(bytes(self._buf), final=True)
+            self._buf.clear()
+            self._closed = True
+            self._dst.flush()
+
+    def __enter__(self) -> EncryptingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+
+
+# ------------------------------------------------------------------------------------------ reader
+
+
+class DecryptingReader:
+    """Iterate the verified plaintext chunks of an encrypted stream.
+
+    Raises :class:`MissingKeyError` (key id absent), :class:`WrongKeyError` (key check fails) or
+    :class:`CheckpointCorruptError` with reason ``identity``, ``truncated``, ``reordered``,
+    ``tampered`` or ``format``. No plaintext is yielded from a chunk before its tag verified.
+    """
+
+    def __init__(self, src: BinaryIO, keyring: KeyRing, identity: str | None = None, name: str = "<stream>"):
+        self._src, self._name = src, name
+        self.header = read_header(src, name)
+        if identity is not None and self.header.identity != identity:
+            raise CheckpointCorruptError(
+                f"{name}: file identity is {self.header.identity!r}, expected {identity!r} "
+                "(file swapped or copied from another checkpoint)",
+                "identity",
+                name,
+            )
+        key = keyring.key(self.header.key_id)
+        if not hmac.compare_digest(key_check(key), self.header.key_check):
+            raise WrongKeyError(
+                f"{name}: key {self.header.key_id!r} is not the key this file was encrypted with",
+                self.header.key_id,
+            )
+        self._aead = AESGCM(key)
+
+    def _records(self) -> Iterator[tuple[int, bytes, bytes]]:
+        idx = 0
+        while True:
+            lenb = self._src.read(_REC.size)
+            if not lenb:
+                return
+            if len(lenb) < _REC.size:
+                raise self._truncated(f"file ends inside the length prefix of chunk {idx}")
+            (ct_len,) = _REC.unpack(lenb)
+            if ct_len < _TAG or ct_len > self.header.chunk_size + _TAG:
+                raise CheckpointCorruptError(
+                    f"{self._name}: chunk {idx} has an impossible length {ct_len} (tampered)",
+                    "tampered",
+                    self._name,
+                )
+            nonce = self._src.read(_NONCE)
+            ct = self._src.read(ct_len)
+            if len(nonce) < _NONCE or len(ct) < ct_len:
+                got = len(nonce) + len(ct)
+                raise self._truncated(f"chunk {idx} is cut short ({got} of {_NONCE + ct_len} bytes present)")
+            yield idx, nonce, ct
+            idx += 1
+
+    def _truncated(self, what: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(f"{self._name}: truncated: {what}", "truncated", self._name)
+
+    def chunks(self) -> Iterator[bytes]:
+        pending: tuple[int, bytes, bytes] | None = None
+        for rec in self._records():
+            if pending is not None:
+                yield self._open(*pending, final=False)
+            pending = rec
+        if pending is None:
+            raise self._truncated("no chunks after the header")
+        yield self._open(*pending, final=True)
+
+    def _open(self, idx: int, nonce: bytes, ct: bytes, final: bool) -> bytes:
+        h = self.header
+        try:
+            return self._aead.decrypt(nonce, ct, h.aad(idx, final))
+        except InvalidTag:
+            pass
+        # Explain the failure: is this an intact chunk that belongs elsewhere?
+        if final:
+            try:
+                self._aead.decrypt(nonce, ct, h.aad(idx, False))
+                raise self._truncated(f"file ends after chunk {idx}, which is not the final chunk")
+            except InvalidTag:
+                pass
+        for other in range(min(_MAX_RECLASSIFY, 1 + idx + 64)):
+            if other == idx:
+                continue  # same position, other flag: handled above and below
+            for fin in (False, True):
+                try:
+                    self._aead.decrypt(nonce, ct, h.aad(other, fin))
+                except InvalidTag:
+                    continue
+                raise CheckpointCorruptError(
+                    f"{self._name}: chunk at position {idx} is chunk {other} of this file (chunks reordered)",
+                    "reordered",
+                    self._name,
+                )
+        if not final:
+            try:
+                self._aead.decrypt(nonce, ct, h.aad(idx, True))
+                raise CheckpointCorruptError(
+                    f"{self._name}: data appended after the final chunk {idx}", "tampered", self._name
+                )
+            except InvalidTag:
+                pass
+        raise CheckpointCorruptError(
+            f"{self._name}: chunk {idx} failed authentication (data modified or corrupted)",
+            "tampered",
+            self._name,
+        )
+
+    def read_all(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+def encrypt_bytes(
+    data: bytes, key: bytes, key_id: str, identity: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    with EncryptingWriter(out, key, key_id, identity, chunk_size) as w:
+        w.write(data)
+    return out.getvalue()
+
+
+def decrypt_bytes(data: bytes, keyring: KeyRing, identity: str | None = None, name: str = "<bytes>") -> bytes:
+    import io
+
+    return DecryptingReader(io.BytesIO(data), keyring, identity, name).read_all()
+
+
+def decrypt_file(path: str | os.PathLike[str], keyring: KeyRing, identity: str | None = None) -> bytes:
+    """Decrypt a whole file into memory (never to disk)."""
+    with open(path, "rb") as f:
+        return DecryptingReader(f, keyring, identity, str(path)).read_all()
