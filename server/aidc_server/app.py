@@ -1,0 +1,224 @@
+"""Open Inference Protocol v2 over HTTP (FastAPI). Knows the Model interface, nothing more.
+
+Every client mistake becomes a 4xx with {"error": "..."} naming the problem; a model that is not
+loaded (no checkpoint yet, undecryptable, tampered) makes the server live but not ready, and the
+reason is in the ready/metadata responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aidc_server import __version__
+from aidc_server.batching import DynamicBatcher
+from aidc_server.errors import InvalidInput, ModelNotReady, NotFound, PayloadTooLarge, ServingError
+from aidc_server.metrics import CONTENT_TYPE, ServerMetrics
+from aidc_server.model import Model
+from aidc_server.tensors import decode_request, encode_response
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingOptions:
+    max_batch_size: int = 32
+    max_latency_ms: float = 5.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    watch_seconds: float = 0.0  # 0: no hot swap; a model that failed to load is still retried
+    retry_seconds: float = 5.0
+
+
+@dataclass
+class ServerState:
+    """Mutable per-server state shared by the routes, the batcher and the drain logic."""
+
+    model: Model
+    options: ServingOptions
+    metrics: ServerMetrics
+    batcher: DynamicBatcher | None = None
+    draining: bool = False
+    arriving: int = 0  # infer requests reading/parsing their body, not yet queued
+    in_flight: int = 0  # infer requests anywhere between arrival and response
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    last_logged_reason: str = ""
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "server is draining (shutting down)"
+        if not self.model.ready:
+            return self.model.status.reason or "model not loaded"
+        return None
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading it all first."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(model: Model, options: ServingOptions | None = None) -> FastAPI:
+    options = options or ServingOptions()
+    state = ServerState(model=model, options=options, metrics=ServerMetrics(model.name))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.batcher = DynamicBatcher(
+            model.predict_versioned,
+            max_batch_size=options.max_batch_size,
+            max_latency_s=options.max_latency_ms / 1000.0,
+            pending_arrivals=lambda: state.arriving,
+            on_batch=state.metrics.batch_child.observe,
+        )
+        state.batcher.start()
+        state.tasks.append(asyncio.create_task(_keep_model_fresh(state), name="aidc-model-loader"))
+        yield
+        for task in state.tasks:
+            task.cancel()
+        await asyncio.gather(*state.tasks, return_exceptions=True)
+        await state.batcher.close()
+
+    app = FastAPI(title="aidc model server", version=__version__, lifespan=lifespan, openapi_url=None)
+    app.state.serving = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Unknown paths and wrong methods: same {"error": ...} shape as everything else.
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, exc: ServingError) -> Response:
+        return _error(exc.status_code, exc.message)
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return _json({"name": "aidc-server", "version": __version__, "extensions": []})
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        reason = state.not_ready_reason()
+        if reason is None:
+            return _json({"ready": True})
+        return _json({"ready": False, "reason": reason}, 503)
+
+    def resolve(name: str, version: str | None) -> Model:
+        if name != model.name:
+            raise NotFound(f"unknown model '{name}'; this server serves '{model.name}'")
+        if not model.ready:
+            raise ModelNotReady(f"model '{name}' is not ready: {model.status.reason}")
+        if version is not None and version != model.version:
+            raise NotFound(f"unknown version '{version}' of model '{name}'; serving version {model.version}")
+        return model
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return _json(resolve(name, version).metadata())
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        try:
+            resolve(name, version)
+        except ModelNotReady:
+            return _json({"name": name, "ready": False, "reason": model.status.reason}, 503)
+        if state.draining:
+            return _json({"name": name, "ready": False, "reason": state.not_ready_reason()}, 503)
+        return _json({"name": name, "ready": True})
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        started = time.perf_counter()
+        code = 200
+        state.in_flight += 1
+        state.arriving += 1
+        try:
+            try:
+                body = await read_body(request, options.max_body_bytes)
+                target = resolve(name, version)
+                parsed = decode_request(body)
+                target.validate(parsed.inputs)
+            finally:
+                state.arriving -= 1
+            assert state.batcher is not None
+            ran_version, outputs = await state.batcher.submit(parsed.inputs)
+            if parsed.outputs is not None:
+                unknown = [o for o in parsed.outputs if o not in outputs]
+                if unknown:
+                    raise InvalidInput(f"unknown output '{unknown[0]}'; model has {sorted(outputs)}")
+                outputs = {o: outputs[o] for o in parsed.outputs}
+            return Response(
+                encode_response(name, ran_version or "", outputs, parsed.id), media_type="application/json"
+            )
+        except ServingError as e:
+            code = e.status_code
+            return _error(code, e.message)
+        except Exception:
+            code = 500
+            log.exception("inference failed")
+            return _error(500, "internal error during inference (see server log)")
+        finally:
+            state.in_flight -= 1
+            state.metrics.count(code)
+            state.metrics.latency_child.observe(time.perf_counter() - started)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        m = state.metrics
+        m.queue_depth.labels(model.name).set(state.batcher.queue_depth if state.batcher else 0)
+        m.in_flight.labels(model.name).set(state.in_flight)
+        return Response(m.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+async def _keep_model_fresh(state: ServerState) -> None:
+    """Load at start (off the event loop); retry while not ready; poll for newer versions if asked."""
+    model, options = state.model, state.options
+    while True:
+        try:
+            if not model.ready:
+                await asyncio.to_thread(model.load)
+            elif options.watch_seconds > 0 and await asyncio.to_thread(model.refresh):
+                log.info("model %s now serving version %s", model.name, model.version)
+        except Exception:  # load() must not raise, but a bug here must not kill the loop
+            log.exception("model load failed unexpectedly")
+        state.metrics.set_model(model.version, model.ready)
+        reason = model.status.reason
+        if not model.ready and reason != state.last_logged_reason:
+            log.warning("model %s not ready: %s", model.name, reason)
+        state.last_logged_reason = reason if not model.ready else ""
+        if model.ready and options.watch_seconds <= 0:
+            return
+        await asyncio.sleep(options.watch_seconds if model.ready else options.retry_seconds)

@@ -1,0 +1,84 @@
+"""Command line and environment (AIDC_*) settings; a flag wins over its variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoint_dir: str
+    model_name: str
+    key_dir: str | None = None
+    kek_file: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_batch_size: int = 32
+    max_latency_ms: float = 5.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    quantize: str | None = None
+    watch_seconds: float = 0.0
+    retry_seconds: float = 5.0
+    drain_seconds: float = 2.0
+    drain_timeout_seconds: float = 30.0
+    torch_threads: int = 0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    log_level: str = "info"
+
+
+# flag -> (env variable, type, help)
+_OPTIONS: dict[str, tuple[str, type, str]] = {
+    "checkpoint-dir": ("AIDC_CHECKPOINT_DIR", str, "checkpoint root (step-NNNNNNNNN/ directories)"),
+    "model-name": ("AIDC_MODEL_NAME", str, "name the model is served under (/v2/models/NAME)"),
+    "key-dir": ("AIDC_KEY_DIR", str, "mounted key Secret (current-key-id, key-<id>); absent: unencrypted"),
+    "kek-file": ("AIDC_KEK_FILE", str, "KEK that wraps the keys in --key-dir"),
+    "host": ("AIDC_HOST", str, "address to listen on"),
+    "port": ("AIDC_PORT", int, "HTTP port"),
+    "max-batch-size": ("AIDC_MAX_BATCH_SIZE", int, "most rows per forward pass"),
+    "max-latency-ms": ("AIDC_MAX_LATENCY_MS", float, "longest a request waits for batch-mates"),
+    "max-body-bytes": ("AIDC_MAX_BODY_BYTES", int, "largest accepted request body (413 above)"),
+    "quantize": ("AIDC_QUANTIZE", str, "int8: dynamic int8 quantization of Linear layers"),
+    "watch-seconds": ("AIDC_WATCH_SECONDS", float, "poll for a newer checkpoint and hot swap (0: off)"),
+    "retry-seconds": ("AIDC_RETRY_SECONDS", float, "retry interval while no checkpoint could be loaded"),
+    "drain-seconds": ("AIDC_DRAIN_SECONDS", float, "on SIGTERM: keep serving, not ready, this long"),
+    "drain-timeout-seconds": ("AIDC_DRAIN_TIMEOUT_SECONDS", float, "then wait at most this for in-flight"),
+    "torch-threads": ("AIDC_TORCH_THREADS", int, "torch intra-op threads (0: torch's default)"),
+    "tls-cert": ("AIDC_TLS_CERT", str, "PEM certificate: serve HTTPS"),
+    "tls-key": ("AIDC_TLS_KEY", str, "PEM private key for --tls-cert"),
+    "log-level": ("AIDC_LOG_LEVEL", str, "debug, info, warning, error"),
+}
+_REQUIRED = ("checkpoint-dir", "model-name")
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    defaults = Settings(checkpoint_dir="", model_name="")
+    parser = argparse.ArgumentParser(
+        prog="python -m aidc_server", description="aidc model server (Open Inference Protocol v2)"
+    )
+    for flag, (var, kind, text) in _OPTIONS.items():
+        attr = flag.replace("-", "_")
+        default = getattr(defaults, attr)
+        parser.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=kind(env[var]) if env.get(var) else default,
+            help=f"{text} [env {var}; default {default!r}]",
+        )
+    args = parser.parse_args(argv)
+    for flag in _REQUIRED:
+        if not getattr(args, flag.replace("-", "_")):
+            parser.error(f"--{flag} (or {_OPTIONS[flag][0]}) is required")
+    if args.quantize in ("", "none"):
+        args.quantize = None
+    if args.quantize not in (None, "int8"):
+        parser.error(f"--quantize must be int8 or none, not {args.quantize!r}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.max_batch_size < 1:
+        parser.error("--max-batch-size must be >= 1")
+    return Settings(**vars(args))

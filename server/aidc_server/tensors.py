@@ -1,0 +1,173 @@
+"""Open Inference Protocol v2 tensor codec: JSON {name, datatype, shape, data} <-> numpy.
+
+Pure functions, no HTTP and no model: the protocol layer and the tests use them directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from aidc_server.errors import InvalidInput
+
+# BYTES is left out on purpose: none of the served models take strings.
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+DATATYPE_OF: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# numpy kinds a JSON array may decode to for each family ("b" bool, "i"/"u" ints, "f" floats).
+_ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_JSON_OUT = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Declared input or output of a model; -1 in shape means any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    value_range: tuple[int, int] | None = None  # e.g. token ids must index the embedding table
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def check(self, array: np.ndarray) -> None:
+        """Raise InvalidInput unless `array` fits this spec (datatype and shape)."""
+        datatype = DATATYPE_OF.get(array.dtype)
+        if datatype != self.datatype:
+            raise InvalidInput(f"input '{self.name}': wrong datatype {datatype}, expected {self.datatype}")
+        if len(array.shape) != len(self.shape) or any(
+            want not in (-1, got) for want, got in zip(self.shape, array.shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input '{self.name}': wrong shape {list(array.shape)}, expected {list(self.shape)}"
+                " (-1 = any size)"
+            )
+        if self.value_range is not None and array.size:
+            low, high = self.value_range
+            if array.min() < low or array.max() > high:
+                raise InvalidInput(f"input '{self.name}': values must lie in [{low}, {high}]")
+
+
+@dataclass
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    outputs: list[str] | None = None  # names the client asked for; None = all
+
+
+def decode_tensor(obj: Any, index: int) -> tuple[str, np.ndarray]:
+    """Validate one request tensor and return (name, array shaped as declared)."""
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"inputs[{index}] must be an object with name, datatype, shape, data")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"inputs[{index}]: 'name' must be a non-empty string")
+    where = f"input '{name}'"
+    datatype = obj.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidInput(f"{where}: 'datatype' must be a string such as FP32")
+    dtype = DTYPES.get(datatype.upper())
+    if dtype is None:
+        raise InvalidInput(f"{where}: unsupported datatype {datatype!r}; supported: {', '.join(DTYPES)}")
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+    if "data" not in obj:
+        raise InvalidInput(f"{where}: 'data' is missing")
+    return name, decode_data(obj["data"], dtype, shape, where)
+
+
+def decode_data(data: Any, dtype: np.dtype, shape: list[int], where: str) -> np.ndarray:
+    """JSON data (flat row-major or nested lists) -> array of `dtype` with `shape`."""
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}: 'data' must be a JSON array")
+    try:
+        raw = np.array(data)  # infers bool/int/float/str; ragged nesting raises
+    except (ValueError, OverflowError) as e:
+        raise InvalidInput(f"{where}: 'data' is not a regular array of numbers ({e})") from None
+    expected = math.prod(shape)
+    if raw.size != expected:
+        raise InvalidInput(f"{where}: data has {raw.size} elements but shape {shape} needs {expected}")
+    if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+        found = {"U": "strings", "O": "mixed or null values", "f": "floats", "b": "booleans"}
+        raise InvalidInput(
+            f"{where}: datatype {DATATYPE_OF[dtype]} but data holds "
+            f"{found.get(raw.dtype.kind, raw.dtype.name)}"
+        )
+    if dtype.kind in "iu" and raw.size:
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise InvalidInput(f"{where}: value out of range for {DATATYPE_OF[dtype]}")
+    if dtype.kind == "f" and raw.size and not np.isfinite(raw).all():
+        raise InvalidInput(f"{where}: data holds NaN or infinity")
+    return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def decode_request(body: bytes) -> InferRequest:
+    """Parse and validate a v2 inference request body."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"malformed JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object with an 'inputs' array")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("'inputs' must be a non-empty array of tensors")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(inputs):
+        name, array = decode_tensor(tensor, i)
+        if name in arrays:
+            raise InvalidInput(f"input '{name}' appears twice")
+        arrays[name] = array
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    outputs = doc.get("outputs")
+    names: list[str] | None = None
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+        ):
+            raise InvalidInput("'outputs' must be an array of objects with a 'name'")
+        names = [o["name"] for o in outputs]
+    return InferRequest(inputs=arrays, id=request_id, outputs=names)
+
+
+def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
+    datatype = DATATYPE_OF.get(array.dtype)
+    if datatype is None:
+        raise TypeError(f"output '{name}' has dtype {array.dtype} with no v2 datatype")
+    # float16 is not one of orjson's native numpy types: widen for JSON, keep the declared type.
+    data = array.astype(np.float32) if array.dtype == np.float16 else array
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data.ravel()}
+
+
+def encode_response(
+    model_name: str, model_version: str, outputs: dict[str, np.ndarray], request_id: str | None = None
+) -> bytes:
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        doc["id"] = request_id
+    doc["outputs"] = [encode_tensor(n, np.ascontiguousarray(a)) for n, a in outputs.items()]
+    return orjson.dumps(doc, option=_JSON_OUT)
