@@ -1,0 +1,5 @@
+import sys
+
+from aidc_trainer.launch import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Training configuration: one dataclass, filled from defaults < AIDC_* environment < command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from aidc_trainer.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "none")
+
+# field name -> environment variable the operator renders (docs/contracts.md)
+ENV = {
+    "checkpoint_dir": "AIDC_CHECKPOINT_DIR",
+    "checkpoint_every_steps": "AIDC_CHECKPOINT_EVERY_STEPS",
+    "checkpoint_every_seconds": "AIDC_CHECKPOINT_EVERY_SECONDS",
+    "checkpoint_keep": "AIDC_CHECKPOINT_KEEP",
+    "key_dir": "AIDC_KEY_DIR",
+    "kek_file": "AIDC_KEK_FILE",
+    "metrics_port": "AIDC_METRICS_PORT",
+}
+
+
+@dataclass
+class TrainConfig:
+    example: str = field(default="mlp", metadata={"help": "built-in example: mlp | transformer"})
+    recipe: str | None = field(default=None, metadata={"help": "module:function returning a Recipe"})
+    model_config: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "JSON merged into the model factory's config"}
+    )
+    steps: int = field(default=200, metadata={"help": "total optimiser steps"})
+    batch_size: int = field(default=64, metadata={"help": "per-rank micro-batch size"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    lr: float = 1e-3
+    seed: int = 0
+    precision: str = field(
+        default="fp32", metadata={"help": "fp32 | bf16 | fp16 (autocast; fp16 adds GradScaler)"}
+    )
+    parallel: str = field(default="ddp", metadata={"help": "ddp | none"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    deterministic: bool = field(default=True, metadata={"help": "deterministic kernels (bitwise resume)"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "log + cross-rank control sync every N steps"})
+    checkpoint_dir: str | None = None
+    checkpoint_every_steps: int = 0
+    checkpoint_every_seconds: float = 0.0
+    checkpoint_keep: int = 3
+    key_dir: str | None = None
+    kek_file: str | None = None
+    resume: bool = field(default=True, metadata={"help": "resume from the newest valid checkpoint"})
+    metrics_port: int = field(default=9400, metadata={"help": "Prometheus port on rank 0 (-1: off)"})
+    progress_every_seconds: float = 10.0
+    pg_timeout_seconds: float = 600.0
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
+        need(self.log_every >= 1, "log_every must be >= 1")
+        need(self.eval_every >= 0, "eval_every must be >= 0")
+        need(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
+        need(self.checkpoint_every_seconds >= 0, "checkpoint_every_seconds must be >= 0")
+        need(self.checkpoint_keep >= 1, "checkpoint_keep must be >= 1")
+        need(self.kek_file is None or self.key_dir is not None, "kek_file needs key_dir")
+
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.checkpoint_dir)
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {s!r}")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    try:
+        if kind.startswith("dict"):
+            val = json.loads(raw)
+            if not isinstance(val, dict):
+                raise ValueError("expected a JSON object")
+            return val
+        if kind == "bool":
+            return _parse_bool(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as e:
+        raise ConfigError(f"{f.name}: cannot parse {raw!r}: {e}") from None
+    return raw or None if "None" in kind else raw
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m aidc_trainer", description="aidc trainer (run under torchrun)"
+    )
+    for f in dataclasses.fields(TrainConfig):
+        env = ENV.get(f.name)
+        help_ = f.metadata.get("help", "") + (f" [env {env}]" if env else "")
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=help_ or None)
+    return p
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> TrainConfig:
+    """Build and validate the config; raises ConfigError (exit code 4) on bad input."""
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad flags; the contract says 4
+        if e.code in (0, None):
+            raise
+        raise ConfigError("invalid command line") from None
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        raw = getattr(args, f.name)
+        if raw is None and f.name in ENV and environ.get(ENV[f.name], "") != "":
+            raw = environ[ENV[f.name]]
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,346 @@
+"""The training loop, assembled from swappable parts (recipe, data, optimiser, checkpointer, metrics)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from aidc_trainer import distributed as D
+from aidc_trainer.checkpoint import Checkpointer, SaveResult
+from aidc_trainer.config import TrainConfig
+from aidc_trainer.crypto import KeyRing
+from aidc_trainer.data import ShardedBatches, eval_shard
+from aidc_trainer.evaluation import evaluate
+from aidc_trainer.metrics import Accounting, TrainMetrics
+from aidc_trainer.progress import ProgressReporter
+from aidc_trainer.recipe import Recipe
+
+log = logging.getLogger("aidc_trainer")
+
+
+class Stopped(Exception):
+    """Training stopped by a signal; exit code is 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+@dataclass
+class Result:
+    step: int
+    loss: float | None
+    eval: dict[str, float] | None
+
+
+class Precision:
+    """bf16/fp16 autocast; fp16 adds a GradScaler (bf16 has fp32's range and needs none)."""
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        self.mode, self.device_type = mode, device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, recipe: Recipe, env: D.DistEnv) -> None:
+        self.cfg, self.recipe, self.env = cfg, recipe, env
+        self.metrics = TrainMetrics()
+        self._stop_signal = 0
+        self.keyring = KeyRing.from_dir(cfg.key_dir, cfg.kek_file) if cfg.key_dir else None
+        self.precision = Precision(cfg.precision, env.device)
+
+        D.seed_everything(cfg.seed, cfg.deterministic)  # same init on every rank
+        self.model = recipe.build_model().to(env.device)
+        self.data = recipe.build_data(cfg)
+        self.batches = ShardedBatches(
+            self.data.train, cfg.batch_size, cfg.grad_accum, env.rank, env.world_size, cfg.seed
+        )
+        self.eval_split = eval_shard(self.data.eval, env.rank, env.world_size)
+
+        self.ckpt: Checkpointer | None = None
+        if cfg.checkpoint_dir:
+            self.ckpt = Checkpointer(
+                root=cfg.checkpoint_dir,  # type: ignore[arg-type]
+                rank=env.rank,
+                world_size=env.world_size,
+                keyring=self.keyring,
+                keep=cfg.checkpoint_keep,
+                model_spec=recipe.model_spec,
+                group=env.ckpt_group,
+                run_id=env.run_id,
+                on_saved=self._on_saved,
+            )
+        self.progress = ProgressReporter(cfg.checkpoint_dir) if env.is_main else None
+        gpus = env.world_size if env.device.type == "cuda" else 0
+        self.accounting = Accounting(gpus, env.device.index if env.device.type == "cuda" else None)
+        self.start_step = 0
+
+    # ---------------------------------------------------------------------------------- parts
+    def _shared_state(self) -> dict[str, Any]:
+        s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.precision.scaler.is_enabled():
+            s["scaler"] = self.precision.scaler.state_dict()
+        return s
+
+    def _restore(self) -> None:
+        if self.ckpt is None or not self.cfg.resume:
+            return
+        if self.env.is_main:
+            self.ckpt.cleanup_stale()
+        loaded = self.ckpt.resume()
+        if loaded is None:
+            log.info("no valid checkpoint: starting from step 0", extra={"event": "resume", "step": 0})
+            return
+        st = loaded.state
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        if "scaler" in st and self.precision.scaler.is_enabled():
+            self.precision.scaler.load_state_dict(st["scaler"])
+        if st.get("rank") and loaded.manifest.get("world_size") == self.env.world_size:
+            D.set_rng_state(st["rank"])
+        else:  # world size changed: data order is still exact, rank-local RNG is re-derived
+            torch.manual_seed(D.rank_seed(self.cfg.seed, self.env.rank, loaded.step))
+        self.start_step = loaded.step
+        log.info(
+            "resumed from checkpoint step %d",
+            loaded.step,
+            extra={"event": "resume", "step": loaded.step, "path": str(loaded.path)},
+        )
+
+    def _on_saved(self, res: SaveResult) -> None:  # runs on the checkpoint thread
+        if not res.ok:
+            self.metrics.ckpt_failures.inc()
+            return
+        self.metrics.ckpt_save_seconds.observe(res.seconds)
+        if self.env.is_main:
+            self.metrics.ckpt_bytes.set(res.bytes)
+            self.metrics.last_ckpt_step.set(res.step)
+            log.info(
+                "checkpoint saved",
+                extra={
+                    "event": "checkpoint",
+                    "step": res.step,
+                    "path": str(res.path),
+                    "bytes": res.bytes,
+                    "seconds": round(res.seconds, 4),
+                },
+            )
+            if self.progress is not None:
+                self.progress.checkpoint(res.step, str(res.path))
+
+    def _save(self, step: int, block: bool, extra: dict[str, Any]) -> None:
+        assert self.ckpt is not None
+        stall = self.ckpt.save(step, self._shared_state(), D.rng_state(), extra, block=block)
+        self.metrics.ckpt_stall_seconds.observe(stall)
+        self._last_save_time, self._last_save_step = time.monotonic(), step
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        module = self.model.module if isinstance(self.model, DDP) else self.model
+        res = evaluate(
+            module,
+            self.eval_split,
+            self.recipe.num_classes,
+            self.env.device,
+            predict=self.recipe.predict,
+            autocast=self.precision.autocast if self.precision.dtype is not None else None,
+            distributed=self.env.distributed,
+        )
+        self.metrics.eval_accuracy.set(res["accuracy"])
+        self.metrics.eval_macro_f1.set(res["macro_f1"])
+        if self.env.is_main:
+            log.info("eval", extra={"event": "eval", "step": step, **res})
+        return res
+
+    def _handle_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum  # acted on at the next control sync, on all ranks together
+
+    # ---------------------------------------------------------------------------------- loop
+    def fit(self) -> Result:
+        cfg, env = self.cfg, self.env
+        model = self.model
+        self.optimizer = self.recipe.build_optimizer(model.parameters(), cfg)
+        self._restore()
+        if env.distributed and cfg.parallel == "ddp":
+            model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.train_model = model
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle_signal)
+
+        if env.is_main:
+            self.metrics.total_steps.set(cfg.steps)
+            port = self.metrics.serve(cfg.metrics_port)
+            log.info(
+                "training",
+                extra={
+                    "event": "start",
+                    "world_size": env.world_size,
+                    "backend": env.backend,
+                    "device": str(env.device),
+                    "start_step": self.start_step,
+                    "steps": cfg.steps,
+                    "metrics_port": port,
+                    "encrypted": self.keyring is not None,
+                },
+            )
+        self._last_save_time, self._last_save_step = time.monotonic(), self.start_step
+        last_loss: float | None = None
+        eval_res: dict[str, float] | None = None
+        global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
+        last_progress = 0.0
+        window_t, window_steps = time.perf_counter(), 0
+        loss_fn, scaler, accum = self.recipe.loss_fn, self.precision.scaler, cfg.grad_accum
+
+        step = self.start_step
+        try:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=env.device)
+                for micro in range(accum):
+                    x, y = self.batches.batch(step, micro, env.device)
+                    sync_ctx = (
+                        model.no_sync()
+                        if isinstance(model, DDP) and micro < accum - 1
+                        else contextlib.nullcontext()
+                    )
+                    with sync_ctx:
+                        with self.precision.autocast():
+                            loss = loss_fn(model(x), y) / accum
+                        scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                scaler.step(self.optimizer)
+                scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_steps += 1
+                self.metrics.step_seconds.observe(time.perf_counter() - t0)
+
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    # Control sync: one tiny all-reduce carries the loss, stop requests and the
+                    # time-based checkpoint trigger, so every rank acts at the same step.
+                    due = bool(
+                        self.ckpt
+                        and cfg.checkpoint_every_seconds > 0
+                        and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_seconds
+                    )
+                    ctl = torch.stack(
+                        [
+                            loss_sum.float(),
+                            torch.tensor(float(self._stop_signal), device=env.device),
+                            torch.tensor(float(due), device=env.device),
+                        ]
+                    )
+                    if env.distributed:
+                        dist.all_reduce(ctl)
+                    last_loss = float(ctl[0]) / env.world_size
+                    stop_sig, time_due = int(ctl[1]), ctl[2] > 0
+                    if stop_sig and not self._stop_signal:
+                        self._stop_signal = signal.SIGTERM  # a peer was signalled
+                    elapsed = time.perf_counter() - window_t
+                    sps = window_steps * global_batch / elapsed if elapsed > 0 else 0.0
+                    window_t, window_steps = time.perf_counter(), 0
+                    self.metrics.step.set(step)
+                    self.metrics.loss.set(last_loss)
+                    self.metrics.samples_per_second.set(sps)
+                    self.metrics.gpu_seconds.set(self.accounting.gpu_seconds())
+                    if (ej := self.accounting.energy_joules()) is not None:
+                        self.metrics.energy_joules.set(ej)
+                    if env.is_main:
+                        log.info(
+                            "train",
+                            extra={
+                                "event": "train",
+                                "step": step,
+                                "loss": round(last_loss, 6),
+                                "samples_per_second": round(sps, 1),
+                            },
+                        )
+                        if not math.isfinite(last_loss):
+                            log.warning("loss is not finite", extra={"event": "nonfinite", "step": step})
+                        now = time.monotonic()
+                        if self.progress is not None and (now - last_progress >= cfg.progress_every_seconds):
+                            self.progress.progress(
+                                step, cfg.steps, gpuSeconds=round(self.accounting.gpu_seconds(), 1)
+                            )
+                            last_progress = now
+                    if self._stop_signal:
+                        self._stop(step)
+                else:
+                    time_due = False
+
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    eval_res = self._evaluate(step)
+                if (
+                    self.ckpt is not None
+                    and step != cfg.steps
+                    and ((cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0) or time_due)
+                ):
+                    self._save(step, block=False, extra={"loss": last_loss})
+        except Stopped:
+            raise
+        except Exception:
+            if self._stop_signal:  # a peer left because it was signalled: not a script error
+                raise Stopped(self._stop_signal) from None
+            raise
+
+        eval_res = self._evaluate(step)
+        if self.ckpt is not None:
+            if self._last_save_step != step:
+                self._save(step, block=True, extra={"loss": last_loss, "eval": eval_res})
+            self.ckpt.close()
+        self._finish(step)
+        return Result(step, last_loss, eval_res)
+
+    def _stop(self, step: int) -> None:
+        """Every rank saw the stop at the same control sync: checkpoint (unless just saved), then stop."""
+        log.warning(
+            "stop requested by signal %d at step %d", self._stop_signal, step, extra={"event": "stop"}
+        )
+        if self.ckpt is not None:
+            self.ckpt.wait()
+            if self._last_save_step != step:
+                self._save(step, block=True, extra={"stopped": True})
+            self.ckpt.close()
+        self._finish(step)
+        raise Stopped(self._stop_signal)
+
+    def _finish(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.progress(step, self.cfg.steps, gpuSeconds=round(self.accounting.gpu_seconds(), 1))
+            self.progress.close()
+        if self.env.is_main:
+            extra: dict[str, Any] = {
+                "event": "done",
+                "step": step,
+                "gpu_seconds": self.accounting.gpu_seconds(),
+            }
+            if (ej := self.accounting.energy_joules()) is not None:
+                extra["energy_joules_node0"] = ej
+            log.info("finished", extra=extra)
+
+
+def run(cfg: TrainConfig, recipe_fn: Callable[[TrainConfig], Recipe] | None = None) -> Result:
+    """Programmatic entry for user scripts: ``run(TrainConfig(...), my_recipe)`` under torchrun."""
+    from aidc_trainer import recipe as R
+
+    env = D.init(cfg)
+    try:
+        rec = recipe_fn(cfg) if recipe_fn is not None else R.resolve(cfg)
+        return Trainer(cfg, rec, env).fit()
+    finally:
+        D.shutdown(env)
