@@ -18,6 +18,8 @@ from aidc_server.quantize import quantize_int8
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Manifest config keys that bound a token input's length (positional table size).
+_CONTEXT_KEYS = ("seq_len", "max_seq_len", "block_size", "context_length")
 
 
 def newest_step_on_disk(root: Path) -> int | None:
@@ -122,5 +124,7 @@ class CheckpointModel(TorchModel):
         module.eval()
         if self.quantize == "int8":
             module = quantize_int8(module)
-        inputs, outputs = infer_signature(module)
+        config = (loaded.manifest.get("model") or {}).get("config") or {}
+        max_seq_len = next((config[k] for k in _CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+        inputs, outputs = infer_signature(module, max_seq_len)
         return LoadedNetwork(module=module, version=str(loaded.step), inputs=inputs, outputs=outputs)

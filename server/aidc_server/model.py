@@ -156,10 +156,13 @@ def run_network(network: LoadedNetwork, inputs: dict[str, np.ndarray]) -> dict[s
     return {s.name: t.detach().cpu().numpy() for s, t in zip(network.outputs, result, strict=True)}
 
 
-def infer_signature(module: nn.Module) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def infer_signature(
+    module: nn.Module, max_seq_len: int | None = None
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Guess a one-input signature from the first layer, then probe the output with a dummy batch.
 
-    nn.Embedding first -> INT64 token ids [-1, -1]; nn.Linear first -> FP32 [-1, in_features].
+    nn.Embedding first -> INT64 token ids [-1, -1] (at most `max_seq_len` long, ids within the
+    vocabulary); nn.Linear first -> FP32 [-1, in_features].
     A module may instead declare `input_spec = [("name", "FP32", [-1, 784])]` itself.
     """
     declared = getattr(module, "input_spec", None)
@@ -168,7 +171,8 @@ def infer_signature(module: nn.Module) -> tuple[list[TensorSpec], list[TensorSpe
     else:
         first = next((m for m in module.modules() if isinstance(m, nn.Linear | nn.Embedding)), None)
         if isinstance(first, nn.Embedding):
-            inputs = [TensorSpec("input", "INT64", (-1, -1), (0, first.num_embeddings - 1))]
+            limit = (-1, max_seq_len) if max_seq_len else None
+            inputs = [TensorSpec("input", "INT64", (-1, -1), (0, first.num_embeddings - 1), limit)]
         elif isinstance(first, nn.Linear):
             inputs = [TensorSpec("input", "FP32", (-1, first.in_features))]
         else:

@@ -1,0 +1,138 @@
+"""Helpers for the model server's integration tests: real sockets, real processes, no mocks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+from aidc_trainer.checkpoint import save_checkpoint
+from aidc_trainer.crypto import KeyRing
+from aidc_trainer.examples import mlp, transformer_lm
+
+ROOT = Path(__file__).resolve().parents[3]
+MLP_SPEC = {"factory": mlp.FACTORY, "config": {"in_features": 10, "hidden": 100, "num_classes": 10}}
+LM_SPEC = {
+    "factory": transformer_lm.FACTORY,
+    "config": {"vocab_size": 30, "d_model": 32, "n_heads": 2, "n_layers": 1, "seq_len": 16},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(app) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a thread, on a socket bound to a free loopback port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("in-process server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
+
+
+def is_ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """Value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels or "{" in line else " ")) and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def make_keys(path: Path, key_id: str = "k1") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"key-{key_id}").write_bytes(os.urandom(32))
+    (path / "current-key-id").write_text(key_id)
+    return path
+
+
+def write_checkpoint(root: Path, step: int, spec: dict, keys: Path | None, seed: int = 0) -> torch.nn.Module:
+    """Build the trainer's model from `spec`, save it with the trainer's checkpoint API, return it."""
+    from aidc_trainer.checkpoint import build_model_from_manifest
+
+    torch.manual_seed(seed)
+    model = build_model_from_manifest({"model": spec}).eval()
+    keyring = KeyRing.from_dir(keys) if keys is not None else None
+    result = save_checkpoint(root, step, {"model": model.state_dict()}, keyring=keyring, model_spec=spec)
+    assert result.ok, result.error
+    return model
+
+
+class ServerProcess:
+    """`python -m aidc_server` as a real child process."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        pythonpath = os.pathsep.join(str(ROOT / p) for p in ("server", "trainer"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aidc_server", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            env={**os.environ, "PYTHONPATH": pythonpath, "AIDC_TORCH_THREADS": "1", **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def wait_live(self, timeout: float = 60) -> None:
+        def live() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()}")
+            try:
+                return httpx.get(f"{self.base}/v2/health/live", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(live, timeout)
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.communicate(timeout=10)[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

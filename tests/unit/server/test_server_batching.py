@@ -1,0 +1,180 @@
+"""DynamicBatcher: coalesces concurrent requests, respects limits, never mixes shapes."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from aidc_server.batching import DynamicBatcher, concat, signature, split
+
+
+def rows_of(n, width=3, fill=0.0, dtype=np.float32):
+    return {"x": np.full((n, width), fill, dtype=dtype)}
+
+
+def test_concat_and_split_are_inverse():
+    parts = [rows_of(1, fill=1), rows_of(3, fill=2), rows_of(2, fill=3)]
+    joined = concat(parts)
+    assert joined["x"].shape == (6, 3)
+    for original, piece in zip(parts, split(joined, [1, 3, 2]), strict=True):
+        np.testing.assert_array_equal(original["x"], piece["x"])
+
+
+def test_signature_separates_incompatible_requests():
+    assert signature(rows_of(1)) == signature(rows_of(5))
+    assert signature(rows_of(1)) != signature(rows_of(1, width=4))
+    assert signature(rows_of(1)) != signature(rows_of(1, dtype=np.float64))
+
+
+class Recorder:
+    """A real predict function (row sums) that remembers each batch it ran."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        self.threads: set[str] = set()
+
+    def __call__(self, inputs):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(inputs["x"].shape[0])
+        time.sleep(self.delay)
+        return "v1", {"y": inputs["x"].sum(axis=1, keepdims=True)}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order():
+    recorder = Recorder(delay=0.02)
+
+    async def main():
+        batcher = DynamicBatcher(recorder, max_batch_size=8, max_latency_s=0.05)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows_of(1, fill=i)) for i in range(20)))
+        await batcher.close()
+        return results
+
+    results = run(main())
+    for i, (tag, out) in enumerate(results):
+        assert tag == "v1"
+        np.testing.assert_array_equal(out["y"], [[3.0 * i]])
+    assert sum(recorder.batches) == 20
+    assert max(recorder.batches) == 8, recorder.batches
+    assert recorder.threads == {t for t in recorder.threads if t.startswith("aidc-infer")}
+
+
+def test_batches_never_exceed_max_rows_and_oversized_requests_run_alone():
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher(recorder, max_batch_size=4, max_latency_s=0.05)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(rows_of(n)) for n in (3, 3, 2, 9, 1)))
+        await batcher.close()
+
+    run(main())
+    assert 9 in recorder.batches and sum(recorder.batches) == 18
+    assert all(b <= 4 for b in recorder.batches if b != 9), recorder.batches
+
+
+def test_incompatible_shapes_go_to_separate_batches():
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher(recorder, max_batch_size=16, max_latency_s=0.05)
+        batcher.start()
+        out = await asyncio.gather(
+            batcher.submit(rows_of(1, width=3)),
+            batcher.submit(rows_of(1, width=5)),
+            batcher.submit(rows_of(1)),
+        )
+        await batcher.close()
+        return out
+
+    out = run(main())
+    assert sorted(recorder.batches) == [1, 2]
+    assert [o["y"].shape for _, o in out] == [(1, 1)] * 3
+
+
+def test_lone_request_does_not_wait_for_the_latency_budget():
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher(recorder, max_batch_size=32, max_latency_s=2.0, pending_arrivals=lambda: 0)
+        batcher.start()
+        started = time.monotonic()
+        await batcher.submit(rows_of(1))
+        elapsed = time.monotonic() - started
+        await batcher.close()
+        return elapsed
+
+    assert run(main()) < 0.5
+
+
+def test_waits_for_requests_still_arriving_up_to_the_deadline():
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher(recorder, max_batch_size=32, max_latency_s=0.3, pending_arrivals=lambda: 1)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(rows_of(1)))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(batcher.submit(rows_of(1)))
+        started = time.monotonic()
+        await asyncio.gather(first, second)
+        waited = time.monotonic() - started
+        await batcher.close()
+        return waited
+
+    waited = run(main())
+    assert recorder.batches == [2]
+    assert 0.1 <= waited < 1.0
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates():
+    def predict(inputs):
+        if (inputs["x"] < 0).any():
+            raise ValueError("negative input")
+        return "v", {"y": inputs["x"] * 2}
+
+    async def main():
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_latency_s=0.05, pending_arrivals=lambda: 1)
+        batcher.start()
+        out = await asyncio.gather(
+            batcher.submit(rows_of(1, fill=1)),
+            batcher.submit(rows_of(1, fill=-1)),
+            batcher.submit(rows_of(1, fill=2)),
+            return_exceptions=True,
+        )
+        await batcher.close()
+        return out
+
+    good1, bad, good2 = run(main())
+    assert isinstance(bad, ValueError)
+    np.testing.assert_array_equal(good1[1]["y"], np.full((1, 3), 2.0))
+    np.testing.assert_array_equal(good2[1]["y"], np.full((1, 3), 4.0))
+
+
+def test_close_finishes_queued_work_then_refuses_more():
+    recorder = Recorder(delay=0.01)
+
+    async def main():
+        batcher = DynamicBatcher(recorder, max_batch_size=2, max_latency_s=0.0)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(rows_of(1))) for _ in range(6)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert all(t.done() and not t.exception() for t in tasks)
+        with pytest.raises(RuntimeError, match="closed"):
+            await batcher.submit(rows_of(1))
+
+    run(main())
+    assert sum(recorder.batches) == 6
+
+
+def test_invalid_max_batch_size():
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_batch_size=0)
