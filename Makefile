@@ -1,0 +1,58 @@
+# aidc — `make run` (everything, end to end) and `make test` (the whole suite) are the quick start.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PY       := .venv/bin/python
+CLUSTER  := PYTHONPATH=operator $(PY) hack/cluster/localcluster.py
+STATE    ?= $(CURDIR)/.state/cluster
+export PYTHONPATH := operator:trainer:server:hack/cluster
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv cluster-build cluster-up cluster-down cluster-status crds lint format test test-unit \
+        test-integration run operator demo bench helm-lint images clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+venv: ## create the cached virtualenv (.venv -> ~/.cache/aidc/venv-<hash>)
+	@bash hack/venv.sh
+
+cluster-build: venv ## build etcd, kube-*, kubectl, kwok, helm from pinned Go modules (cached)
+	@$(CLUSTER) build
+
+cluster-up: cluster-build ## start the local control plane with kwok GPU nodes (STATE=dir for a second one)
+	@$(CLUSTER) up --state-dir $(STATE)
+
+cluster-down: ## stop the local control plane started from STATE
+	@if [ -x $(PY) ]; then $(CLUSTER) down --state-dir $(STATE); else echo "nothing to stop"; fi
+
+cluster-status: ## show the local control plane's processes
+	@$(CLUSTER) status --state-dir $(STATE)
+
+crds: venv ## regenerate crds/ from the pydantic API models
+	@$(PY) hack/gen_crds.py
+
+lint: venv ## ruff + generated files up to date
+	@$(PY) -m ruff check .
+	@$(PY) -m ruff format --check .
+	@$(PY) hack/gen_crds.py --check
+
+format: venv ## ruff fix + format
+	@$(PY) -m ruff check --fix .
+	@$(PY) -m ruff format .
+
+test: venv cluster-build lint ## the whole suite: unit, integration (real apiserver + kwok, real torchrun), e2e
+	@$(PY) -m pytest tests
+
+test-unit: venv ## fast tests, no cluster
+	@$(PY) -m pytest tests/unit
+
+run: cluster-up crds ## set up everything, start the cluster + operator, run the demo
+	@bash hack/run-demo.sh $(STATE)
+
+bench: venv cluster-build ## run the benchmarks (see docs/benchmarks.md)
+	@for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b; done
+
+clean: cluster-down ## stop the cluster and remove local state (the ~/.cache/aidc cache stays)
+	rm -rf .state

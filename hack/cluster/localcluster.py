@@ -1,0 +1,491 @@
+"""A real, local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+and kwok (fake GPU nodes), all on loopback, built from Go modules by build.sh.
+
+    python hack/cluster/localcluster.py up|down|status|env [--state-dir DIR] [--nodes N] ...
+
+Importable too: the pytest plugin (tests/conftest.py) drives the same class. Every process is started in
+its own session with a pid file under the state dir; `down` stops only those pids (and only if their
+command line still names our binary), so a second cluster in another state dir never interferes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+
+
+class ClusterError(RuntimeError):
+    """A failure with a message that says what went wrong and how to fix it."""
+
+
+def log(msg: str) -> None:
+    print(f"cluster: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def build_binaries() -> Path:
+    """Runs build.sh (cached after the first time) and returns the directory holding the binaries."""
+    proc = subprocess.run(["bash", str(HERE / "build.sh")], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise ClusterError("building the control plane failed (output above); fix that and rerun")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- certificates
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool = False,
+    sans: list[x509.GeneralName] | None = None,
+    server: bool = False,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        b = b.add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+    else:
+        usage = [x509.ExtendedKeyUsageOID.SERVER_AUTH] if server else [x509.ExtendedKeyUsageOID.CLIENT_AUTH]
+        b = b.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _name(cn: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def write_pki(pki: Path) -> None:
+    """CA, apiserver serving cert, one client cert per component identity, service-account key pair."""
+    pki.mkdir(parents=True, exist_ok=True)
+    ca_key = _key()
+    ca_name = _name("aidc-local-ca")
+    ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
+    (pki / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (pki / "ca.key").write_bytes(_pem_key(ca_key))
+
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in (
+        "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    )]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.96.0.1")]
+    identities = {
+        "apiserver": (_name("kube-apiserver"), True),
+        "admin": (_name("aidc-admin", "system:masters"), False),
+        "controller-manager": (_name("system:kube-controller-manager"), False),
+        "scheduler": (_name("system:kube-scheduler"), False),
+        # kwok plays every node's kubelet; the Node authorizer is off, so it acts as a cluster admin.
+        "kwok": (_name("kwok", "system:masters"), False),
+    }
+    for ident, (subject, server) in identities.items():
+        key = _key()
+        cert = _cert(subject, key, ca_name, ca_key, server=server, sans=sans if server else None)
+        (pki / f"{ident}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (pki / f"{ident}.key").write_bytes(_pem_key(key))
+    sa = _key()
+    (pki / "sa.key").write_bytes(_pem_key(sa))
+    (pki / "sa.pub").write_bytes(
+        sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def kubeconfig(server: str, pki: Path, ident: str) -> str:
+    import base64
+
+    def b64(p: Path) -> str:
+        return base64.b64encode(p.read_bytes()).decode()
+
+    return json.dumps({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "aidc-local", "cluster": {
+            "server": server, "certificate-authority-data": b64(pki / "ca.crt")}}],
+        "users": [{"name": ident, "user": {
+            "client-certificate-data": b64(pki / f"{ident}.crt"),
+            "client-key-data": b64(pki / f"{ident}.key")}}],
+        "contexts": [{"name": "aidc-local", "context": {"cluster": "aidc-local", "user": ident}}],
+        "current-context": "aidc-local",
+    }, indent=1)
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+@dataclass
+class LocalCluster:
+    state_dir: Path
+    nodes: int = 4
+    gpus_per_node: int = 8
+    node_monitor_grace_period: str = "20s"
+    bin_dir: Path | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    # paths ------------------------------------------------------------------
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def pki(self) -> Path:
+        return self.state_dir / "pki"
+
+    def _pidfile(self, name: str) -> Path:
+        return self.state_dir / "pids" / f"{name}.pid"
+
+    def logfile(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    def _save(self) -> None:
+        (self.state_dir / "cluster.json").write_text(json.dumps({
+            "ports": self.ports, "bin_dir": str(self.bin_dir), "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "node_monitor_grace_period": self.node_monitor_grace_period,
+        }, indent=1))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> LocalCluster:
+        meta = json.loads((state_dir / "cluster.json").read_text())
+        return cls(
+            state_dir=state_dir, nodes=meta["nodes"], gpus_per_node=meta["gpus_per_node"],
+            node_monitor_grace_period=meta["node_monitor_grace_period"],
+            bin_dir=Path(meta["bin_dir"]), ports=meta["ports"],
+        )
+
+    # processes --------------------------------------------------------------
+    def _binary(self, name: str) -> str:
+        assert self.bin_dir is not None
+        return str((self.bin_dir / name).resolve())
+
+    def _pid_alive(self, name: str) -> int | None:
+        """The recorded pid of NAME if that process is alive and still runs our binary."""
+        try:
+            pid = int(self._pidfile(name).read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, ValueError):
+            return None
+        binary = "etcd" if name == "etcd" else name
+        return pid if Path(cmdline).name == binary else None
+
+    def _start(self, name: str, args: list[str]) -> None:
+        binary = "etcd" if name == "etcd" else name
+        out = self.logfile(name).open("ab")
+        proc = subprocess.Popen(
+            [self._binary(binary), *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the caller (make run) and is stopped only by `down`
+        )
+        self._pidfile(name).write_text(str(proc.pid))
+
+    def _wait(self, what: str, check, timeout: float, component: str | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if component and not self._pid_alive(component):
+                tail = self.logfile(component).read_text(errors="replace")[-3000:]
+                raise ClusterError(f"{component} exited during start-up; last log lines:\n{tail}")
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            time.sleep(0.3)
+        hint = f" (log: {self.logfile(component)})" if component else ""
+        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{hint}")
+
+    def _https_ok(self, url: str, cert: str | None = None) -> bool:
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        if cert is None:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx.load_cert_chain(self.pki / f"{cert}.crt", self.pki / f"{cert}.key")
+        with urllib.request.urlopen(url, context=ctx, timeout=3) as r:
+            return r.status == 200
+
+    def running(self) -> dict[str, int | None]:
+        return {c: self._pid_alive(c) for c in COMPONENTS}
+
+    def healthy(self) -> bool:
+        if not all(self.running().values()):
+            return False
+        try:
+            return self._https_ok(f"{self.server}/readyz", cert="admin")
+        except (OSError, urllib.error.URLError):
+            return False
+
+    # public -----------------------------------------------------------------
+    def up(self, timeout: float = 180) -> LocalCluster:
+        if (self.state_dir / "cluster.json").exists():
+            existing = LocalCluster.load(self.state_dir)
+            if existing.healthy():
+                log(f"already up ({existing.server}); kubeconfig {existing.kubeconfig}")
+                existing.ensure_nodes()
+                return existing
+            log("a previous cluster in this state dir is incomplete; stopping what is left of it")
+            existing.down()
+        t0 = time.monotonic()
+        self.bin_dir = self.bin_dir or build_binaries()
+        for sub in ("pids", "logs", "etcd", "pki"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        fixed = os.environ.get("AIDC_APISERVER_PORT")
+        if fixed and port_in_use(int(fixed)):
+            raise ClusterError(f"port {fixed} (AIDC_APISERVER_PORT) is in use; free it or unset the variable")
+        for p in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
+            self.ports[p] = free_port()
+        if fixed:
+            self.ports["apiserver"] = int(fixed)
+        write_pki(self.pki)
+        self.kubeconfig.write_text(kubeconfig(self.server, self.pki, "admin"))
+        for ident in ("controller-manager", "scheduler", "kwok"):
+            (self.state_dir / f"{ident}.kubeconfig").write_text(kubeconfig(self.server, self.pki, ident))
+        self._save()
+        self._start_etcd()
+        self._start_apiserver()
+        self._start_controllers()
+        self.ensure_nodes()
+        log(f"up in {time.monotonic() - t0:.1f}s: {self.server}, {self.nodes} GPU nodes; "
+            f"export KUBECONFIG={self.kubeconfig}")
+        return self
+
+    def _start_etcd(self) -> None:
+        p = self.ports
+        self._start("etcd", [
+            "--name=aidc", f"--data-dir={self.state_dir / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{p['etcd']}",
+            f"--advertise-client-urls=http://127.0.0.1:{p['etcd']}",
+            f"--listen-peer-urls=http://127.0.0.1:{p['etcd_peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{p['etcd_peer']}",
+            f"--initial-cluster=aidc=http://127.0.0.1:{p['etcd_peer']}",
+            "--unsafe-no-fsync",  # a throwaway test store: durability buys nothing, fsync costs seconds
+            "--log-level=warn",
+        ])
+
+        def etcd_ok() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{p['etcd']}/health", timeout=2) as r:
+                return json.load(r).get("health") == "true"
+
+        self._wait("etcd to become healthy", etcd_ok, 30, "etcd")
+
+    def _start_apiserver(self) -> None:
+        pki, p = self.pki, self.ports
+        self._start("kube-apiserver", [
+            f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
+            "--bind-address=127.0.0.1", f"--secure-port={p['apiserver']}", "--advertise-address=127.0.0.1",
+            f"--cert-dir={self.state_dir / 'apiserver'}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--authorization-mode=RBAC", "--allow-privileged=true",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            # The default admission chain (ServiceAccount, DefaultTolerationSeconds, PodSecurity, quota,
+            # webhooks ...) stays on: tests see what a real cluster does.
+            "--endpoint-reconciler-type=none",  # the 'kubernetes' Endpoints cannot point at loopback
+            "--profiling=false", "--v=1",
+        ])
+        self._wait("kube-apiserver /readyz", lambda: self._https_ok(f"{self.server}/readyz", "admin"),
+                   90, "kube-apiserver")
+
+    def _start_controllers(self) -> None:
+        pki, p, sd = self.pki, self.ports, self.state_dir
+        self._start("kube-controller-manager", [
+            f"--kubeconfig={sd / 'controller-manager.kubeconfig'}",
+            f"--authentication-kubeconfig={sd / 'controller-manager.kubeconfig'}",
+            f"--authorization-kubeconfig={sd / 'controller-manager.kubeconfig'}",
+            "--bind-address=127.0.0.1", f"--secure-port={p['controller_manager']}",
+            f"--cert-dir={sd / 'controller-manager'}",
+            "--leader-elect=false", "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
+            # Node lifecycle: how long a silent node stays Ready. Short here so failure tests are quick.
+            f"--node-monitor-grace-period={self.node_monitor_grace_period}", "--node-monitor-period=2s",
+            "--v=1",
+        ])
+        self._start("kube-scheduler", [
+            f"--kubeconfig={sd / 'scheduler.kubeconfig'}",
+            f"--authentication-kubeconfig={sd / 'scheduler.kubeconfig'}",
+            f"--authorization-kubeconfig={sd / 'scheduler.kubeconfig'}",
+            "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}", "--leader-elect=false", "--v=1",
+        ])
+        stages = self.bin_dir / "kwok-stages.yaml" if self.bin_dir else None
+        self._start("kwok", [
+            f"--kubeconfig={sd / 'kwok.kubeconfig'}",
+            f"--config={stages}",
+            "--manage-all-nodes=false", f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+            "--node-lease-duration-seconds=10", "--cidr=10.244.0.1/16", "--node-ip=10.240.0.1",
+            f"--server-address=127.0.0.1:{p['kwok']}",
+        ])
+        for name, port in (("kube-controller-manager", p["controller_manager"]),
+                           ("kube-scheduler", p["scheduler"])):
+            self._wait(f"{name} /healthz", lambda port=port: self._https_ok(f"https://127.0.0.1:{port}/healthz"),
+                       60, name)
+        self._wait("kwok /healthz", lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{p['kwok']}/healthz", timeout=2).status == 200, 30, "kwok")
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        assert self.bin_dir is not None
+        proc = subprocess.run(
+            [self._binary("kubectl"), f"--kubeconfig={self.kubeconfig}", "--request-timeout=30s", *args],
+            input=input, capture_output=True, text=True, timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def node_manifest(self, i: int) -> dict:
+        gpus = str(self.gpus_per_node)
+        resources = {"cpu": "96", "memory": "1024Gi", "pods": "110", "nvidia.com/gpu": gpus,
+                     "ephemeral-storage": "2Ti"}
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": f"gpu-node-{i}",
+                "annotations": {KWOK_ANNOTATION: "fake"},
+                "labels": {
+                    "type": "kwok", "kubernetes.io/hostname": f"gpu-node-{i}", "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64", "nvidia.com/gpu.product": GPU_PRODUCT,
+                    "nvidia.com/gpu.count": gpus, "topology.kubernetes.io/zone": f"zone-{'ab'[i % 2]}",
+                },
+            },
+            "status": {"capacity": resources, "allocatable": resources},
+        }
+
+    def ensure_nodes(self, timeout: float = 60) -> None:
+        items = "\n".join(json.dumps(self.node_manifest(i)) for i in range(self.nodes))
+        self.kubectl("apply", "-f", "-", input=items)
+        self._wait(f"{self.nodes} nodes Ready", lambda: self.ready_nodes() >= self.nodes, timeout, "kwok")
+
+    def ready_nodes(self) -> int:
+        nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+        return sum(
+            1 for n in nodes for c in n.get("status", {}).get("conditions", [])
+            if c["type"] == "Ready" and c["status"] == "True"
+        )
+
+    def down(self) -> None:
+        for name in reversed(COMPONENTS):
+            pid = self._pid_alive(name)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for name in reversed(COMPONENTS):
+            while (pid := self._pid_alive(name)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self._pidfile(name).unlink(missing_ok=True)
+        for sub in ("etcd", "pki", "apiserver", "controller-manager", "pids"):
+            shutil.rmtree(self.state_dir / sub, ignore_errors=True)
+        for f in ("cluster.json", "kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig",
+                  "kwok.kubeconfig"):
+            (self.state_dir / f).unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["up", "down", "status", "build"])
+    ap.add_argument("--state-dir", type=Path, default=Path(os.environ.get(
+        "AIDC_STATE_DIR", ROOT / ".state" / "cluster")))
+    ap.add_argument("--nodes", type=int, default=int(os.environ.get("AIDC_NODES", "4")))
+    ap.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("AIDC_GPUS_PER_NODE", "8")))
+    ap.add_argument("--node-monitor-grace-period", default=os.environ.get("AIDC_NODE_GRACE", "20s"))
+    args = ap.parse_args(argv)
+    state = args.state_dir.resolve()
+    try:
+        if args.command == "build":
+            print(build_binaries())
+        elif args.command == "up":
+            c = LocalCluster(state, args.nodes, args.gpus_per_node, args.node_monitor_grace_period).up()
+            print(c.kubeconfig)
+        elif args.command == "down":
+            if (state / "cluster.json").exists():
+                LocalCluster.load(state).down()
+                log(f"stopped the cluster in {state}")
+            else:
+                log(f"no cluster recorded in {state}")
+        else:
+            if not (state / "cluster.json").exists():
+                log(f"no cluster recorded in {state}")
+                return 1
+            c = LocalCluster.load(state)
+            for name, pid in c.running().items():
+                print(f"{name:25} {'running pid ' + str(pid) if pid else 'NOT RUNNING'}")
+            print(f"{'apiserver':25} {c.server}  healthy={c.healthy()}")
+            print(f"{'kubeconfig':25} {c.kubeconfig}")
+            return 0 if c.healthy() else 1
+    except ClusterError as e:
+        log(f"error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

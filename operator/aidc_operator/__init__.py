@@ -1,0 +1,1 @@
+"""aidc operator: reconciles TrainingJobs and InferenceServices (kopf)."""

@@ -1,0 +1,192 @@
+"""TrainingJob: a gang of torchrun pods with checkpoints, restarts and node-failure recovery."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from .base import ApiModel, Condition, KubeList, KubeObject, PodTemplateOverrides, SecretRef
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/aidc-dev/aidc-trainer:0.1.0"
+DURATION = r"^([0-9]+(ns|us|ms|s|m|h))+$"
+
+
+class ElasticPolicy(ApiModel):
+    """Elastic training with torchrun's c10d rendezvous: the gang may run with fewer nodes than asked."""
+
+    min_nodes: int = Field(ge=1, le=1024)
+    """Fewest nodes the job may run with."""
+    max_nodes: int = Field(ge=1, le=1024)
+    """Most nodes the job may run with."""
+    max_restarts: int = Field(default=3, ge=0, le=1000)
+    """torchrun --max-restarts: in-place worker restarts before the pod fails."""
+
+
+class EncryptionSpec(ApiModel):
+    """AES-256-GCM encryption of checkpoints at rest, with a per-job key in a Secret."""
+
+    enabled: bool = True
+    """Encrypt checkpoints."""
+    key_secret_ref: SecretRef | None = None
+    """Use this existing key Secret instead of one the operator creates (it is validated, never changed)."""
+    kek_secret_ref: SecretRef | None = None
+    """Key-encryption key Secret (key 'kek', 32 bytes): the data key is stored wrapped by it."""
+    rotate_after: str | None = Field(default=None, pattern=DURATION)
+    """Rotate the data key this long after it was created (Go duration, e.g. 720h)."""
+    key_retention: Literal["Retain", "Delete"] = "Retain"
+    """What happens to the key Secret when the job is deleted. Retain keeps checkpoints readable."""
+
+
+class CheckpointSpec(ApiModel):
+    """Where and how often the trainer checkpoints."""
+
+    volume: KubeObject | None = None
+    """A Volume source (persistentVolumeClaim, nfs, emptyDir …) mounted at /checkpoints.
+    Without one the job gets an emptyDir, which does not survive a gang restart."""
+    every_steps: int | None = Field(default=None, ge=1)
+    """Save every N optimizer steps."""
+    every_seconds: int | None = Field(default=None, ge=1)
+    """Save at least every N seconds."""
+    keep: int = Field(default=3, ge=1, le=1000)
+    """Checkpoints to keep; older ones are pruned."""
+    encryption: EncryptionSpec = Field(default_factory=EncryptionSpec)
+    """Encryption at rest."""
+
+
+class FailurePolicy(ApiModel):
+    """How the job reacts to failed pods and lost nodes."""
+
+    max_restarts: int = Field(default=3, ge=0, le=10000)
+    """Gang restarts allowed for retryable pod failures before the job fails."""
+    backoff_seconds: int = Field(default=10, ge=0, le=86400)
+    """First delay before a restart; doubles with every restart."""
+    max_backoff_seconds: int = Field(default=300, ge=0, le=86400)
+    """Cap on the restart delay."""
+    node_failure: Literal["RestartGang", "Fail"] = "RestartGang"
+    """What a lost node does: recreate the gang on healthy nodes, or fail the job."""
+    max_node_failures: int = Field(default=10, ge=0, le=10000)
+    """Gang restarts allowed for node failures (a budget separate from maxRestarts)."""
+    retryable_exit_codes: list[int] = Field(default_factory=list, max_length=64)
+    """Exit codes that restart the gang besides signals (128+N) and OOM; any other non-zero code fails
+    the job at once."""
+
+
+class TrainingJobSpec(ApiModel):
+    """Desired state of a TrainingJob."""
+
+    image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1)
+    """Container image with aidc (or the user's own torch code) installed."""
+    command: list[str] = Field(
+        default_factory=lambda: ["python", "-m", "aidc_trainer", "--example", "mlp"], min_length=1
+    )
+    """What torchrun runs: a python module invocation (python -m pkg …) or a script path with arguments."""
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Pods in the gang (one per node)."""
+    proc_per_node: int = Field(default=1, ge=1, le=64)
+    """torchrun --nproc-per-node: worker processes per pod."""
+    gpus_per_node: int | None = Field(default=None, ge=0, le=64)
+    """nvidia.com/gpu per pod; defaults to procPerNode. 0 runs on CPU."""
+    elastic: ElasticPolicy | None = None
+    """Elastic rendezvous; nodes must lie within [minNodes, maxNodes]."""
+    resources: KubeObject = Field(default_factory=dict)
+    """Container resources (requests/limits) per pod; the GPU limit is set from gpusPerNode."""
+    env: KubeList = Field(default_factory=list)
+    """Extra environment variables for the trainer container."""
+    master_port: int = Field(default=29500, ge=1024, le=65535)
+    """torch.distributed rendezvous port on the rank-0 pod."""
+    pod_template: PodTemplateOverrides = Field(default_factory=PodTemplateOverrides)
+    """Scheduling and pod-level overrides."""
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """Checkpointing."""
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy)
+    """Restarts and node failures."""
+    suspend: bool = False
+    """Suspended jobs have no pods; status is kept and resuming recreates the gang."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the job this long after it succeeded or failed."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job if it runs longer than this (counted from its first start)."""
+    clean_pod_policy: Literal["None", "Running", "All"] = "Running"
+    """Pods deleted when the job finishes: None, the ones still running, or all."""
+
+
+class CheckpointRef(ApiModel):
+    """A checkpoint the trainer reported."""
+
+    step: int
+    """Optimizer step."""
+    path: str = ""
+    """Directory of the checkpoint inside the checkpoint volume."""
+    time: str | None = None
+    """When it was written (RFC 3339)."""
+
+
+class Progress(ApiModel):
+    """Training progress reported by rank 0."""
+
+    step: int = 0
+    """Current step."""
+    total_steps: int | None = None
+    """Steps the run will take, if known."""
+    time: str | None = None
+    """When reported (RFC 3339)."""
+
+
+class FailureRecord(ApiModel):
+    """The last failure that restarted or failed the job."""
+
+    reason: str
+    """NodeFailure, PodFailed, OOMKilled, DeadlineExceeded …"""
+    message: str = ""
+    """What happened, with the exit code and container message where known."""
+    node: str | None = None
+    """Node involved, if any."""
+    time: str | None = None
+    """When it was seen (RFC 3339)."""
+
+
+Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+
+
+class TrainingJobStatus(ApiModel):
+    """Observed state of a TrainingJob; written only by the operator."""
+
+    model_config = ConfigDict(extra="ignore")  # tolerate fields a newer operator wrote
+
+    phase: Phase | None = None
+    """Pending, Running, Restarting, Succeeded, Failed or Suspended."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Created, Running, Restarting, Succeeded, Failed, Suspended, Invalid, CheckpointKeyReady …"""
+    observed_generation: int | None = None
+    """metadata.generation the status reflects."""
+    attempt: int = 0
+    """Current gang attempt (pods carry it as aidc.dev/attempt)."""
+    restarts: int = 0
+    """Gang restarts for pod failures."""
+    node_failures: int = 0
+    """Gang restarts for lost nodes."""
+    ready_nodes: int = 0
+    """Pods of the current attempt that are Running and Ready."""
+    nodes: str | None = None
+    """Ready/total pods, for kubectl get."""
+    last_checkpoint: CheckpointRef | None = None
+    """Newest checkpoint the trainer reported."""
+    progress: Progress | None = None
+    """Training progress."""
+    start_time: str | None = None
+    """When the job first started running."""
+    completion_time: str | None = None
+    """When the job succeeded or failed."""
+    restart_after: str | None = None
+    """While Restarting: when the next attempt may start (backoff)."""
+    gpu_seconds: float = 0
+    """GPU-seconds consumed by pods of this job."""
+    gpu_seconds_previous: float = 0
+    """GPU-seconds of attempts that have ended (gpuSeconds adds the running attempt's)."""
+    last_failure: FailureRecord | None = None
+    """What caused the last restart or the failure."""
+    excluded_nodes: list[str] = Field(default_factory=list)
+    """Nodes the gang avoids until they are Ready again."""
+    current_key_id: str | None = None
+    """Key id new checkpoints are encrypted with."""

@@ -1,0 +1,333 @@
+"""TrainingJob → the objects it runs as: one Pod per node rank, a headless Service, a NetworkPolicy,
+and the trainer's ServiceAccount + Role. Pure functions: no I/O, unit-tested without a cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api.trainingjob import TrainingJobSpec
+from .common import (
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_RANK,
+    Owner,
+    container_security_context,
+    merge_env,
+    metadata,
+    pod_security_context,
+)
+
+CHECKPOINT_MOUNT = "/checkpoints"
+KEY_MOUNT = "/var/run/aidc/keys"
+KEK_MOUNT = "/var/run/aidc/kek"
+METRICS_PORT = 9400
+GPU = "nvidia.com/gpu"
+# Variables the operator owns: a user value for these would break the gang's wiring, so ours win.
+RESERVED_ENV_PREFIXES = ("PET_", "MASTER_", "AIDC_")
+RESERVED_ENV = {"WORLD_SIZE", "RANK"}
+
+
+def service_name(job: str) -> str:
+    return job
+
+
+def pod_name(job: str, attempt: int, rank: int) -> str:
+    return f"{job}-a{attempt}-{rank}"
+
+
+def hostname(job: str, rank: int) -> str:
+    # Stable across attempts (only one attempt is ever alive), so MASTER_ADDR never changes.
+    return f"{job}-{rank}"
+
+
+def master_addr(owner: Owner) -> str:
+    return f"{hostname(owner.name, 0)}.{service_name(owner.name)}.{owner.namespace}.svc"
+
+
+def key_secret_name(owner: Owner, spec: TrainingJobSpec) -> str | None:
+    enc = spec.checkpoint.encryption
+    if not enc.enabled:
+        return None
+    return enc.key_secret_ref.name if enc.key_secret_ref else f"{owner.name}-ckpt-key"
+
+
+def trainer_service_account(job: str) -> str:
+    return f"{job}-trainer"
+
+
+def gpus(spec: TrainingJobSpec) -> int:
+    return spec.proc_per_node if spec.gpus_per_node is None else spec.gpus_per_node
+
+
+def torchrun_command(command: list[str]) -> list[str]:
+    """The user's command under torchrun: `python -m mod …` → `torchrun -m mod …`, `python x.py …` →
+    `torchrun x.py …`, anything else → `torchrun --no-python cmd …`. torchrun takes its own options from
+    the PET_* environment, so none appear here."""
+    if command[0] in ("python", "python3") and len(command) > 1:
+        if command[1] == "-m" and len(command) > 2:
+            return ["torchrun", "-m", *command[2:]]
+        if not command[1].startswith("-"):
+            return ["torchrun", *command[1:]]
+    return ["torchrun", "--no-python", *command]
+
+
+def torchrun_env(owner: Owner, spec: TrainingJobSpec, rank: int, attempt: int) -> list[dict[str, Any]]:
+    """torchrun's wiring, with WORLD_SIZE/RANK meaning what Kubeflow's PyTorchJob gives them: the number
+    of pods and this pod's node rank (torchrun sets the per-process global values itself)."""
+    master = master_addr(owner)
+    port = str(spec.master_port)
+    env = {
+        "MASTER_ADDR": master,
+        "MASTER_PORT": port,
+        "WORLD_SIZE": str(spec.nodes),
+        "RANK": str(rank),
+        "PET_NPROC_PER_NODE": str(spec.proc_per_node),
+    }
+    if spec.elastic:
+        env |= {
+            "PET_NNODES": f"{spec.elastic.min_nodes}:{spec.elastic.max_nodes}",
+            "PET_RDZV_BACKEND": "c10d",
+            "PET_RDZV_ENDPOINT": f"{master}:{port}",
+            "PET_RDZV_ID": f"{owner.uid}-{attempt}",
+            "PET_MAX_RESTARTS": str(spec.elastic.max_restarts),
+        }
+    else:
+        env |= {
+            "PET_NNODES": str(spec.nodes),
+            "PET_NODE_RANK": str(rank),
+            "PET_MASTER_ADDR": master,
+            "PET_MASTER_PORT": port,
+        }
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def aidc_env(owner: Owner, spec: TrainingJobSpec, attempt: int) -> list[dict[str, Any]]:
+    ckpt = spec.checkpoint
+    env: list[dict[str, Any]] = [
+        {"name": "AIDC_JOB_NAME", "value": owner.name},
+        {"name": "AIDC_ATTEMPT", "value": str(attempt)},
+        {"name": "AIDC_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "AIDC_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "AIDC_CHECKPOINT_DIR", "value": f"{CHECKPOINT_MOUNT}/{owner.name}"},
+        {"name": "AIDC_CHECKPOINT_KEEP", "value": str(ckpt.keep)},
+        {"name": "AIDC_METRICS_PORT", "value": str(METRICS_PORT)},
+    ]
+    if ckpt.every_steps:
+        env.append({"name": "AIDC_CHECKPOINT_EVERY_STEPS", "value": str(ckpt.every_steps)})
+    if ckpt.every_seconds:
+        env.append({"name": "AIDC_CHECKPOINT_EVERY_SECONDS", "value": str(ckpt.every_seconds)})
+    if key_secret_name(owner, spec):
+        env.append({"name": "AIDC_KEY_DIR", "value": KEY_MOUNT})
+    if spec.checkpoint.encryption.enabled and spec.checkpoint.encryption.kek_secret_ref:
+        env.append({"name": "AIDC_KEK_FILE", "value": f"{KEK_MOUNT}/kek"})
+    return env
+
+
+def _user_env(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        v for v in env if v["name"] not in RESERVED_ENV and not v["name"].startswith(RESERVED_ENV_PREFIXES)
+    ]
+
+
+def volumes(owner: Owner, spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts): shared memory for NCCL/dataloaders, a writable /tmp under a read-only root,
+    the checkpoint volume and the key Secrets (read-only files, owner-only mode)."""
+    ckpt_source = spec.checkpoint.volume or {"emptyDir": {}}
+    vols = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
+        {**ckpt_source, "name": "checkpoints"},
+    ]
+    mounts = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+    ]
+    key_secret = key_secret_name(owner, spec)
+    if key_secret:
+        vols.append({"name": "ckpt-key", "secret": {"secretName": key_secret, "defaultMode": 0o440}})
+        mounts.append({"name": "ckpt-key", "mountPath": KEY_MOUNT, "readOnly": True})
+        kek = spec.checkpoint.encryption.kek_secret_ref
+        if kek:
+            vols.append(
+                {
+                    "name": "ckpt-kek",
+                    "secret": {
+                        "secretName": kek.name,
+                        "defaultMode": 0o440,
+                        "items": [{"key": "kek", "path": "kek"}],
+                    },
+                }
+            )
+            mounts.append({"name": "ckpt-kek", "mountPath": KEK_MOUNT, "readOnly": True})
+    tmpl = spec.pod_template
+    return vols + list(tmpl.volumes), mounts + list(tmpl.volume_mounts)
+
+
+def affinity(owner: Owner, spec: TrainingJobSpec, excluded_nodes: list[str]) -> dict[str, Any]:
+    """One pod per node (required anti-affinity within the job), off the nodes that failed the job until
+    they are Ready again, plus whatever affinity the user gave."""
+    user = dict(spec.pod_template.affinity or {})
+    anti = dict(user.get("podAntiAffinity") or {})
+    anti["requiredDuringSchedulingIgnoredDuringExecution"] = [
+        *anti.get("requiredDuringSchedulingIgnoredDuringExecution", []),
+        {"labelSelector": {"matchLabels": {LABEL_JOB: owner.name}}, "topologyKey": "kubernetes.io/hostname"},
+    ]
+    result = {**user, "podAntiAffinity": anti}
+    if excluded_nodes:
+        node_aff = dict(user.get("nodeAffinity") or {})
+        required = dict(node_aff.get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+        avoid = {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": sorted(excluded_nodes)}
+        # nodeSelectorTerms are ORed, so the exclusion must be ANDed into every term.
+        terms = required.get("nodeSelectorTerms") or [{}]
+        required["nodeSelectorTerms"] = [
+            {**t, "matchExpressions": [*t.get("matchExpressions", []), avoid]} for t in terms
+        ]
+        node_aff["requiredDuringSchedulingIgnoredDuringExecution"] = required
+        result["nodeAffinity"] = node_aff
+    return result
+
+
+def resources(spec: TrainingJobSpec) -> dict[str, Any]:
+    res = {k: dict(v) for k, v in (spec.resources or {}).items()}
+    n = gpus(spec)
+    if n:
+        res.setdefault("limits", {})[GPU] = str(n)
+        res.setdefault("requests", {})[GPU] = str(n)
+    return res
+
+
+def pod(
+    owner: Owner, spec: TrainingJobSpec, rank: int, attempt: int, excluded_nodes: list[str] | None = None
+) -> dict[str, Any]:
+    tmpl = spec.pod_template
+    labels = {
+        **tmpl.labels,
+        **owner.passthrough_labels(),
+        LABEL_JOB: owner.name,
+        LABEL_RANK: str(rank),
+        LABEL_ATTEMPT: str(attempt),
+    }
+    vols, mounts = volumes(owner, spec)
+    container = {
+        "name": "trainer",
+        "image": spec.image,
+        "command": torchrun_command(spec.command),
+        "env": merge_env(
+            _user_env(list(spec.env)),
+            _user_env(list(tmpl.env)),
+            torchrun_env(owner, spec, rank, attempt),
+            aidc_env(owner, spec, attempt),
+        ),
+        "ports": [
+            {"name": "rendezvous", "containerPort": spec.master_port},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
+        "resources": resources(spec),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        # The message the restart policy puts in a Failed condition comes from here.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the operator restarts the whole gang, never one pod
+        "hostname": hostname(owner.name, rank),
+        "subdomain": service_name(owner.name),
+        "serviceAccountName": tmpl.service_account_name or trainer_service_account(owner.name),
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": vols,
+        "affinity": affinity(owner, spec, excluded_nodes or []),
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,  # time to finish or abandon an in-flight checkpoint
+    }
+    if tmpl.node_selector:
+        pod_spec["nodeSelector"] = dict(tmpl.node_selector)
+    if gpus(spec):
+        # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule; a GPU job belongs there.
+        pod_spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+    if tmpl.tolerations:
+        pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *tmpl.tolerations]
+    if tmpl.priority_class_name:
+        pod_spec["priorityClassName"] = tmpl.priority_class_name
+    if tmpl.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = list(tmpl.image_pull_secrets)
+    meta = metadata(owner, pod_name(owner.name, attempt, rank), labels)
+    if tmpl.annotations:
+        meta["annotations"] = dict(tmpl.annotations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def gang(
+    owner: Owner,
+    spec: TrainingJobSpec,
+    attempt: int,
+    excluded_nodes: list[str] | None = None,
+    nodes: int | None = None,
+) -> list[dict[str, Any]]:
+    """All pods of one attempt (nodes: how many, for an elastic job running smaller)."""
+    return [pod(owner, spec, r, attempt, excluded_nodes) for r in range(nodes or spec.nodes)]
+
+
+def headless_service(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, service_name(owner.name), {LABEL_JOB: owner.name}),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB: owner.name},
+            # Rendezvous happens before any pod is Ready: DNS must resolve not-ready pods.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": spec.master_port, "targetPort": spec.master_port}],
+        },
+    }
+
+
+def network_policy(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
+    """Only the job's own pods may reach its pods (rendezvous, NCCL/gloo use arbitrary ports); metrics
+    scraping is allowed on the metrics port from anywhere in the cluster."""
+    job_pods = {"podSelector": {"matchLabels": {LABEL_JOB: owner.name}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(owner, f"{owner.name}-gang", {LABEL_JOB: owner.name}),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: owner.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [job_pods]},
+                {"ports": [{"protocol": "TCP", "port": METRICS_PORT}]},
+            ],
+        },
+    }
+
+
+def trainer_rbac(owner: Owner, pod_names: list[str]) -> list[dict[str, Any]]:
+    """ServiceAccount + Role + RoleBinding letting the trainer patch (only) its own gang's pods, which is
+    how rank 0 reports progress (docs/contracts.md)."""
+    sa = trainer_service_account(owner.name)
+    labels = {LABEL_JOB: owner.name}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(owner, sa, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata(owner, sa, labels),
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["pods"],
+                    "verbs": ["get", "patch"],
+                    "resourceNames": sorted(pod_names),
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata(owner, sa, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": owner.namespace}],
+        },
+    ]

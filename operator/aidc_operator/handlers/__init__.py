@@ -1,0 +1,3 @@
+"""kopf handlers; importing this package registers them."""
+
+from . import inferenceservice, trainingjob  # noqa: F401

@@ -1,0 +1,108 @@
+"""Checkpoint key lifecycle: the per-job data-key Secret (layout in docs/contracts.md).
+
+Pure builders and validators; the reconciler does the API calls. Key material is created here with the
+OS CSPRNG and never leaves the Secret's data: errors and events name the Secret, never its contents.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+from .builders.common import LABEL_JOB, Owner, metadata
+
+KEY_BYTES = 32
+WRAPPED_KEY_BYTES = KEY_BYTES + 8  # RFC 3394 key wrap adds one 64-bit block
+CURRENT = "current-key-id"
+LABEL_KEY_FOR = "aidc.dev/checkpoint-key-for"
+ANNOTATION_CREATED = "aidc.dev/key-created-at"
+KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def new_key_id(generation: int) -> str:
+    return f"k{generation}-{secrets.token_hex(3)}"
+
+
+def key_secret(
+    owner: Owner, name: str, retain: bool, now: dt.datetime, kek: bytes | None = None
+) -> dict[str, Any]:
+    """A fresh Secret holding one random AES-256 data key, wrapped with the KEK when one is given (the
+    envelope: whoever reads the Secret also needs the KEK). Retained keys get no owner reference, so
+    deleting the job leaves them (and its checkpoints readable); the label finds them again."""
+    key_id = new_key_id(1)
+    key = secrets.token_bytes(KEY_BYTES)
+    if kek is not None:
+        key = aes_key_wrap(kek, key)
+    meta = metadata(
+        owner,
+        name,
+        {LABEL_JOB: owner.name, LABEL_KEY_FOR: owner.name},
+        annotations={ANNOTATION_CREATED: now.strftime("%Y-%m-%dT%H:%M:%SZ")},
+    )
+    if retain:
+        meta.pop("ownerReferences")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": meta,
+        "data": {
+            CURRENT: base64.b64encode(key_id.encode()).decode(),
+            f"key-{key_id}": base64.b64encode(key).decode(),
+        },
+    }
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    ok: bool
+    reason: str
+    message: str
+    key_id: str | None = None
+
+
+def check_key_secret(secret: dict[str, Any] | None, name: str, wrapped: bool) -> KeyCheck:
+    """Is this Secret a usable key Secret? The message names the Secret and the missing piece only."""
+    if secret is None:
+        return KeyCheck(False, "KeySecretMissing", f"checkpoint key Secret {name!r} not found")
+    data = secret.get("data") or {}
+    try:
+        key_id = base64.b64decode(data.get(CURRENT, "")).decode().strip()
+    except (ValueError, UnicodeDecodeError):
+        key_id = ""
+    if not KEY_ID.match(key_id):
+        return KeyCheck(
+            False,
+            "KeySecretInvalid",
+            f"Secret {name!r} has no valid {CURRENT!r} entry (a key id of [A-Za-z0-9._-])",
+        )
+    raw = data.get(f"key-{key_id}")
+    if raw is None:
+        return KeyCheck(False, "KeySecretInvalid", f"Secret {name!r} has no entry 'key-{key_id}'")
+    size = len(base64.b64decode(raw))
+    want = WRAPPED_KEY_BYTES if wrapped else KEY_BYTES
+    if size != want:
+        what = "a KEK-wrapped 256-bit key" if wrapped else "a 256-bit key"
+        return KeyCheck(
+            False,
+            "KeySecretInvalid",
+            f"Secret {name!r} entry 'key-{key_id}' is {size} bytes; {what} is {want} bytes",
+        )
+    return KeyCheck(True, "KeyReady", f"checkpoint key {key_id} in Secret {name!r}", key_id)
+
+
+def check_kek_secret(secret: dict[str, Any] | None, name: str) -> KeyCheck:
+    if secret is None:
+        return KeyCheck(False, "KEKSecretMissing", f"key-encryption key Secret {name!r} not found")
+    raw = (secret.get("data") or {}).get("kek")
+    if raw is None or len(base64.b64decode(raw)) != KEY_BYTES:
+        return KeyCheck(
+            False, "KEKSecretInvalid", f"Secret {name!r} needs an entry 'kek' of {KEY_BYTES} bytes"
+        )
+    return KeyCheck(True, "KEKReady", f"key-encryption key in Secret {name!r}")

@@ -1,0 +1,471 @@
+"""The TrainingJob state machine: observed world in, a plan out. Pure: no I/O, no clock of its own.
+
+`plan()` is level-based — it derives everything from the spec, the last status and the pods and nodes
+it is shown — so running it twice on the same input yields the same plan, and a restarted operator
+converges from whatever it finds. The reconciler (handlers/trainingjob.py) gathers the input, applies
+the plan and writes the status.
+
+Gang rule: a restart bumps `status.attempt`; pods of any other attempt are deleted, and no pod of the
+new attempt is created until every old one is gone, so two attempts are never alive at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api.trainingjob import CheckpointRef, FailureRecord, Progress, TrainingJobSpec, TrainingJobStatus
+from .builders import trainingjob as build
+from .builders.common import LABEL_ATTEMPT, LABEL_RANK, Owner
+from .conditions import set_condition
+from .recovery import LostPod, healthy_nodes, lost_pods, must_force_delete, node_health
+from .restart_policy import backoff_seconds, describe, retryable, terminated
+
+ANNOTATION_PROGRESS = "aidc.dev/progress"
+ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
+FINISHED = ("Succeeded", "Failed")
+RESYNC_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PodDeletion:
+    name: str
+    force: bool  # grace period 0: the pod's node is gone and will never confirm
+
+
+@dataclass(frozen=True)
+class Prerequisites:
+    """What must exist before pods can start (checked by the reconciler)."""
+
+    ready: bool = True
+    condition: str = "Ready"
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass
+class Plan:
+    status: TrainingJobStatus
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[PodDeletion] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float = RESYNC_SECONDS
+    delete_job: bool = False
+
+
+def _ts(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ts(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def _attempt(pod: dict[str, Any]) -> int:
+    try:
+        return int(pod["metadata"]["labels"][LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return -1
+
+
+def _rank(pod: dict[str, Any]) -> int:
+    return int(pod["metadata"]["labels"].get(LABEL_RANK, "-1"))
+
+
+def _phase(pod: dict[str, Any]) -> str:
+    return pod.get("status", {}).get("phase") or "Pending"
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return _phase(pod) == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions") or []
+    )
+
+
+def _annotation_json(pod: dict[str, Any], key: str) -> dict[str, Any] | None:
+    raw = (pod["metadata"].get("annotations") or {}).get(key)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None  # a garbled report is ignored, never fatal
+    return value if isinstance(value, dict) else None
+
+
+def _gpu_seconds(pods: list[dict[str, Any]], gpus: int, now: dt.datetime) -> float:
+    total = 0.0
+    for pod in pods:
+        start = _parse_ts(pod.get("status", {}).get("startTime"))
+        if not start or not gpus:
+            continue
+        end = now
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            finished = _parse_ts(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+            if finished:
+                end = finished
+        total += max(0.0, (end - start).total_seconds()) * gpus
+    return total
+
+
+class _Planner:
+    def __init__(
+        self,
+        owner: Owner,
+        generation: int,
+        spec: TrainingJobSpec,
+        status: TrainingJobStatus,
+        pods: list[dict[str, Any]],
+        nodes: dict[str, dict[str, Any]],
+        prereq: Prerequisites,
+        now: dt.datetime,
+    ) -> None:
+        self.owner, self.generation, self.spec, self.now = owner, generation, spec, now
+        self.status = status.model_copy(deep=True)
+        self.pods, self.nodes, self.prereq = pods, nodes, prereq
+        self.plan = Plan(self.status)
+
+    # helpers --------------------------------------------------------------
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        set_condition(
+            self.status.conditions,
+            type_,
+            "True" if status else "False",
+            reason,
+            message,
+            _ts(self.now),
+            self.generation,
+        )
+
+    def set_phase(self, phase: str, reason: str, message: str = "") -> None:
+        if self.status.phase != phase:
+            self.event(
+                "Warning" if phase == "Failed" else "Normal", reason, message or f"TrainingJob is {phase}"
+            )
+        self.status.phase = phase  # type: ignore[assignment]
+
+    def delete_pods(self, pods: list[dict[str, Any]]) -> None:
+        for pod in pods:
+            force = must_force_delete(pod, self.nodes)
+            # A pod already terminating on a live node needs nothing more; on a dead node, force it.
+            if pod["metadata"].get("deletionTimestamp") and not force:
+                continue
+            self.plan.delete.append(PodDeletion(pod["metadata"]["name"], force))
+
+    def gpu_accounting(self, current: list[dict[str, Any]], close: bool = False) -> None:
+        """gpuSeconds = finished attempts' total + the current attempt's, recomputed from its pods."""
+        live = _gpu_seconds(current, build.gpus(self.spec), self.now)
+        self.status.gpu_seconds = round(self.status.gpu_seconds_previous + live, 1)
+        if close:
+            self.status.gpu_seconds_previous = self.status.gpu_seconds
+
+    # the decision -----------------------------------------------------------
+    def run(self) -> Plan:
+        st, spec = self.status, self.spec
+        st.observed_generation = self.generation
+        attempt = st.attempt
+        current = [p for p in self.pods if _attempt(p) == attempt]
+        old = [p for p in self.pods if _attempt(p) != attempt]
+        self.lift_progress(current)
+
+        if st.phase in FINISHED:
+            return self.finished(current + old)
+        if spec.suspend:
+            return self.suspend(current + old)
+        if st.phase == "Suspended":
+            self.condition("Suspended", False, "Resumed", "job resumed")
+            st.attempt += 1
+            self.set_phase("Pending", "Resumed", "TrainingJob resumed; recreating the gang")
+            return self.rerun()
+        if not self.prereq.ready:
+            self.condition(self.prereq.condition, False, self.prereq.reason, self.prereq.message)
+            if st.phase is None:
+                st.phase = "Pending"
+            self.plan.requeue_after = 5
+            return self.plan
+        if self.prereq.condition != "Ready":
+            self.condition(self.prereq.condition, True, self.prereq.reason or "Ready", self.prereq.message)
+
+        start = _parse_ts(st.start_time)
+        if (
+            spec.active_deadline_seconds
+            and start
+            and (self.now - start).total_seconds() > spec.active_deadline_seconds
+        ):
+            return self.fail(
+                "DeadlineExceeded",
+                f"job ran longer than activeDeadlineSeconds={spec.active_deadline_seconds}",
+                current + old,
+            )
+        if old:
+            # Finish tearing down the previous attempt before anything of this one starts.
+            self.delete_pods(old)
+            self.plan.requeue_after = 1
+            return self.plan
+        if self.handle_failures(current):
+            return self.plan
+        expected = self.gang_size(current)
+        if current and len(current) >= expected and all(_phase(p) == "Succeeded" for p in current):
+            self.gpu_accounting(current, close=True)
+            return self.succeed(current)
+
+        st.excluded_nodes = [n for n in st.excluded_nodes if not node_health(self.nodes.get(n), n).healthy]
+        restart_after = _parse_ts(st.restart_after)
+        if restart_after and self.now < restart_after:
+            self.plan.requeue_after = max(0.5, (restart_after - self.now).total_seconds())
+            return self.plan
+        st.restart_after = None
+
+        have = {_rank(p) for p in current}
+        missing = [r for r in range(expected) if r not in have]
+        for rank in missing:
+            self.plan.create.append(build.pod(self.owner, spec, rank, st.attempt, st.excluded_nodes))
+        if missing and not current:
+            self.event(
+                "Normal",
+                "CreatingGang",
+                f"creating {expected} pod(s) for attempt {st.attempt}"
+                + (f", avoiding {', '.join(st.excluded_nodes)}" if st.excluded_nodes else ""),
+            )
+            self.condition("Created", True, "GangCreated", f"attempt {st.attempt}: {expected} pod(s)")
+
+        ready = sum(1 for p in current if _ready(p))
+        st.ready_nodes = ready
+        st.nodes = f"{ready}/{expected}"
+        self.gpu_accounting(current)
+        if current and not missing and all(_phase(p) == "Running" for p in current):
+            if st.start_time is None:
+                st.start_time = _ts(self.now)
+            self.condition("Running", True, "AllPodsRunning", f"{len(current)} pod(s) running")
+            self.condition("Restarting", False, "AllPodsRunning")
+            self.set_phase("Running", "Running", f"all {len(current)} pod(s) of attempt {st.attempt} running")
+        elif st.phase not in ("Restarting",):
+            st.phase = "Pending"
+        return self.plan
+
+    def gang_size(self, current: list[dict[str, Any]]) -> int:
+        """Pods in this attempt: spec.nodes, or for an elastic job, as many as there are healthy nodes
+        (not fewer than minNodes) when the attempt is created."""
+        spec = self.spec
+        if not spec.elastic:
+            return spec.nodes
+        if current:
+            return max(_rank(p) for p in current) + 1
+        usable = healthy_nodes(self.nodes) - set(self.status.excluded_nodes)
+        return max(spec.elastic.min_nodes, min(spec.nodes, len(usable)))
+
+    def handle_failures(self, current: list[dict[str, Any]]) -> bool:
+        st, policy = self.status, self.spec.failure_policy
+        lost = lost_pods(current, self.nodes)
+        if st.phase == "Running":
+            # A pod of the running gang that someone else deleted is as lost as one on a dead node.
+            expected = self.gang_size(current)
+            have = {_rank(p) for p in current}
+            lost += [
+                LostPod(
+                    build.pod_name(self.owner.name, st.attempt, r),
+                    None,
+                    "PodDeleted",
+                    f"pod of rank {r} was deleted",
+                )
+                for r in range(expected)
+                if r not in have
+            ]
+            lost += [
+                LostPod(
+                    p["metadata"]["name"],
+                    p.get("spec", {}).get("nodeName"),
+                    "PodDeleted",
+                    f"pod {p['metadata']['name']} is being deleted",
+                )
+                for p in current
+                if p["metadata"].get("deletionTimestamp")
+                and not any(lp.pod == p["metadata"]["name"] for lp in lost)
+            ]
+        if lost:
+            first = lost[0]
+            record = FailureRecord(
+                reason=first.reason, message=first.message, node=first.node, time=_ts(self.now)
+            )
+            st.last_failure = record
+            if policy.node_failure == "Fail":
+                self.fail("NodeFailure", first.message, current)
+                return True
+            if st.node_failures >= policy.max_node_failures:
+                self.fail(
+                    "NodeFailureBudgetExceeded",
+                    f"{first.message}; maxNodeFailures={policy.max_node_failures} reached",
+                    current,
+                )
+                return True
+            st.node_failures += 1
+            for lp in lost:
+                if lp.node and lp.node not in st.excluded_nodes:
+                    st.excluded_nodes.append(lp.node)
+            self.event(
+                "Warning",
+                "NodeFailure",
+                f"{first.message}; restarting the gang on healthy nodes "
+                f"(node failure {st.node_failures}/{policy.max_node_failures})",
+            )
+            self.restart(current, delay=0)
+            return True
+        exits = [e for e in (terminated(p) for p in current) if e]
+        if not exits:
+            return False
+        first = exits[0]
+        st.last_failure = FailureRecord(
+            reason=first.reason, message=describe(first), node=first.node, time=_ts(self.now)
+        )
+        if not retryable(first, policy.retryable_exit_codes):
+            self.fail(
+                "NonRetryableExit" if first.exit_code != 3 else "CheckpointKeyError", describe(first), current
+            )
+            return True
+        if st.restarts >= policy.max_restarts:
+            self.fail(
+                "BackoffLimitExceeded",
+                f"{describe(first)}; maxRestarts={policy.max_restarts} reached",
+                current,
+            )
+            return True
+        st.restarts += 1
+        delay = backoff_seconds(st.restarts, policy.backoff_seconds, policy.max_backoff_seconds)
+        self.event(
+            "Warning",
+            "PodFailed",
+            f"{describe(first)}; restarting the gang in {delay}s "
+            f"(restart {st.restarts}/{policy.max_restarts})",
+        )
+        self.restart(current, delay=delay)
+        return True
+
+    def restart(self, current: list[dict[str, Any]], delay: int) -> None:
+        st = self.status
+        self.gpu_accounting(current, close=True)
+        st.attempt += 1
+        st.restart_after = _ts(self.now + dt.timedelta(seconds=delay)) if delay else None
+        st.ready_nodes = 0
+        self.condition("Running", False, "Restarting", f"gang restarting as attempt {st.attempt}")
+        self.condition(
+            "Restarting",
+            True,
+            st.last_failure.reason if st.last_failure else "Restart",
+            st.last_failure.message if st.last_failure else "",
+        )
+        self.set_phase("Restarting", "Restarting", f"restarting the gang as attempt {st.attempt}")
+        self.delete_pods(current)
+        self.plan.requeue_after = 1
+
+    def rerun(self) -> Plan:
+        self.plan.requeue_after = 0.5
+        return self.plan
+
+    def fail(self, reason: str, message: str, pods: list[dict[str, Any]]) -> Plan:
+        st = self.status
+        self.gpu_accounting([p for p in pods if _attempt(p) == st.attempt], close=True)
+        st.completion_time = _ts(self.now)
+        st.ready_nodes = 0
+        self.condition("Running", False, reason, message)
+        self.condition("Failed", True, reason, message)
+        self.set_phase("Failed", reason, message)
+        self.cleanup(pods)
+        return self.plan
+
+    def succeed(self, pods: list[dict[str, Any]]) -> Plan:
+        st = self.status
+        st.completion_time = _ts(self.now)
+        st.ready_nodes = 0
+        self.condition("Running", False, "Completed")
+        self.condition("Succeeded", True, "Completed", "all pods exited 0")
+        self.set_phase("Succeeded", "Completed", "TrainingJob succeeded")
+        self.cleanup(pods)
+        return self.plan
+
+    def cleanup(self, pods: list[dict[str, Any]]) -> None:
+        policy = self.spec.clean_pod_policy
+        if policy == "All":
+            self.delete_pods(pods)
+        elif policy == "Running":
+            self.delete_pods([p for p in pods if _phase(p) in ("Pending", "Running")])
+        self.schedule_ttl()
+
+    def finished(self, pods: list[dict[str, Any]]) -> Plan:
+        self.cleanup(pods)
+        return self.plan
+
+    def schedule_ttl(self) -> None:
+        ttl, done = self.spec.ttl_seconds_after_finished, _parse_ts(self.status.completion_time)
+        if ttl is None or done is None:
+            self.plan.requeue_after = 60
+            return
+        left = (done + dt.timedelta(seconds=ttl) - self.now).total_seconds()
+        if left <= 0:
+            self.plan.delete_job = True
+            self.event("Normal", "TTLExpired", f"deleting the job {ttl}s after it finished")
+        else:
+            self.plan.requeue_after = left
+
+    def suspend(self, pods: list[dict[str, Any]]) -> Plan:
+        if self.status.phase != "Suspended":
+            self.gpu_accounting([p for p in pods if _attempt(p) == self.status.attempt], close=True)
+        self.delete_pods(pods)
+        self.status.ready_nodes = 0
+        self.status.nodes = f"0/{self.spec.nodes}"
+        self.condition("Suspended", True, "Suspended", "spec.suspend is true; pods deleted")
+        self.condition("Running", False, "Suspended")
+        self.set_phase("Suspended", "Suspended", "TrainingJob suspended; pods deleted, status kept")
+        self.plan.requeue_after = 60
+        return self.plan
+
+    def lift_progress(self, current: list[dict[str, Any]]) -> None:
+        """rank 0 reports through annotations on its own pod (docs/contracts.md)."""
+        for pod in sorted(self.pods, key=lambda p: (_attempt(p), -_rank(p))):
+            if _rank(pod) != 0:
+                continue
+            if (progress := _annotation_json(pod, ANNOTATION_PROGRESS)) is not None:
+                with contextlib.suppress(ValueError):
+                    self.status.progress = Progress.model_validate(progress)
+            if (ckpt := _annotation_json(pod, ANNOTATION_CHECKPOINT)) is not None:
+                try:
+                    ref = CheckpointRef.model_validate(ckpt)
+                except ValueError:
+                    continue
+                last = self.status.last_checkpoint
+                if last is None or ref.step >= last.step:
+                    self.status.last_checkpoint = ref
+
+
+def plan(
+    body: dict[str, Any],
+    spec: TrainingJobSpec,
+    pods: list[dict[str, Any]],
+    nodes: dict[str, dict[str, Any]],
+    now: dt.datetime,
+    prereq: Prerequisites = Prerequisites(),
+) -> Plan:
+    """The next step for one TrainingJob (body: the object as read, for identity and last status)."""
+    try:
+        status = TrainingJobStatus.model_validate(body.get("status") or {})
+    except ValueError:
+        status = TrainingJobStatus()  # a status we cannot read is rebuilt from the world, not fatal
+    owner = Owner.of(body)
+    return _Planner(
+        owner, body["metadata"].get("generation", 0), spec, status, pods, nodes, prereq, now
+    ).run()
