@@ -328,10 +328,15 @@ class _HashingFile:
 
     def __init__(self, f: Any) -> None:
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, b: Any) -> int:
         self.sha.update(b)
-        n = self.f.write(b)
+        try:
+            n = self.f.write(b)
+        except OSError as e:  # torch.save's C++ writer hides this behind a position mismatch
+            self.error = e
+            raise
         self.size += n
         return n
 
@@ -450,6 +455,7 @@ class Checkpointer:
         name = rank_file(self.rank)
         key_id = self.keyring.current_id if self.keyring is not None else None
         mine: dict[str, Any]
+        hf: _HashingFile | None = None
         try:
             tmp.mkdir(parents=True, exist_ok=True)
             with open(tmp / name, "wb") as f:
@@ -464,7 +470,8 @@ class Checkpointer:
                 os.fsync(f.fileno())
             mine = {"ok": True, "name": name, "size": hf.size, "sha256": hf.sha.hexdigest()}
         except Exception as e:  # e.g. ENOSPC: report to rank 0 so nobody publishes a partial checkpoint
-            mine = {"ok": False, "name": name, "error": f"{type(e).__name__}: {e}"}
+            cause = hf.error if hf is not None and hf.error is not None else e
+            mine = {"ok": False, "name": name, "error": f"{type(cause).__name__}: {cause}"}
         del payload
         results = self._gather(mine)
         failed = [r for r in results if not r["ok"]]
