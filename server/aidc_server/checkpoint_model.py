@@ -122,9 +122,9 @@ class CheckpointModel(TorchModel):
         module: nn.Module = ckpt.build_model_from_manifest(loaded.manifest)
         module.load_state_dict(loaded.state["model"], strict=True)
         module.eval()
-        if self.quantize == "int8":
-            module = quantize_int8(module)
         config = (loaded.manifest.get("model") or {}).get("config") or {}
         max_seq_len = next((config[k] for k in _CONTEXT_KEYS if isinstance(config.get(k), int)), None)
-        inputs, outputs = infer_signature(module, max_seq_len)
+        inputs, outputs = infer_signature(module, max_seq_len)  # before quantizing: plain layers
+        if self.quantize == "int8":
+            module = quantize_int8(module)
         return LoadedNetwork(module=module, version=str(loaded.step), inputs=inputs, outputs=outputs)

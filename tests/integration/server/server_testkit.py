@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import torch
 import uvicorn
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from aidc_trainer.checkpoint import save_checkpoint
 from aidc_trainer.crypto import KeyRing
@@ -82,20 +83,27 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-def make_keys(path: Path, key_id: str = "k1") -> Path:
+def make_keys(path: Path, key_id: str = "k1", kek_file: Path | None = None) -> Path:
+    """A key directory as the operator mounts it; with `kek_file`, the key is RFC 3394-wrapped."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"key-{key_id}").write_bytes(os.urandom(32))
+    key = os.urandom(32)
+    if kek_file is not None:
+        kek_file.write_bytes(os.urandom(32))
+        key = aes_key_wrap(kek_file.read_bytes(), key)
+    (path / f"key-{key_id}").write_bytes(key)
     (path / "current-key-id").write_text(key_id)
     return path
 
 
-def write_checkpoint(root: Path, step: int, spec: dict, keys: Path | None, seed: int = 0) -> torch.nn.Module:
+def write_checkpoint(
+    root: Path, step: int, spec: dict, keys: Path | None, seed: int = 0, kek_file: Path | None = None
+) -> torch.nn.Module:
     """Build the trainer's model from `spec`, save it with the trainer's checkpoint API, return it."""
     from aidc_trainer.checkpoint import build_model_from_manifest
 
     torch.manual_seed(seed)
     model = build_model_from_manifest({"model": spec}).eval()
-    keyring = KeyRing.from_dir(keys) if keys is not None else None
+    keyring = KeyRing.from_dir(keys, kek_file=kek_file) if keys is not None else None
     result = save_checkpoint(root, step, {"model": model.state_dict()}, keyring=keyring, model_spec=spec)
     assert result.ok, result.error
     return model
