@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kubernetes import client, config
-from localcluster import KWOK_ANNOTATION, LocalCluster, build_binaries
+from localcluster import LocalCluster, build_binaries
 
 T = TypeVar("T")
 
@@ -105,25 +105,30 @@ class Kube:
                 return c.status
         return "Unknown"
 
+    def _local(self) -> LocalCluster:
+        if self.local is None:
+            import pytest
+
+            pytest.skip("node-failure injection needs the project's local cluster (KUBECONFIG is set)")
+        return self.local
+
     def fail_node(self, name: str) -> None:
-        """A node dies: kwok stops heartbeating it (its Lease lapses), exactly what a kubelet that lost
-        power looks like. After --node-monitor-grace-period the node lifecycle controller marks it
+        """A node dies: its kwok agent is SIGKILLed, so its Lease lapses, exactly what a kubelet that
+        lost power looks like. After --node-monitor-grace-period the node lifecycle controller marks it
         Unknown and taints it node.kubernetes.io/unreachable."""
-        self.core.patch_node(name, {"metadata": {"annotations": {KWOK_ANNOTATION: "dead"}}})
+        self._local().stop_node_agent(name)
 
     def restore_node(self, name: str) -> None:
-        """The node comes back: kwok manages it again and reports it Ready."""
-        self.core.patch_node(name, {"metadata": {"annotations": {KWOK_ANNOTATION: "fake"}}})
+        """The node comes back: its agent restarts and reports it Ready."""
+        self._local().start_node_agent(name)
 
     def delete_node(self, name: str) -> None:
         self.core.delete_node(name)
 
     def recreate_node(self, name: str) -> None:
         """Brings back a deleted node with the cluster's standard GPU node shape."""
-        if self.local is None:
-            raise RuntimeError("recreate_node needs the project's local cluster")
         index = int(name.rsplit("-", 1)[-1])
-        self.kubectl("apply", "-f", "-", input=json.dumps(self.local.node_manifest(index)))
+        self.kubectl("apply", "-f", "-", input=json.dumps(self._local().node_manifest(index)))
 
     def gpu_nodes(self) -> list[str]:
         return sorted(n.metadata.name for n in self.core.list_node(label_selector="type=kwok").items)
@@ -132,22 +137,19 @@ class Kube:
         """Undo any failure a previous test left: every standard node exists, is managed and Ready."""
         if self.local is None:
             return
+        local = self.local
         present = set(self.gpu_nodes())
-        for i in range(self.local.nodes):
-            name = f"gpu-node-{i}"
+        for name in local.node_names():
             if name not in present:
                 self.recreate_node(name)
-            elif self.node(name).metadata.annotations.get(KWOK_ANNOTATION) != "fake":
+            if not local.running().get(f"kwok-{name}"):
                 self.restore_node(name)
         wait_for(
-            "all GPU nodes Ready",
-            lambda: (
-                all(self.node_ready(f"gpu-node-{i}") == "True" for i in range(self.local.nodes))
-                and not any(
-                    t.key.startswith("node.kubernetes.io/")
-                    for i in range(self.local.nodes)
-                    for t in (self.node(f"gpu-node-{i}").spec.taints or [])
-                )
+            "all GPU nodes Ready and untainted",
+            lambda: all(
+                self.node_ready(n) == "True"
+                and not any(t.key.startswith("node.kubernetes.io/") for t in (self.node(n).spec.taints or []))
+                for n in local.node_names()
             ),
             timeout=timeout,
         )

@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 
 
@@ -139,7 +139,7 @@ def write_pki(pki: Path) -> None:
         "admin": (_name("aidc-admin", "system:masters"), False),
         "controller-manager": (_name("system:kube-controller-manager"), False),
         "scheduler": (_name("system:kube-scheduler"), False),
-        # kwok plays every node's kubelet; the Node authorizer is off, so it acts as a cluster admin.
+        # kwok plays the nodes' kubelets; the Node authorizer is off, so it acts as a cluster admin.
         "kwok": (_name("kwok", "system:masters"), False),
     }
     for ident, (subject, server) in identities.items():
@@ -229,14 +229,26 @@ class LocalCluster:
         """The recorded pid of NAME if that process is alive and still runs our binary."""
         try:
             pid = int(self._pidfile(name).read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        except (OSError, ValueError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except (OSError, ValueError, IndexError):
             return None
-        binary = "etcd" if name == "etcd" else name
-        return pid if Path(cmdline).name == binary else None
+        if state in ("Z", "X"):
+            return None
+        return pid if Path(exe).name == self._binary_name(name) else None
+
+    @staticmethod
+    def _binary_name(component: str) -> str:
+        return "kwok" if component.startswith("kwok-") else component
+
+    def node_names(self) -> list[str]:
+        return [f"gpu-node-{i}" for i in range(self.nodes)]
+
+    def components(self) -> list[str]:
+        return [*CONTROL_PLANE, *(f"kwok-{n}" for n in self.node_names())]
 
     def _start(self, name: str, args: list[str]) -> None:
-        binary = "etcd" if name == "etcd" else name
+        binary = self._binary_name(name)
         out = self.logfile(name).open("ab")
         proc = subprocess.Popen(
             [self._binary(binary), *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -268,7 +280,7 @@ class LocalCluster:
             return r.status == 200
 
     def running(self) -> dict[str, int | None]:
-        return {c: self._pid_alive(c) for c in COMPONENTS}
+        return {c: self._pid_alive(c) for c in self.components()}
 
     def healthy(self) -> bool:
         if not all(self.running().values()):
@@ -295,7 +307,7 @@ class LocalCluster:
         fixed = os.environ.get("AIDC_APISERVER_PORT")
         if fixed and port_in_use(int(fixed)):
             raise ClusterError(f"port {fixed} (AIDC_APISERVER_PORT) is in use; free it or unset the variable")
-        for p in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok"):
+        for p in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler"):
             self.ports[p] = free_port()
         if fixed:
             self.ports["apiserver"] = int(fixed)
@@ -308,6 +320,10 @@ class LocalCluster:
         self._start_apiserver()
         self._start_controllers()
         self.ensure_nodes()
+        # Pods are refused until the ServiceAccount controller has made the namespace's default SA.
+        self._wait("the default ServiceAccount", lambda: self.kubectl(
+            "get", "serviceaccount", "default", "-n", "default", check=False).strip() != "", 60,
+            "kube-controller-manager")
         log(f"up in {time.monotonic() - t0:.1f}s: {self.server}, {self.nodes} GPU nodes; "
             f"export KUBECONFIG={self.kubeconfig}")
         return self
@@ -373,20 +389,38 @@ class LocalCluster:
             f"--authorization-kubeconfig={sd / 'scheduler.kubeconfig'}",
             "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}", "--leader-elect=false", "--v=1",
         ])
-        stages = self.bin_dir / "kwok-stages.yaml" if self.bin_dir else None
-        self._start("kwok", [
-            f"--kubeconfig={sd / 'kwok.kubeconfig'}",
-            f"--config={stages}",
-            "--manage-all-nodes=false", f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-            "--node-lease-duration-seconds=10", "--cidr=10.244.0.1/16", "--node-ip=10.240.0.1",
-            f"--server-address=127.0.0.1:{p['kwok']}",
-        ])
         for name, port in (("kube-controller-manager", p["controller_manager"]),
                            ("kube-scheduler", p["scheduler"])):
             self._wait(f"{name} /healthz", lambda port=port: self._https_ok(f"https://127.0.0.1:{port}/healthz"),
                        60, name)
-        self._wait("kwok /healthz", lambda: urllib.request.urlopen(
-            f"http://127.0.0.1:{p['kwok']}/healthz", timeout=2).status == 200, 30, "kwok")
+        for node in self.node_names():
+            self.start_node_agent(node)
+
+    def start_node_agent(self, node: str) -> None:
+        """One kwok process per node, standing in for that node's kubelet: killing it is a node losing
+        power (its Lease lapses, the node lifecycle controller marks it Unknown and taints it), starting
+        it again is the node coming back."""
+        assert self.bin_dir is not None
+        port = self.ports.setdefault(f"kwok-{node}", free_port())
+        self._save()
+        self._start(f"kwok-{node}", [
+            f"--kubeconfig={self.state_dir / 'kwok.kubeconfig'}",
+            f"--config={self.bin_dir / 'kwok-stages.yaml'}",
+            f"--manage-single-node={node}",
+            "--node-lease-duration-seconds=10",
+            f"--cidr=10.244.{int(node.rsplit('-', 1)[1]) % 250}.1/24",
+            f"--server-address=127.0.0.1:{port}",
+        ])
+        self._wait(f"kwok for {node}", lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200, 30, f"kwok-{node}")
+
+    def stop_node_agent(self, node: str) -> None:
+        """SIGKILL the node's kwok: no goodbye, exactly like a machine that lost power."""
+        pid = self._pid_alive(f"kwok-{node}")
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            while self._pid_alive(f"kwok-{node}"):
+                time.sleep(0.05)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         assert self.bin_dir is not None
@@ -413,13 +447,17 @@ class LocalCluster:
                     "nvidia.com/gpu.count": gpus, "topology.kubernetes.io/zone": f"zone-{'ab'[i % 2]}",
                 },
             },
-            "status": {"capacity": resources, "allocatable": resources},
+            "status": {
+                "capacity": resources, "allocatable": resources,
+                "addresses": [{"type": "InternalIP", "address": f"10.240.{i // 250}.{i % 250 + 1}"},
+                              {"type": "Hostname", "address": f"gpu-node-{i}"}],
+            },
         }
 
     def ensure_nodes(self, timeout: float = 60) -> None:
         items = "\n".join(json.dumps(self.node_manifest(i)) for i in range(self.nodes))
         self.kubectl("apply", "-f", "-", input=items)
-        self._wait(f"{self.nodes} nodes Ready", lambda: self.ready_nodes() >= self.nodes, timeout, "kwok")
+        self._wait(f"{self.nodes} nodes Ready", lambda: self.ready_nodes() >= self.nodes, timeout)
 
     def ready_nodes(self) -> int:
         nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
@@ -429,13 +467,14 @@ class LocalCluster:
         )
 
     def down(self) -> None:
-        for name in reversed(COMPONENTS):
-            pid = self._pid_alive(name)
-            if pid:
+        names = [f.stem for f in (self.state_dir / "pids").glob("*.pid")]
+        order = sorted(names, key=lambda n: CONTROL_PLANE.index(n) if n in CONTROL_PLANE else -1, reverse=True)
+        for name in order:  # node agents first, etcd last
+            if pid := self._pid_alive(name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        for name in reversed(COMPONENTS):
+        for name in order:
             while (pid := self._pid_alive(name)) and time.monotonic() < deadline:
                 time.sleep(0.2)
             if pid:
