@@ -167,6 +167,24 @@ class Trainer:
             log.info("eval", extra={"event": "eval", "step": step, **res})
         return res
 
+    def _ddp_warmup(self, model: DDP) -> None:
+        """One throw-away backward so DDP rebuilds its gradient buckets before the first real step.
+
+        DDP reorders buckets after its first iteration, and with more than two ranks the new layout
+        changes the order in which the all-reduce sums each element. Without this, a resumed run's
+        first step would round differently from the uninterrupted run's step at the same point.
+        The pass changes nothing: no optimiser step, gradients dropped, RNG and BatchNorm untouched.
+        """
+        x, y = self.batches.batch(self.start_step, 0, self.env.device)
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            with self.precision.autocast():
+                loss = self.recipe.loss_fn(model(x), y) * 0.0
+            loss.backward()
+            model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _handle_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum  # acted on at the next control sync, on all ranks together
 
@@ -178,6 +196,7 @@ class Trainer:
         self._restore()
         if env.distributed and cfg.parallel == "ddp":
             model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            self._ddp_warmup(model)
         self.train_model = model
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle_signal)

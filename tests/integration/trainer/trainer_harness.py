@@ -1,0 +1,139 @@
+"""Helpers to run real torchrun "nodes" of the aidc trainer on localhost (gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_keys(d: Path, key_id: str = "k1") -> Path:
+    keys = d / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    (keys / f"key-{key_id}").write_bytes(os.urandom(32))
+    (keys / "current-key-id").write_text(key_id)
+    return keys
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "PET_"))}
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "trainer"), env.get("PYTHONPATH", "")]),
+        AIDC_METRICS_PORT="-1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Node:
+    """One ``torchrun`` invocation (a "node"), in its own process group so it can be killed whole."""
+
+    def __init__(
+        self,
+        log: Path,
+        args: Sequence[str],
+        nnodes: int = 1,
+        nproc: int = 2,
+        node_rank: int = 0,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc}",
+            f"--node-rank={node_rank}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port or free_port()}",
+            "-m",
+            "aidc_trainer",
+            *args,
+        ]
+        self.log = log
+        self._fh = open(log, "ab")  # noqa: SIM115 - closed in wait/kill
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env or trainer_env(), start_new_session=True
+        )
+
+    def workers(self) -> list[int]:
+        """PIDs of the worker processes torchrun started."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                pids.append(int(stat.parent.name))
+        return sorted(pids)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._fh.close()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self._fh.close()
+
+
+def run_nodes(
+    logdir: Path, args: Sequence[str], nnodes: int = 2, nproc: int = 2, timeout: float = 120
+) -> list[int]:
+    port = free_port()
+    nodes = [Node(logdir / f"node{i}.log", args, nnodes, nproc, i, port) for i in range(nnodes)]
+    try:
+        return [n.wait(timeout) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.kill()
+
+
+def events(log: Path, event: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if event is None or rec.get("event") == event:
+                out.append(rec)
+    return out
+
+
+def wait_for(pred: Any, timeout: float, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout}s")
