@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -95,10 +96,13 @@ class Node:
             self._fh.close()
 
     def kill(self) -> None:
-        try:
+        """SIGKILL torchrun and its workers (torchrun puts each worker in a session of its own)."""
+        workers = self.workers()
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self._fh.close()
 

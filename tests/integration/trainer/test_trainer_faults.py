@@ -1,0 +1,194 @@
+"""Faults a user meets: kill -9 during checkpoint saves, SIGTERM, bad keys and bad config."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from aidc_trainer import checkpoint as C
+from aidc_trainer.crypto import KeyRing
+from tests.integration.trainer.trainer_harness import (
+    Node,
+    events,
+    free_port,
+    make_keys,
+    trainer_env,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _tmp_dirs(ck: Path) -> list[Path]:
+    return [p for p in ck.iterdir() if p.name.startswith(".tmp-")] if ck.is_dir() else []
+
+
+def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    ring = KeyRing.from_dir(keys)
+    ck = tmp_path / "ck"
+    steps = 400
+    # a wider MLP (~1 MB of state with Adam) saved every step: a save is nearly always in flight
+    args = [
+        "--steps", str(steps), "--batch-size", "16", "--model-config", '{"hidden": 4096}',
+        "--eval-every", "0",
+        "--checkpoint-dir", str(ck), "--checkpoint-every-steps", "1", "--checkpoint-keep", "3",
+        "--key-dir", str(keys),
+    ]  # fmt: skip
+    rnd = random.Random(4)
+    resumed: list[int] = []
+    resumed_expect = 0
+    for round_ in range(4):
+        log = tmp_path / f"round{round_}.log"
+        node = Node(log, args, nproc=2)
+        if round_ == 3:  # last round: let it finish
+            assert node.wait(timeout=180) == 0, log.read_text()[-3000:]
+        else:
+            try:
+                before = max((C._step_of(p) for p in C.list_checkpoints(ck)), default=0)
+                wait_for(lambda b=before: any(C._step_of(p) > b for p in C.list_checkpoints(ck)), timeout=120)
+                time.sleep(rnd.uniform(0.05, 0.5))
+                wait_for(lambda: _tmp_dirs(ck), timeout=30, interval=0.001)  # a save is being written now
+            finally:
+                node.kill()
+            assert not events(log, "done"), "run finished before the kill"
+            assert _tmp_dirs(ck), "the kill did not land during a save"
+            # whatever the kill interrupted, every published checkpoint is complete and verifies
+            for p in C.list_checkpoints(ck):
+                C.verify(p, ring)
+        newest = max(C._step_of(p) for p in C.list_checkpoints(ck)) if C.list_checkpoints(ck) else 0
+        if round_:
+            r = events(log, "resume")
+            assert r and r[0]["step"] == resumed_expect, f"round {round_}: resumed from {r and r[0]['step']}"
+            resumed.append(r[0]["step"])
+        resumed_expect = newest
+    assert resumed == sorted(resumed) and resumed[0] > 0  # always moved forward, never restarted at 0
+    final = C.load_latest(ck, ring)
+    assert final is not None and final.step == steps
+    assert not _tmp_dirs(ck)  # stale temp dirs of killed runs were cleaned up
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_sigterm_saves_a_final_checkpoint_and_exits_143_with_metrics_served(tmp_path: Path) -> None:
+    ck, mport = tmp_path / "ck", free_port()
+    args = [
+        "--steps", "1000000", "--batch-size", "16", "--eval-every", "20", "--log-every", "10",
+        "--checkpoint-dir", str(ck), "--checkpoint-every-steps", "100000",
+    ]  # fmt: skip
+    log = tmp_path / "run.log"
+    node = Node(log, args, nproc=2, env=trainer_env(AIDC_METRICS_PORT=str(mport)))
+    try:
+
+        def scraped() -> dict[str, float] | None:
+            try:
+                m = _scrape(mport)
+            except OSError:
+                return None
+            return m if m.get("aidc_trainer_step", 0) >= 40 and "aidc_trainer_eval_accuracy" in m else None
+
+        metrics = wait_for(scraped, timeout=120, interval=0.2)
+        assert metrics["aidc_trainer_total_steps"] == 1000000
+        assert (
+            0 < metrics["aidc_trainer_eval_accuracy"] <= 1 and 0 < metrics["aidc_trainer_eval_macro_f1"] <= 1
+        )
+        assert metrics["aidc_trainer_samples_per_second"] > 0 and metrics["aidc_trainer_loss"] > 0
+        node.proc.send_signal(signal.SIGTERM)  # as the kubelet does; torchrun forwards it to the workers
+        node.wait(timeout=60)
+    finally:
+        if node.proc.poll() is None:
+            node.kill()
+    stops = events(log, "stop")
+    assert len(stops) == 2  # both ranks stopped at the same control sync
+    exits = events(log, "exit")
+    assert [e["exit_code"] for e in exits] == [143, 143]
+    loaded = C.load_latest(ck, None)
+    assert loaded is not None and loaded.manifest["extra"] == {"stopped": True}
+    assert loaded.step % 10 == 0 and loaded.step >= 40  # no progress lost beyond the current step
+    progress = json.loads((ck / "progress.json").read_text())
+    assert progress["aidc.dev/last-checkpoint"]["step"] == loaded.step
+    assert progress["aidc.dev/progress"]["totalSteps"] == 1000000
+
+
+def _python_trainer(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aidc_trainer", *args],
+        env=trainer_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_invalid_config_exits_4() -> None:
+    out = _python_trainer(["--steps", "0"])
+    assert out.returncode == 4, out.stderr
+    assert "steps must be >= 1" in out.stderr
+
+
+def test_missing_and_wrong_keys_exit_3_naming_the_key_id(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path, "v7")
+    (keys / "current-key-id").write_text("v8")  # names a key the Secret does not hold
+    out = _python_trainer(["--steps", "5"], AIDC_KEY_DIR=str(keys))
+    assert out.returncode == 3, out.stderr
+    assert "'v8'" in out.stderr and (keys / "key-v7").read_bytes().hex() not in out.stderr
+
+    # checkpoints written with key v7, then the Secret's v7 is replaced by a different key
+    (keys / "current-key-id").write_text("v7")
+    ck = tmp_path / "ck"
+    ok = _python_trainer(
+        ["--steps", "5", "--eval-every", "0"], AIDC_KEY_DIR=str(keys), AIDC_CHECKPOINT_DIR=str(ck)
+    )
+    assert ok.returncode == 0, ok.stderr
+    (keys / "key-v7").write_bytes(os.urandom(32))
+    out = _python_trainer(["--steps", "10"], AIDC_KEY_DIR=str(keys), AIDC_CHECKPOINT_DIR=str(ck))
+    assert out.returncode == 3, out.stderr
+    assert "key 'v7' is not the key this file was encrypted with" in out.stderr
+    assert [p.name for p in C.list_checkpoints(ck)] == ["step-000000005"]  # nothing overwritten
+
+
+def test_transformer_example_learns_the_generated_text(tmp_path: Path) -> None:
+    out = _python_trainer(
+        [
+            "--example",
+            "transformer",
+            "--steps",
+            "60",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.003",
+            "--eval-every",
+            "0",
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+        ]
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(x) for x in out.stderr.splitlines() if x.startswith("{")]
+    train = [x for x in lines if x.get("event") == "train"]
+    assert train[-1]["loss"] < 0.7 * train[0]["loss"]
+    ev = [x for x in lines if x.get("event") == "eval"][-1]
+    assert ev["accuracy"] > 0.3  # far above chance (1/30) for next-character prediction
+    loaded = C.load_latest(tmp_path / "ck", None)
+    assert loaded is not None
+    model = C.build_model_from_manifest(loaded.manifest)
+    model.load_state_dict(loaded.state["model"])
