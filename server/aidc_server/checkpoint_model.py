@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from aidc_server.model import LoadedNetwork, TorchModel, infer_signature
+from aidc_server.model import LoadedNetwork, TorchModel, check_runs, infer_signature
 from aidc_server.quantize import quantize_int8
 
 log = logging.getLogger(__name__)
@@ -127,4 +127,5 @@ class CheckpointModel(TorchModel):
         inputs, outputs = infer_signature(module, max_seq_len)  # before quantizing: plain layers
         if self.quantize == "int8":
             module = quantize_int8(module)
+            check_runs(module, inputs)  # refuse a quantized network that cannot run, at load time
         return LoadedNetwork(module=module, version=str(loaded.step), inputs=inputs, outputs=outputs)

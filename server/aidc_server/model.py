@@ -189,6 +189,11 @@ def infer_signature(
     return inputs, outputs
 
 
+def check_runs(module: nn.Module, inputs: list[TensorSpec]) -> None:
+    """One dummy forward pass; raises whatever the network raises."""
+    _probe(module, inputs, 2)
+
+
 def _probe(module: nn.Module, inputs: list[TensorSpec], size: int) -> tuple[torch.Tensor, ...]:
     args = []
     for spec in inputs:

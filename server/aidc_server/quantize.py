@@ -18,18 +18,43 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 log = logging.getLogger(__name__)
 
 
+# Transformer layers with a fused CPU/GPU "fast path" that reads their Linear children's .weight
+# tensors directly; with quantized children that path must be off (it is process-wide in torch).
+_FUSED = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+
+
+def quantizable_linears(module: nn.Module) -> set[str]:
+    """Names of the nn.Linear submodules that can be swapped for int8 versions.
+
+    MultiheadAttention's out_proj (NonDynamicallyQuantizableLinear) is read as a raw weight by
+    F.multi_head_attention_forward, and its in_proj is a bare Parameter: both stay float.
+    """
+    return {
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, NonDynamicallyQuantizableLinear)
+    }
+
+
 def quantize_int8(module: nn.Module) -> nn.Module:
+    names = quantizable_linears(module)
+    if not names:
+        raise ValueError("the network has no Linear layer to quantize")
+    if any(isinstance(m, _FUSED) for m in module.modules()) and torch.backends.mha.get_fastpath_enabled():
+        log.info("int8: turning off torch's fused transformer fast path (it needs float Linear weights)")
+        torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation notice, once per load, helps nobody
-            from torch.ao.quantization import quantize_dynamic
+            from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
-            quantized = quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+            spec = dict.fromkeys(names, default_dynamic_qconfig)
+            quantized = quantize_dynamic(module, spec, dtype=torch.qint8)
         quantized.eval()
         return quantized
     except (ImportError, AttributeError, RuntimeError, NotImplementedError) as e:
         log.warning("dynamic int8 quantization unavailable (%s); using weight-only int8", e)
-        return weight_only_int8(module)
+        return weight_only_int8(module, names)
 
 
 class WeightOnlyInt8Linear(nn.Module):
@@ -50,11 +75,10 @@ class WeightOnlyInt8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def weight_only_int8(module: nn.Module) -> nn.Module:
-    for name, child in module.named_children():
-        # MultiheadAttention reads out_proj.weight directly: leave that one alone.
-        if isinstance(child, nn.Linear) and not isinstance(child, NonDynamicallyQuantizableLinear):
-            setattr(module, name, WeightOnlyInt8Linear(child))
-        else:
-            weight_only_int8(child)
+def weight_only_int8(module: nn.Module, names: set[str] | None = None) -> nn.Module:
+    names = quantizable_linears(module) if names is None else names
+    for name in sorted(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, WeightOnlyInt8Linear(getattr(parent, child)))
     return module

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from server_testkit import MLP_SPEC, make_keys, serve_app, wait_for, write_checkpoint
+from server_testkit import LM_SPEC, MLP_SPEC, make_keys, serve_app, wait_for, write_checkpoint
 
 from aidc_server.app import ServingOptions, create_app
 from aidc_server.checkpoint_model import CheckpointModel
@@ -197,14 +197,43 @@ def test_newer_tampered_checkpoint_is_not_swapped_in(tmp_path):
         np.testing.assert_allclose(served(r), expected(old), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("quantize", ["int8"])
-def test_int8_quantized_model_stays_close(tmp_path, quantize):
+def test_int8_quantized_mlp_stays_close(tmp_path):
     net = write_checkpoint(tmp_path / "ck", 3, MLP_SPEC, keys=None, seed=6)
-    model = CheckpointModel("mlp", tmp_path / "ck", quantize=quantize)
-    with start(model) as base, httpx.Client(base_url=base, timeout=10) as client:
+    with (
+        start(CheckpointModel("mlp", tmp_path / "ck", quantize="int8")) as base,
+        httpx.Client(base_url=base, timeout=10) as client,
+    ):
         wait_for(lambda: client.get("/v2/health/ready").status_code == 200)
         got = served(client.post("/v2/models/mlp/infer", json=BODY))
     want = expected(net)
     assert not np.array_equal(got, want)  # it really is a different (quantized) network
     np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.fixture
+def restore_mha_fastpath():
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    yield
+    torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def test_int8_quantized_transformer_runs_and_stays_close(tmp_path, restore_mha_fastpath):
+    net = write_checkpoint(tmp_path / "ck", 3, LM_SPEC, keys=None, seed=6)
+    tokens = np.random.default_rng(4).integers(0, 30, size=(2, 12))
+    body = {
+        "inputs": [{"name": "input", "datatype": "INT64", "shape": [2, 12], "data": tokens.ravel().tolist()}]
+    }
+    with (
+        start(CheckpointModel("lm", tmp_path / "ck", quantize="int8")) as base,
+        httpx.Client(base_url=base, timeout=10) as client,
+    ):
+        wait_for(lambda: client.get("/v2/health/ready").status_code == 200)
+        r = client.post("/v2/models/lm/infer", json=body)
+    assert r.status_code == 200, r.text
+    got = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(2, 12, 30)
+    with torch.inference_mode():
+        want = net(torch.from_numpy(tokens)).numpy()
+    assert not np.array_equal(got, want)
+    np.testing.assert_allclose(got, want, atol=0.1 * np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
