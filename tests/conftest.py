@@ -4,12 +4,16 @@ namespace per test, the CRDs installed, and an operator process watching test na
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kube import Kube, start_cluster
+from localcluster import free_port
+from tests.kube import Kube, start_cluster, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +45,64 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     ns = kube.create_namespace(request.node.name)
     yield ns
     kube.delete_namespace(ns)
+
+
+class OperatorProcess:
+    """`python -m aidc_operator` as a real subprocess against the test cluster; its log is kept so tests
+    can read (and grep) everything it wrote."""
+
+    def __init__(self, kube: Kube, log_path: Path, namespaces: list[str], extra: list[str] | None = None):
+        self.kube, self.log_path, self.namespaces, self.extra = kube, log_path, namespaces, extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        self.health_port = free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "aidc_operator",
+            "--standalone",
+            "--metrics-port",
+            "0",
+            "--health-port",
+            str(self.health_port),
+            *self.extra,
+        ]
+        for ns in self.namespaces:
+            args += ["--namespace", ns]
+        env = {**self.kube.env(), "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("operator",))}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_for("operator liveness endpoint", self._healthy, timeout=60)
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            return r.status == 200
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as when a node running the operator dies."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """One operator for the session, serving every test namespace (t-*)."""
+    op = OperatorProcess(crds, tmp_path_factory.mktemp("operator") / "operator.log", ["t-*"]).start()
+    yield op
+    op.stop()

@@ -360,7 +360,14 @@ class _Planner:
         st = self.status
         self.gpu_accounting(current, close=True)
         st.attempt += 1
-        st.restart_after = _ts(self.now + dt.timedelta(seconds=delay)) if delay else None
+        if delay:
+            # Status times have 1 s resolution: round up so the backoff is never shorter than asked.
+            at = self.now + dt.timedelta(seconds=delay)
+            st.restart_after = _ts(
+                at.replace(microsecond=0) + dt.timedelta(seconds=1 if at.microsecond else 0)
+            )
+        else:
+            st.restart_after = None
         st.ready_nodes = 0
         self.condition("Running", False, "Restarting", f"gang restarting as attempt {st.attempt}")
         self.condition(

@@ -59,13 +59,15 @@ def cli(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # probes every few seconds
+    if not args.verbose:
+        logging.getLogger("kopf").setLevel(logging.INFO)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=os.environ.get("AIDC_METRICS_ADDR", "0.0.0.0"))
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,
-        peering_name=args.peering,
+        peering_name=None if args.standalone else args.peering,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
-        verbose=args.verbose,
     )

@@ -211,3 +211,9 @@ def pod_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
 def node_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     # Any node change may matter to any job (a lost node, or a failed one Ready again): wake them all.
     wake("", None)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def trainingjob_changed(name: str, namespace: str, **_: Any) -> None:
+    # Spec edits (suspend, resume, nodes …) take effect now, not at the next resync.
+    wake(namespace, name)
