@@ -6,6 +6,7 @@ no saved iterator state and reproduces the uninterrupted run exactly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class Dataset:
     eval: Split
 
 
+@functools.lru_cache(maxsize=4)  # a step touches at most two epochs; never regenerate per batch
 def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g)
@@ -33,6 +35,9 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def stream_indices(start: int, count: int, n: int, seed: int) -> torch.Tensor:
     """Items [start, start+count) of the infinite stream: a fresh permutation of 0..n-1 per epoch."""
+    epoch, off = divmod(start, n)
+    if off + count <= n:  # common case: inside one epoch, a view of the cached permutation
+        return _epoch_perm(n, seed, epoch)[off : off + count]
     out, pos = [], start
     while count > 0:
         epoch, off = divmod(pos, n)
@@ -60,6 +65,8 @@ class ShardedBatches:
         start = global_micro * self.world * self.b + self.rank * self.b
         idx = stream_indices(start, self.b, len(self.split), self.seed)
         x, y = self.split.inputs[idx], self.split.targets[idx]
+        if device.type == "cpu":
+            return x, y
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 

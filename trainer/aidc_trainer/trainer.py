@@ -218,98 +218,53 @@ class Trainer:
                 },
             )
         self._last_save_time, self._last_save_step = time.monotonic(), self.start_step
-        last_loss: float | None = None
+        self._window = (time.perf_counter(), self.start_step)
+        self._last_progress = 0.0
+        self.last_loss: float | None = None
         eval_res: dict[str, float] | None = None
-        global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
-        last_progress = 0.0
-        window_t, window_steps = time.perf_counter(), 0
-        loss_fn, scaler, accum = self.recipe.loss_fn, self.precision.scaler, cfg.grad_accum
+        loss_fn, accum, opt = self.recipe.loss_fn, cfg.grad_accum, self.optimizer
+        scaler = self.precision.scaler if self.precision.scaler.is_enabled() else None
+        autocast = self.precision.autocast if self.precision.dtype is not None else contextlib.nullcontext
+        ddp = isinstance(model, DDP)
+        batch, device, log_every, steps = self.batches.batch, env.device, cfg.log_every, cfg.steps
 
         step = self.start_step
+        self._loop_t0 = time.perf_counter()
         try:
-            while step < cfg.steps:
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=env.device)
+            while step < steps:
+                # hot path: keep it as lean as a hand-written DDP loop (bench/trainer_overhead.py)
+                log_now = (step + 1) % log_every == 0 or step + 1 == steps
+                loss_sum = None
                 for micro in range(accum):
-                    x, y = self.batches.batch(step, micro, env.device)
-                    sync_ctx = (
-                        model.no_sync()
-                        if isinstance(model, DDP) and micro < accum - 1
-                        else contextlib.nullcontext()
-                    )
-                    with sync_ctx:
-                        with self.precision.autocast():
-                            loss = loss_fn(model(x), y) / accum
-                        scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                scaler.step(self.optimizer)
-                scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window_steps += 1
-                self.metrics.step_seconds.observe(time.perf_counter() - t0)
-
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    # Control sync: one tiny all-reduce carries the loss, stop requests and the
-                    # time-based checkpoint trigger, so every rank acts at the same step.
-                    due = bool(
-                        self.ckpt
-                        and cfg.checkpoint_every_seconds > 0
-                        and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_seconds
-                    )
-                    ctl = torch.stack(
-                        [
-                            loss_sum.float(),
-                            torch.tensor(float(self._stop_signal), device=env.device),
-                            torch.tensor(float(due), device=env.device),
-                        ]
-                    )
-                    if env.distributed:
-                        dist.all_reduce(ctl)
-                    last_loss = float(ctl[0]) / env.world_size
-                    stop_sig, time_due = int(ctl[1]), ctl[2] > 0
-                    if stop_sig and not self._stop_signal:
-                        self._stop_signal = signal.SIGTERM  # a peer was signalled
-                    elapsed = time.perf_counter() - window_t
-                    sps = window_steps * global_batch / elapsed if elapsed > 0 else 0.0
-                    window_t, window_steps = time.perf_counter(), 0
-                    self.metrics.step.set(step)
-                    self.metrics.loss.set(last_loss)
-                    self.metrics.samples_per_second.set(sps)
-                    self.metrics.gpu_seconds.set(self.accounting.gpu_seconds())
-                    if (ej := self.accounting.energy_joules()) is not None:
-                        self.metrics.energy_joules.set(ej)
-                    if env.is_main:
-                        log.info(
-                            "train",
-                            extra={
-                                "event": "train",
-                                "step": step,
-                                "loss": round(last_loss, 6),
-                                "samples_per_second": round(sps, 1),
-                            },
-                        )
-                        if not math.isfinite(last_loss):
-                            log.warning("loss is not finite", extra={"event": "nonfinite", "step": step})
-                        now = time.monotonic()
-                        if self.progress is not None and (now - last_progress >= cfg.progress_every_seconds):
-                            self.progress.progress(
-                                step, cfg.steps, gpuSeconds=round(self.accounting.gpu_seconds(), 1)
-                            )
-                            last_progress = now
-                    if self._stop_signal:
-                        self._stop(step)
+                    x, y = batch(step, micro, device)
+                    with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
+                        with autocast():
+                            loss = loss_fn(model(x), y)
+                        if accum > 1:
+                            loss = loss / accum
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    if log_now:
+                        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
                 else:
-                    time_due = False
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
 
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                time_due = False
+                if log_now:
+                    assert loss_sum is not None
+                    time_due = self._control_sync(step, loss_sum)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
                     eval_res = self._evaluate(step)
                 if (
                     self.ckpt is not None
-                    and step != cfg.steps
+                    and step != steps
                     and ((cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0) or time_due)
                 ):
-                    self._save(step, block=False, extra={"loss": last_loss})
+                    self._save(step, block=False, extra={"loss": self.last_loss})
         except Stopped:
             raise
         except Exception:
@@ -317,13 +272,70 @@ class Trainer:
                 raise Stopped(self._stop_signal) from None
             raise
 
+        self._loop_seconds = time.perf_counter() - self._loop_t0
         eval_res = self._evaluate(step)
         if self.ckpt is not None:
             if self._last_save_step != step:
-                self._save(step, block=True, extra={"loss": last_loss, "eval": eval_res})
+                self._save(step, block=True, extra={"loss": self.last_loss, "eval": eval_res})
             self.ckpt.close()
         self._finish(step)
-        return Result(step, last_loss, eval_res)
+        return Result(step, self.last_loss, eval_res)
+
+    def _control_sync(self, step: int, loss_sum: torch.Tensor) -> bool:
+        """Every ``log_every`` steps: one tiny all-reduce carries the loss, stop requests and the
+        time-based checkpoint trigger, so every rank acts on them at the same step. Returns
+        whether a time-triggered checkpoint is due."""
+        cfg, env = self.cfg, self.env
+        due = bool(
+            self.ckpt
+            and cfg.checkpoint_every_seconds > 0
+            and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_seconds
+        )
+        ctl = torch.stack(
+            [
+                loss_sum.float().reshape(()),
+                torch.tensor(float(self._stop_signal), device=env.device),
+                torch.tensor(float(due), device=env.device),
+            ]
+        )
+        if env.distributed:
+            dist.all_reduce(ctl)
+        vals = ctl.tolist()
+        self.last_loss = loss = vals[0] / env.world_size
+        if vals[1] and not self._stop_signal:
+            self._stop_signal = signal.SIGTERM  # a peer was signalled
+        now_t = time.perf_counter()
+        t_prev, step_prev = self._window
+        self._window = (now_t, step)
+        n_steps = step - step_prev
+        sps = n_steps * cfg.batch_size * cfg.grad_accum * env.world_size / max(now_t - t_prev, 1e-9)
+        if n_steps:
+            self.metrics.step_seconds.observe((now_t - t_prev) / n_steps)  # mean over the window
+        self.metrics.step.set(step)
+        self.metrics.loss.set(loss)
+        self.metrics.samples_per_second.set(sps)
+        self.metrics.gpu_seconds.set(self.accounting.gpu_seconds())
+        if (ej := self.accounting.energy_joules()) is not None:
+            self.metrics.energy_joules.set(ej)
+        if env.is_main:
+            log.info(
+                "train",
+                extra={
+                    "event": "train",
+                    "step": step,
+                    "loss": round(loss, 6),
+                    "samples_per_second": round(sps, 1),
+                },
+            )
+            if not math.isfinite(loss):
+                log.warning("loss is not finite", extra={"event": "nonfinite", "step": step})
+            now = time.monotonic()
+            if self.progress is not None and now - self._last_progress >= cfg.progress_every_seconds:
+                self.progress.progress(step, cfg.steps, gpuSeconds=round(self.accounting.gpu_seconds(), 1))
+                self._last_progress = now
+        if self._stop_signal:
+            self._stop(step)
+        return bool(vals[2])
 
     def _stop(self, step: int) -> None:
         """Every rank saw the stop at the same control sync: checkpoint (unless just saved), then stop."""
@@ -347,6 +359,8 @@ class Trainer:
                 "event": "done",
                 "step": step,
                 "gpu_seconds": self.accounting.gpu_seconds(),
+                "steps_run": step - self.start_step,
+                "loop_seconds": getattr(self, "_loop_seconds", None),
             }
             if (ej := self.accounting.energy_joules()) is not None:
                 extra["energy_joules_node0"] = ej

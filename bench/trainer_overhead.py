@@ -1,0 +1,151 @@
+"""aidc trainer vs a plain torchrun DDP script: same model, data, batch and steps.
+
+Runs (interleaved, ``--reps`` times each): plain DDP script, aidc with checkpointing off, aidc with
+encrypted async checkpoints every ``--ckpt-every`` steps. Compares training-loop wall time (start
+of the first step to the end of the last, measured inside rank 0; process start-up, the final
+evaluation and the final checkpoint are excluded for both) and prints the ratios.
+
+    .venv/bin/python bench/trainer_overhead.py --nproc 2 --steps 2000 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------ plain DDP worker
+def plain_worker(steps: int, batch: int, hidden: int, lr: float) -> None:
+    """What a user would write by hand: the same model, data and Adam, no aidc."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1234)  # same synthetic task as aidc_trainer.examples.mlp
+    teacher = torch.randn(10, 10, generator=g)
+    x = torch.randn(8192 + 2048, 10, generator=g)
+    y = (x @ teacher + 0.1 * torch.randn(8192 + 2048, 10, generator=g)).argmax(-1)
+    x, y = x[:8192], y[:8192]
+    model = DDP(nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 10)))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    n, per_step = len(x), batch * world
+    perm, epoch = None, -1
+    t0 = time.perf_counter()
+    for step in range(steps):
+        pos = step * per_step
+        if pos // n != epoch:
+            epoch = pos // n
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        assert perm is not None
+        start = pos % n + rank * batch
+        idx = perm[start : start + batch] if start + batch <= n else perm[:batch]
+        loss = loss_fn(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 and rank == 0:
+            _ = loss.item()  # a typical script logs its loss now and then
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        print(json.dumps({"event": "done", "loop_seconds": elapsed, "steps_run": steps}), flush=True)
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- driver
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun(nproc: int, target: list[str], env: dict[str, str]) -> float:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={_port()}", *target,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"run failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-4000:]}")
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("{") and '"done"' in line:
+            rec = json.loads(line)
+            if rec.get("event") == "done" and rec.get("loop_seconds") is not None:
+                return float(rec["loop_seconds"])
+    raise SystemExit("no timing found in output")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", choices=["plain"])
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    a = p.parse_args()
+    if a.worker == "plain":
+        plain_worker(a.steps, a.batch_size, a.hidden, a.lr)
+        return
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDC_")}
+    env.update(
+        OMP_NUM_THREADS="1",
+        AIDC_METRICS_PORT="-1",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "trainer"), env.get("PYTHONPATH", "")]),
+    )
+    common = [
+        "--steps",
+        str(a.steps),
+        "--batch-size",
+        str(a.batch_size),
+        "--lr",
+        str(a.lr),
+        "--eval-every",
+        "0",
+    ]
+    common += ["--model-config", json.dumps({"hidden": a.hidden})]
+    plain = [str(Path(__file__).resolve()), "--worker", "plain", "--steps", str(a.steps)]
+    plain += ["--batch-size", str(a.batch_size), "--hidden", str(a.hidden), "--lr", str(a.lr)]
+    times: dict[str, list[float]] = {"plain": [], "aidc": [], "aidc+ckpt": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp) / "keys"
+        keys.mkdir()
+        (keys / "key-b1").write_bytes(os.urandom(32))
+        (keys / "current-key-id").write_text("b1")
+        for rep in range(a.reps):
+            times["plain"].append(_torchrun(a.nproc, plain, env))
+            times["aidc"].append(_torchrun(a.nproc, ["-m", "aidc_trainer", *common], env))
+            ck = ["--checkpoint-dir", f"{tmp}/ck{rep}", "--checkpoint-every-steps", str(a.ckpt_every)]
+            ck += ["--key-dir", str(keys)]
+            times["aidc+ckpt"].append(_torchrun(a.nproc, ["-m", "aidc_trainer", *common, *ck], env))
+            print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\nMLP 10-{a.hidden}-10, {a.nproc} procs (gloo, CPU), {a.steps} steps x batch {a.batch_size}/rank, "
+        f"median of {a.reps} loop times"
+    )
+    print(f"{'variant':<12} {'loop s':>8} {'ms/step':>8} {'ratio vs plain':>15}")
+    for k, v in med.items():
+        print(f"{k:<12} {v:8.3f} {1000 * v / a.steps:8.3f} {v / med['plain']:15.3f}")
+    print(f"checkpointing: encrypted, every {a.ckpt_every} steps, async")
+
+
+if __name__ == "__main__":
+    main()
