@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -344,20 +343,43 @@ class _HashingFile:
         self.f.flush()
 
 
-def _to_cpu(obj: Any) -> Any:
-    """Deep copy of a state tree with every tensor copied to CPU (training may mutate the originals)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.device.type == "cpu":
-            return t.clone()
-        return t.to("cpu", non_blocking=True)  # caller synchronises once for all copies
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
-    return obj
+class _Snapshotter:
+    """Copies a state tree's tensors to CPU, reusing the previous save's buffers.
+
+    Reuse avoids fresh allocations (page faults) on every save, and on CUDA the buffers are pinned
+    so device-to-host copies are asynchronous and fast. Safe because at most one save is in flight
+    and the next snapshot starts only after it finished.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._seen: set[tuple[Any, ...]] = set()
+
+    def copy(self, obj: Any) -> Any:
+        self._seen = set()
+        out = self._copy(obj, ())
+        for key in set(self._buffers) - self._seen:  # tensors that disappeared from the state
+            del self._buffers[key]
+        return out
+
+    def _copy(self, obj: Any, key: tuple[Any, ...]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or t.layout != torch.strided:
+                pin = t.device.type == "cuda"
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+                self._buffers[key] = buf
+            self._seen.add(key)
+            buf.copy_(t, non_blocking=t.device.type != "cpu")  # caller synchronises once for all
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._copy(v, (*key, k)) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._copy(v, (*key, i)) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            return tuple(self._copy(v, (*key, i)) for i, v in enumerate(obj))
+        return obj
 
 
 def _fsync_dir(path: Path) -> None:
@@ -406,7 +428,7 @@ class Checkpointer:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aidc-ckpt")
-        self._lock = threading.Lock()
+        self._snap = _Snapshotter()
 
     # ---- save
     def save(
@@ -423,9 +445,10 @@ class Checkpointer:
         """
         t0 = time.perf_counter()
         self.wait()
-        payload: dict[str, Any] = {"rank": _to_cpu(rank_state), "step": step}
+        tree: dict[str, Any] = {"rank": rank_state, "step": step}
         if self.rank == 0:
-            payload.update(_to_cpu(shared_state or {}))
+            tree.update(shared_state or {})
+        payload = self._snap.copy(tree)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # non_blocking device→host copies must land before the thread reads
         self._inflight = self._pool.submit(self._write, step, payload, dict(extra or {}))

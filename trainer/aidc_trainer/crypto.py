@@ -245,6 +245,7 @@ class EncryptingWriter:
         self._header = Header(chunk_size, os.urandom(16), key_check(key), key_id, identity)
         self._chunk = chunk_size
         self._buf = bytearray()
+        self._out = bytearray(chunk_size + _TAG)  # reused ciphertext buffer: no allocation per chunk
         self._index = 0
         self._closed = False
         self.plaintext_bytes = 0
@@ -255,24 +256,29 @@ class EncryptingWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         mv = memoryview(data).cast("B")
-        n = len(mv)
+        n, pos = len(mv), 0
         self.plaintext_bytes += n
-        if not self._buf and n > self._chunk:  # fast path: encrypt big writes without copying into _buf
-            whole = (n - 1) // self._chunk  # keep >=1 byte back: the final chunk must stay unwritten
-            for i in range(whole):
-                self._emit(mv[i * self._chunk : (i + 1) * self._chunk], final=False)
-            mv = mv[whole * self._chunk :]
-        self._buf += mv
-        while len(self._buf) > self._chunk:
-            self._emit(memoryview(self._buf)[: self._chunk], final=False)
-            del self._buf[: self._chunk]
+        if self._buf:  # top up the held-back partial chunk first
+            pos = min(self._chunk - len(self._buf), n)
+            self._buf += mv[:pos]
+            if pos == n:
+                return n  # nothing follows yet: the buffer may still become the final chunk
+            self._emit(self._buf, final=False)
+            self._buf.clear()
+        # whole chunks straight from the caller's buffer (no copy); always hold data back, since
+        # only close() knows which chunk is final
+        while n - pos > self._chunk:
+            self._emit(mv[pos : pos + self._chunk], final=False)
+            pos += self._chunk
+        self._buf += mv[pos:]
         return n
 
-    def _emit(self, chunk: memoryview | bytes, final: bool) -> None:
+    def _emit(self, chunk: memoryview | bytes | bytearray, final: bool) -> None:
         nonce = os.urandom(_NONCE)
-        ct = self._aead.encrypt(nonce, bytes(chunk), self._header.aad(self._index, final))
-        self._dst.write(_REC.pack(len(ct)) + nonce)
-        self._dst.write(ct)
+        out = memoryview(self._out)[: len(chunk) + _TAG]
+        self._aead.encrypt_into(nonce, chunk, self._header.aad(self._index, final), out)
+        self._dst.write(_REC.pack(len(out)) + nonce)
+        self._dst.write(out)
         self._index += 1
 
     def flush(self) -> None:
