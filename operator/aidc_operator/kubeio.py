@@ -103,3 +103,62 @@ def read_secret(namespace: str, name: str) -> dict[str, Any] | None:
         if e.status == 404:
             return None
         raise
+
+
+FIELD_MANAGER = "aidc-operator"
+
+
+def apply(obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+    """Server-side apply (create or patch, forcing our ownership of the fields we render): a field we
+    stop rendering is removed, fields others own (an HPA's replicas) are left alone. Returns the object
+    as stored."""
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    kw: dict[str, Any] = {
+        "field_manager": field_manager,
+        "force": True,
+        "_content_type": "application/apply-patch+yaml",
+    }
+    if kind == "Deployment":
+        result = client.AppsV1Api(api()).patch_namespaced_deployment(name, ns, obj, **kw)
+    elif kind == "Service":
+        result = core().patch_namespaced_service(name, ns, obj, **kw)
+    elif kind == "HorizontalPodAutoscaler":
+        result = client.AutoscalingV2Api(api()).patch_namespaced_horizontal_pod_autoscaler(
+            name, ns, obj, **kw
+        )
+    else:
+        raise ValueError(f"no apply for kind {kind}")
+    return sanitize(result)
+
+
+def read(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A Deployment, Service or HorizontalPodAutoscaler as stored, or None."""
+    readers = {
+        "Deployment": lambda: client.AppsV1Api(api()).read_namespaced_deployment(name, namespace),
+        "Service": lambda: core().read_namespaced_service(name, namespace),
+        "HorizontalPodAutoscaler": lambda: client.AutoscalingV2Api(
+            api()
+        ).read_namespaced_horizontal_pod_autoscaler(name, namespace),
+    }
+    try:
+        return sanitize(readers[kind]())
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def delete_deployment(namespace: str, name: str) -> None:
+    try:
+        client.AppsV1Api(api()).delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+def scale_deployment(namespace: str, name: str, replicas: int, field_manager: str) -> None:
+    """Sets replicas through the scale subresource as its own (non-apply) field manager, so whoever scales
+    next (an HPA) simply takes the field over and our applies never fight it."""
+    client.AppsV1Api(api()).patch_namespaced_deployment_scale(
+        name, namespace, {"spec": {"replicas": replicas}}, field_manager=field_manager
+    )

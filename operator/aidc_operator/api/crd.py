@@ -63,6 +63,12 @@ INFERENCESERVICE_RULES: dict[str, list[dict[str, str]]] = {
             "message": "set exactly one of model.fromTrainingJob and model.storage",
         }
     ],
+    ".canary.model": [
+        {
+            "rule": "has(self.fromTrainingJob) != has(self.storage)",
+            "message": "set exactly one of canary.model.fromTrainingJob and canary.model.storage",
+        }
+    ],
 }
 
 
@@ -213,6 +219,7 @@ def inferenceservice_crd() -> dict[str, Any]:
             {"name": "URL", "type": "string", "jsonPath": ".status.url"},
             {"name": "Version", "type": "string", "jsonPath": ".status.modelVersion"},
             {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {"name": "Canary", "type": "integer", "jsonPath": ".status.canaryReadyReplicas", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "Model-server pods (Deployment, Service, HorizontalPodAutoscaler) serving a model over the Open "
