@@ -153,19 +153,15 @@ async def _drive(port: int, request: bytes, concurrency: int, seconds: float, ma
     return latencies, errors, time.perf_counter() - started
 
 
-def run_load(server: str, model: str, port: int, path: str, body: bytes, concurrency: int, args) -> Result:
-    import numpy as np
-
+def run_load(port: int, path: str, body: bytes, concurrency: int, args, warm: bool):
+    """One measured stretch of closed-loop load (after a warm-up stretch if `warm`)."""
     request = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-    asyncio.run(_drive(port, request, concurrency, args.warmup, 10**9))
-    latencies, errors, elapsed = asyncio.run(
-        _drive(port, request, concurrency, args.duration, args.max_requests)
-    )
-    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    return Result(server, model, concurrency, len(latencies), errors, elapsed, *np.percentile(ms, [50, 99]))
+    if warm:
+        asyncio.run(_drive(port, request, concurrency, args.warmup, 10**9))
+    return asyncio.run(_drive(port, request, concurrency, args.duration, args.max_requests))
 
 
 # ----------------------------------------------------------------------------------------- servers
@@ -302,39 +298,53 @@ def fast_io_dir(kserve_python: str, work: Path) -> Path:
 def bench_model(
     model: str, ckpt: Path, kserve_python: str | None, args, logs: Path, fast_io: Path | None
 ) -> list[Result]:
+    """All servers up at once (idle ones cost nothing); rounds interleave them at each level.
+
+    The machine is shared, so load from elsewhere drifts over minutes: running the servers in
+    alternation, --rounds times, and pooling the rounds spreads that drift over all of them.
+    """
     import numpy as np
 
     body = request_body(model)
     path = f"/v2/models/{model}/infer"
-    results: list[Result] = []
-    reference = None
-    starters = [("aidc", lambda: start_aidc(model, ckpt, args, logs / f"aidc-{model}.log"))]
+    servers = [start_aidc(model, ckpt, args, logs / f"aidc-{model}.log")]
     if fast_io is not None:
-        starters.append(
-            ("aidc+uvloop", lambda: start_aidc(model, ckpt, args, logs / f"aidc-fast-{model}.log", fast_io))
-        )
+        servers.append(start_aidc(model, ckpt, args, logs / f"aidc-fast-{model}.log", fast_io))
     if kserve_python:
-        starters.append(
-            ("kserve", lambda: start_kserve(kserve_python, model, ckpt, args, logs / f"kserve-{model}.log"))
-        )
-    for name, start in starters:
-        server = start()
-        try:
+        servers.append(start_kserve(kserve_python, model, ckpt, args, logs / f"kserve-{model}.log"))
+    results: list[Result] = []
+    try:
+        reference = None  # aidc's answer; every other server must agree
+        for server in servers:
             server.wait_ready(model)
             got = answer(server, model, body)
             if reference is None:
                 reference = got
             elif not np.allclose(reference, got, rtol=1e-4, atol=1e-5):
-                raise RuntimeError(f"{name} and aidc disagree on {model}: not the same model?")
-            for c in args.concurrency:
-                r = run_load(name, model, server.port, path, body, c, args)
+                raise RuntimeError(f"{server.name} and aidc disagree on {model}: not the same model?")
+        for c in args.concurrency:
+            pooled: dict[str, list] = {s.name: [[], 0, 0.0] for s in servers}
+            for round_ in range(args.rounds):
+                order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
+                for server in order:
+                    latencies, errors, seconds = run_load(server.port, path, body, c, args, warm=round_ == 0)
+                    pooled[server.name][0] += latencies
+                    pooled[server.name][1] += errors
+                    pooled[server.name][2] += seconds
+            for server in servers:
+                latencies, errors, seconds = pooled[server.name]
+                ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+                r = Result(
+                    server.name, model, c, len(latencies), errors, seconds, *np.percentile(ms, [50, 99])
+                )
                 print(
-                    f"  {name:11s} {model:12s} c={c:<3d} {r.rps:8.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
+                    f"  {r.server:11s} {model:12s} c={c:<3d} {r.rps:8.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
                     f"p99 {r.p99_ms:7.2f} ms  ({r.requests} ok, {r.errors} errors)",
                     flush=True,
                 )
                 results.append(r)
-        finally:
+    finally:
+        for server in servers:
             server.stop()
     return results
 
@@ -385,27 +395,30 @@ def setup_kserve(version: str) -> str:
 
 
 def print_table(results: list[Result]) -> None:
-    print("\n| model | concurrency | aidc req/s | KServe req/s | throughput ratio | aidc p50 / p99 ms "
-          "| KServe p50 / p99 ms |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    """Markdown: each aidc variant next to KServe at the same model and concurrency."""
+    print("\n| model | concurrency | server | req/s | p50 ms | p99 ms | vs KServe: throughput | p99 |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     by = {(r.server, r.model, r.concurrency): r for r in results}
-    for (server, model, c), a in by.items():
-        if server != "aidc":
-            continue
-        k = by.get(("kserve", model, c))
-        ratio = f"{a.rps / k.rps:.2f}x" if k and k.rps else "n/a"
-        ks = f"{k.rps:.0f}" if k else "n/a"
-        kl = f"{k.p50_ms:.2f} / {k.p99_ms:.2f}" if k else "n/a"
-        print(f"| {model} | {c} | {a.rps:.0f} | {ks} | {ratio} | {a.p50_ms:.2f} / {a.p99_ms:.2f} | {kl} |")
+    for r in results:
+        k = by.get(("kserve", r.model, r.concurrency))
+        ratio = p99 = ""
+        if k and r.server != "kserve" and k.rps:
+            ratio = f"**{r.rps / k.rps:.2f}x**"
+            p99 = "lower" if r.p99_ms <= k.p99_ms else "higher"
+        print(
+            f"| {r.model} | {r.concurrency} | {r.server} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {ratio} | {p99} |"
+        )
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mlp,transformer")
     p.add_argument("--concurrency", default="1,8,32", type=lambda s: [int(c) for c in s.split(",")])
-    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per level")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
-    p.add_argument("--max-requests", type=int, default=200_000, help="cap per level")
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per server, level and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level (pooled)")
+    p.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per server and level")
+    p.add_argument("--max-requests", type=int, default=200_000, help="cap per server, level and round")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-latency-ms", type=float, default=5.0)

@@ -63,11 +63,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     for flag, (var, kind, text) in _OPTIONS.items():
         attr = flag.replace("-", "_")
         default = getattr(defaults, attr)
+        if env.get(var):
+            try:
+                default = kind(env[var])
+            except ValueError:
+                parser.error(f"{var}={env[var]!r} is not a valid {kind.__name__}")
         parser.add_argument(
-            f"--{flag}",
-            type=kind,
-            default=kind(env[var]) if env.get(var) else default,
-            help=f"{text} [env {var}; default {default!r}]",
+            f"--{flag}", type=kind, default=default, help=f"{text} [env {var}; default {default!r}]"
         )
     args = parser.parse_args(argv)
     for flag in _REQUIRED:

@@ -69,9 +69,9 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
         time.sleep(interval)
 
 
-def is_ready(base: str) -> bool:
+def is_ready(base: str, verify: str | bool = True) -> bool:
     try:
-        return httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+        return httpx.get(f"{base}/v2/health/ready", timeout=2, verify=verify).status_code == 200
     except httpx.TransportError:
         return False
 
@@ -113,9 +113,10 @@ def write_checkpoint(
 class ServerProcess:
     """`python -m aidc_server` as a real child process."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, tls_ca: Path | None = None) -> None:
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.port}"
+        self.verify: str | bool = str(tls_ca) if tls_ca else True
         pythonpath = os.pathsep.join(str(ROOT / p) for p in ("server", "trainer"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aidc_server", "--host", "127.0.0.1", "--port", str(self.port), *args],
@@ -130,7 +131,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()}")
             try:
-                return httpx.get(f"{self.base}/v2/health/live", timeout=2).status_code == 200
+                return (
+                    httpx.get(f"{self.base}/v2/health/live", timeout=2, verify=self.verify).status_code == 200
+                )
             except httpx.TransportError:
                 return False
 
@@ -145,3 +148,40 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (cert.pem doubles as the client's CA bundle)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path

@@ -11,31 +11,40 @@ import httpx
 import numpy as np
 import orjson
 import torch
-from server_testkit import MLP_SPEC, is_ready, make_keys, wait_for, write_checkpoint
+from server_testkit import MLP_SPEC, is_ready, make_keys, self_signed_cert, wait_for, write_checkpoint
 
 X = np.random.default_rng(11).standard_normal((4, 10)).astype(np.float32)
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 10], "data": X.ravel().tolist()}]}
 
 
-def test_encrypted_checkpoint_end_to_end_from_environment(tmp_path, server_process):
+def test_encrypted_checkpoint_end_to_end_over_tls_from_environment(tmp_path, server_process):
     kek = tmp_path / "kek" / "kek"
     kek.parent.mkdir()
     keys = make_keys(tmp_path / "keys", key_id="2026-11", kek_file=kek)
     net = write_checkpoint(tmp_path / "ck", 300, MLP_SPEC, keys, seed=9, kek_file=kek)
     scratch = tmp_path / "scratch"  # the server's TMPDIR: decrypted weights must not land here
     scratch.mkdir()
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    cert, tls_key = self_signed_cert(tls)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     server = server_process(
+        tls_ca=cert,
         env={
             "AIDC_CHECKPOINT_DIR": str(tmp_path / "ck"),
             "AIDC_KEY_DIR": str(keys),
             "AIDC_KEK_FILE": str(kek),
             "AIDC_MODEL_NAME": "classifier",
+            "AIDC_TLS_CERT": str(cert),
+            "AIDC_TLS_KEY": str(tls_key),
             "TMPDIR": str(scratch),
-        }
+        },
     )
-    wait_for(lambda: is_ready(server.base))
-    r = httpx.post(f"{server.base}/v2/models/classifier/versions/300/infer", json=BODY, timeout=10)
+    wait_for(lambda: is_ready(server.base, cert))
+    assert server.base.startswith("https://")
+    r = httpx.post(
+        f"{server.base}/v2/models/classifier/versions/300/infer", json=BODY, timeout=10, verify=str(cert)
+    )
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
     with torch.inference_mode():

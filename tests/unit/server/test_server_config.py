@@ -58,3 +58,10 @@ def test_bad_settings_exit_with_usage(argv, capsys):
         parse_args(argv, environ={})
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bad_environment_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--checkpoint-dir", "/ck", "--model-name", "m"], environ={"AIDC_PORT": "http"})
+    assert e.value.code == 2
+    assert "AIDC_PORT='http' is not a valid int" in capsys.readouterr().err
