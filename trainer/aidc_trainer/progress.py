@@ -32,8 +32,9 @@ class ProgressReporter:
         env = dict(os.environ if environ is None else environ)
         self.pod, self.namespace = env.get("AIDC_POD_NAME"), env.get("AIDC_POD_NAMESPACE")
         host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
-        self.sa_dir = sa_dir
-        self.in_cluster = bool(self.pod and self.namespace and host and (sa_dir / "token").exists())
+        # AIDC_SERVICEACCOUNT_DIR: where a non-standard runtime (the development kubelet) put the token.
+        self.sa_dir = Path(env["AIDC_SERVICEACCOUNT_DIR"]) if env.get("AIDC_SERVICEACCOUNT_DIR") else sa_dir
+        self.in_cluster = bool(self.pod and self.namespace and host and (self.sa_dir / "token").exists())
         if self.in_cluster:
             h = f"[{host}]" if host and ":" in host else host
             self.url = f"https://{h}:{port}/api/v1/namespaces/{self.namespace}/pods/{self.pod}"

@@ -272,6 +272,8 @@ class Trainer:
                 raise Stopped(self._stop_signal) from None
             raise
 
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()  # loop time must include queued GPU work
         self._loop_seconds = time.perf_counter() - self._loop_t0
         eval_res = self._evaluate(step)
         if self.ckpt is not None:
