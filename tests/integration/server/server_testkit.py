@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -69,7 +70,7 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
         time.sleep(interval)
 
 
-def is_ready(base: str, verify: str | bool = True) -> bool:
+def is_ready(base: str, verify: ssl.SSLContext | bool = True) -> bool:
     try:
         return httpx.get(f"{base}/v2/health/ready", timeout=2, verify=verify).status_code == 200
     except httpx.TransportError:
@@ -116,7 +117,7 @@ class ServerProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, tls_ca: Path | None = None) -> None:
         self.port = free_port()
         self.base = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.port}"
-        self.verify: str | bool = str(tls_ca) if tls_ca else True
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=tls_ca) if tls_ca else True
         pythonpath = os.pathsep.join(str(ROOT / p) for p in ("server", "trainer"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aidc_server", "--host", "127.0.0.1", "--port", str(self.port), *args],

@@ -40,10 +40,10 @@ def test_encrypted_checkpoint_end_to_end_over_tls_from_environment(tmp_path, ser
             "TMPDIR": str(scratch),
         },
     )
-    wait_for(lambda: is_ready(server.base, cert))
+    wait_for(lambda: is_ready(server.base, server.verify))
     assert server.base.startswith("https://")
     r = httpx.post(
-        f"{server.base}/v2/models/classifier/versions/300/infer", json=BODY, timeout=10, verify=str(cert)
+        f"{server.base}/v2/models/classifier/versions/300/infer", json=BODY, timeout=10, verify=server.verify
     )
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
