@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
+import time
 from typing import Any
 
 import kopf
@@ -13,6 +15,15 @@ from prometheus_client import start_http_server
 from . import handlers  # noqa: F401 - registers the handlers
 
 PREFIX = "aidc.dev"
+_webhook: dict[str, Any] = {}  # set by cli(): where the admission webhook server listens, if anywhere
+
+
+def default_priority(now: float | None = None) -> int:
+    """Peering priority of a replica: older replicas win, so a replica joining (a rollout, a restart)
+    stands by instead of taking over from the active one; random low bits break ties. kopf pauses every
+    replica that sees a peer of equal priority, so equal priorities would leave nobody active."""
+    started = int(time.time() if now is None else now)
+    return (2**32 - started) * 2**20 + random.randrange(2**20)
 
 
 @kopf.on.startup()
@@ -27,8 +38,18 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30
-    settings.peering.priority = int(os.environ.get("AIDC_PEERING_PRIORITY", "0"))
+    settings.peering.priority = int(os.environ.get("AIDC_PEERING_PRIORITY") or default_priority())
     settings.peering.lifetime = int(os.environ.get("AIDC_PEERING_LIFETIME", "20"))
+    settings.peering.stealth = True  # keep-alives every few seconds would drown the log
+    if _webhook:
+        # The chart (or the test) owns the webhook configurations and their CA bundle; kopf only serves.
+        settings.admission.managed = None
+        settings.admission.server = kopf.WebhookServer(
+            addr=_webhook["addr"],
+            port=_webhook["port"],
+            certfile=_webhook["cert"],
+            pkeyfile=_webhook["key"],
+        )
 
 
 @kopf.on.probe(id="alive")
@@ -53,8 +74,26 @@ def cli(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--metrics-port", type=int, default=int(os.environ.get("AIDC_METRICS_PORT", "8000")))
     ap.add_argument("--health-port", type=int, default=int(os.environ.get("AIDC_HEALTH_PORT", "8080")))
+    ap.add_argument(
+        "--webhook-port",
+        type=int,
+        default=int(os.environ.get("AIDC_WEBHOOK_PORT", "0")),
+        help="serve the admission webhooks (HTTPS) on this port; 0: no webhooks",
+    )
+    ap.add_argument("--webhook-addr", default=os.environ.get("AIDC_WEBHOOK_ADDR", "0.0.0.0"))
+    ap.add_argument("--webhook-cert", help="PEM serving certificate (reloaded when the file changes)")
+    ap.add_argument("--webhook-key", help="PEM private key of the serving certificate")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.webhook_port:
+        if not (args.webhook_cert and args.webhook_key):
+            ap.error("--webhook-port needs --webhook-cert and --webhook-key")
+        # kopf refuses to start with admission handlers but no server: register them only when serving.
+        from .handlers import admission  # noqa: F401
+
+        _webhook.update(
+            addr=args.webhook_addr, port=args.webhook_port, cert=args.webhook_cert, key=args.webhook_key
+        )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
