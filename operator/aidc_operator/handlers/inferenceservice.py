@@ -1,28 +1,346 @@
-"""kopf wiring for InferenceServices (the serving reconciler)."""
+"""Thin kopf wiring for InferenceServices: one reconcile loop (a kopf daemon) per service, woken by its
+Deployments' events and by TrainingJob changes in its namespace, resyncing every few seconds. Each pass
+resolves the model source, server-side-applies the Deployment(s), Service and HPA the builders render,
+and writes status — level-based and idempotent, so a restarted operator simply adopts what exists."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from ..api import GROUP, VERSION, InferenceServiceSpec
+from .. import kubeio, metrics
+from ..api import GROUP, VERSION
+from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ModelSpec
+from ..builders import inferenceservice as build
+from ..builders.common import LABEL_ISVC, Owner
+from ..conditions import get_condition, set_condition
 from .validation import describe_validation_error
 
 PLURAL = "inferenceservices"
+RESYNC_SECONDS = 30.0
+WAITING_RESYNC_SECONDS = 10.0  # model source missing: look again soon (TrainingJob events also wake us)
+INITIAL_SCALE_MANAGER = "aidc-operator-initial-scale"
+# Waiting reasons that are just a pod starting, not a problem worth showing.
+_STARTING = {"ContainerCreating", "PodInitializing"}
+log = logging.getLogger("aidc.inferenceservice")
+_wakeups: dict[tuple[str, str], asyncio.Event] = {}
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def observe_inferenceservice(spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+def wake(namespace: str, name: str | None = None) -> None:
+    """Run the reconcile loop of one service (or, with name None, of every service in namespace) now."""
+    for (ns, svc), event in list(_wakeups.items()):
+        if ns == namespace and (name is None or svc == name):
+            event.set()
+
+
+@dataclass
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    requeue_after: float
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass
+class Resolution:
+    """A model source looked up: resolved (servable), or why not. job: the TrainingJob, when there is one."""
+
+    model: build.ResolvedModel | None
+    reason: str
+    message: str
+    job: dict[str, Any] | None = None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _resolve(namespace: str, model: ModelSpec) -> Resolution:
+    if model.storage is not None:
+        return Resolution(build.resolve_storage(model), "Storage", "serving checkpoints from spec storage")
+    job_name = model.from_training_job
+    job = kubeio.get_cr("trainingjobs", namespace, job_name or "")
+    if job is None:
+        return Resolution(None, "TrainingJobNotFound", f"TrainingJob {job_name!r} not found; waiting for it")
     try:
-        InferenceServiceSpec.model_validate(dict(spec))
+        resolved = build.resolve_training_job(job)
+    except build.Unresolvable as e:
+        return Resolution(None, e.reason, e.message, job)
     except ValidationError as e:
-        patch.status["phase"] = "Failed"
-        patch.status["observedGeneration"] = meta.get("generation")
-        raise kopf.PermanentError(describe_validation_error(e)) from e
-    patch.status["phase"] = "Pending"
-    patch.status["observedGeneration"] = meta.get("generation")
-    kopf.info(dict(spec), reason="Observed", message="InferenceService accepted")
+        return Resolution(
+            None, "TrainingJobInvalid", f"TrainingJob {job_name!r}: {e.error_count()} error(s)", job
+        )
+    return Resolution(resolved, "TrainingJobResolved", f"serving TrainingJob {job_name!r} checkpoints", job)
+
+
+def _invalid(body: dict[str, Any], message: str) -> Outcome:
+    """Record an invalid spec once per generation (Invalid condition, phase Failed, Event naming the field);
+    existing children are left serving what they serve until the spec is fixed."""
+    old = body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    st = InferenceServiceStatus.model_validate(old)
+    already = get_condition(st.conditions, "Invalid")
+    if already and already.status == "True" and already.observed_generation == generation:
+        return Outcome(RESYNC_SECONDS * 10)
+    set_condition(st.conditions, "Invalid", "True", "InvalidSpec", message, _now(), generation)
+    st.phase, st.observed_generation = "Failed", generation
+    meta = body["metadata"]
+    kubeio.patch_status(PLURAL, meta["namespace"], meta["name"], st.model_dump(by_alias=True, mode="json"))
+    return Outcome(RESYNC_SECONDS * 10, [Event("Warning", "InvalidSpec", message)])
+
+
+def _apply(
+    desired: dict[str, Any], before: dict[str, Any] | None, what: str, events: list[Event]
+) -> dict[str, Any]:
+    after = kubeio.apply(desired)
+    name = desired["metadata"]["name"]
+    if before is None:
+        events.append(Event("Normal", "Created", f"created {what} {name}"))
+    elif _spec_of_interest(before) != _spec_of_interest(after):
+        events.append(Event("Normal", "Updated", f"updated {what} {name}"))
+    return after
+
+
+def _spec_of_interest(obj: dict[str, Any]) -> dict[str, Any]:
+    # An HPA moving a Deployment's replicas is not our update.
+    spec = dict(obj.get("spec") or {})
+    if obj.get("kind") == "Deployment":
+        spec.pop("replicas", None)
+    return spec
+
+
+def _ready(dep: dict[str, Any] | None) -> int:
+    return ((dep or {}).get("status") or {}).get("readyReplicas") or 0
+
+
+def _pod_trouble(namespace: str, name: str) -> str | None:
+    """Why the service's pods are not starting (ImagePullBackOff, CrashLoopBackOff …), if they say."""
+    pods = kubeio.core().list_namespaced_pod(namespace, label_selector=f"{LABEL_ISVC}={name}").items
+    for pod in pods:
+        for cs in pod.status.container_statuses or []:
+            waiting = cs.state.waiting if cs.state else None
+            if waiting and waiting.reason and waiting.reason not in _STARTING:
+                return f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}".strip(": ")
+    return None
+
+
+def reconcile_once(namespace: str, name: str) -> Outcome | None:
+    """One level-based pass. None: the service is gone (stop looping)."""
+    body = kubeio.get_cr(PLURAL, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    try:
+        spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
+    except ValidationError as e:
+        return _invalid(body, describe_validation_error(e))
+    problems = build.spec_problems(spec)
+    if problems:
+        return _invalid(body, "; ".join(problems))
+
+    owner = Owner.of(body)
+    generation = body["metadata"].get("generation")
+    events: list[Event] = []
+    primary = _resolve(namespace, spec.model)
+    canary = _resolve(namespace, spec.canary.model) if spec.canary else None
+    canary_name = build.deployment_name(name, build.CANARY)
+
+    primary_dep = kubeio.read("Deployment", namespace, name)
+    if primary.model is not None:
+        # No replicas in what we apply: the HPA owns them. A new Deployment starts at replicas.min.
+        created = primary_dep is None
+        primary_dep = _apply(
+            build.deployment(owner, spec, build.PRIMARY, primary.model), primary_dep, "Deployment", events
+        )
+        if created:
+            kubeio.scale_deployment(namespace, name, spec.replicas.min, INITIAL_SCALE_MANAGER)
+            primary_dep["spec"]["replicas"] = spec.replicas.min
+    if primary_dep is not None:
+        _apply(
+            build.autoscaler(owner, spec),
+            kubeio.read("HorizontalPodAutoscaler", namespace, name),
+            "HorizontalPodAutoscaler",
+            events,
+        )
+    _apply(build.service(owner, spec), kubeio.read("Service", namespace, name), "Service", events)
+
+    canary_dep = kubeio.read("Deployment", namespace, canary_name)
+    canary_wanted = 0
+    if spec.canary is None:
+        if canary_dep is not None:
+            kubeio.delete_deployment(namespace, canary_name)
+            events.append(Event("Normal", "CanaryRemoved", f"deleted Deployment {canary_name}"))
+            canary_dep = None
+    elif canary is not None and canary.model is not None:
+        primary_replicas = ((primary_dep or {}).get("spec") or {}).get("replicas") or spec.replicas.min
+        canary_wanted = build.canary_replicas(primary_replicas, spec.canary.traffic_percent)
+        desired = build.deployment(owner, spec, build.CANARY, canary.model, replicas=canary_wanted)
+        canary_dep = _apply(desired, canary_dep, "canary Deployment", events)
+
+    old = InferenceServiceStatus.model_validate(body.get("status") or {})
+    trouble = None if _ready(primary_dep) else _pod_trouble(namespace, name)
+    st = plan_status(
+        old, owner, spec, generation, primary, canary, primary_dep, canary_dep, canary_wanted, trouble, _now()
+    )
+    events += transition_events(old, st)
+    new_status = st.model_dump(by_alias=True, mode="json")
+    if new_status != {k: (body.get("status") or {}).get(k) for k in new_status}:
+        kubeio.patch_status(PLURAL, namespace, name, new_status)
+    metrics.ISVC_READY.labels(namespace, name).set(st.ready_replicas)
+    waiting = primary.model is None or (canary is not None and canary.model is None)
+    return Outcome(WAITING_RESYNC_SECONDS if waiting else RESYNC_SECONDS, events)
+
+
+def plan_status(
+    old: InferenceServiceStatus,
+    owner: Owner,
+    spec: InferenceServiceSpec,
+    generation: int | None,
+    primary: Resolution,
+    canary: Resolution | None,
+    primary_dep: dict[str, Any] | None,
+    canary_dep: dict[str, Any] | None,
+    canary_wanted: int,
+    pod_trouble: str | None,
+    now: str,
+) -> InferenceServiceStatus:
+    """The status the observed world adds up to (pure)."""
+    st = old.model_copy(deep=True)
+    st.observed_generation = generation
+    st.url = build.url(owner, spec)
+    st.ready_replicas = _ready(primary_dep)
+    st.canary_ready_replicas = _ready(canary_dep) if spec.canary else 0
+    conds = st.conditions
+    if get_condition(conds, "Invalid"):
+        set_condition(conds, "Invalid", "False", "Valid", "spec is valid", now, generation)
+
+    resolved = "True" if primary.model is not None else "False"
+    set_condition(conds, "ModelResolved", resolved, primary.reason, primary.message, now, generation)
+
+    percent = spec.canary.traffic_percent if spec.canary else 0
+    behind_service = st.ready_replicas if percent < 100 else 0
+    behind_service += st.canary_ready_replicas if percent > 0 else 0
+    if behind_service:
+        st.phase = "Ready"
+        n = behind_service
+        set_condition(
+            conds, "Ready", "True", "Serving", f"{n} ready replica(s) behind the Service", now, generation
+        )
+    else:
+        st.phase = "NotReady" if old.phase in ("Ready", "NotReady") else "Pending"
+        if primary.model is None and primary_dep is None:
+            reason, message = "ModelUnresolved", primary.message
+        elif pod_trouble:
+            reason, message = "PodsNotStarting", pod_trouble
+        else:
+            reason = "NoReadyReplicas"
+            message = (
+                "no model-server replica is ready yet; a server stays unready while it has no checkpoint "
+                "that verifies and decrypts (GET /v2/health/ready on a pod gives its reason)"
+            )
+        set_condition(conds, "Ready", "False", reason, message, now, generation)
+
+    # The version the servers converge to: the newest checkpoint the TrainingJob reported (they load the
+    # newest verified one and hot-swap within model.watchSeconds). Storage gives the operator no version.
+    last = ((primary.job or {}).get("status") or {}).get("lastCheckpoint") or {}
+    st.model_version = str(last["step"]) if st.ready_replicas and "step" in last else None
+
+    if spec.canary is None:
+        st.conditions = [c for c in conds if c.type != "CanaryReady"]
+    elif canary is not None and canary.model is None:
+        set_condition(
+            conds, "CanaryReady", "False", canary.reason, f"canary: {canary.message}", now, generation
+        )
+    elif canary_wanted == 0:
+        set_condition(
+            conds, "CanaryReady", "True", "NoTrafficAsked", "0% asked: canary scaled to zero", now, generation
+        )
+    else:
+        ready = st.canary_ready_replicas
+        share = build.effective_canary_percent(st.ready_replicas, ready, percent)
+        message = (
+            f"{ready}/{canary_wanted} canary replicas ready; canary gets ~{share}% of connections "
+            f"(asked {percent}%: the split follows the ready-replica ratio)"
+        )
+        ok = "True" if ready >= canary_wanted else "False"
+        set_condition(
+            conds,
+            "CanaryReady",
+            ok,
+            "CanaryServing" if ok == "True" else "CanaryNotReady",
+            message,
+            now,
+            generation,
+        )
+    return st
+
+
+def transition_events(old: InferenceServiceStatus, new: InferenceServiceStatus) -> list[Event]:
+    """Events for conditions that changed status (or reason) since the last pass."""
+    events = []
+    for cond in new.conditions:
+        before = get_condition(old.conditions, cond.type)
+        if before and (before.status, before.reason) == (cond.status, cond.reason):
+            continue
+        if before is None and cond.type == "Invalid":
+            continue
+        good = (cond.status == "True") != (cond.type == "Invalid")
+        events.append(Event("Normal" if good else "Warning", cond.reason or cond.type, cond.message))
+    return events
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def inferenceservice_loop(
+    name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    key = (namespace, name)
+    event = _wakeups.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            event.clear()
+            started = time.monotonic()
+            try:
+                outcome = await asyncio.to_thread(reconcile_once, namespace, name)
+            except ApiException as e:
+                log.warning("reconcile %s/%s: API error %s %s; retrying", namespace, name, e.status, e.reason)
+                metrics.RECONCILE_ERRORS.labels("InferenceService").inc()
+                outcome = Outcome(5)
+            finally:
+                metrics.RECONCILE_SECONDS.labels("InferenceService").observe(time.monotonic() - started)
+            if outcome is None:
+                return
+            for ev in outcome.events:
+                kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=outcome.requeue_after)
+    finally:
+        _wakeups.pop(key, None)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def inferenceservice_changed(name: str, namespace: str, **_: Any) -> None:
+    wake(namespace, name)  # spec edits roll out now, not at the next resync
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_ISVC: kopf.PRESENT})
+def serving_deployment_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+    wake(namespace, labels[LABEL_ISVC])
+
+
+@kopf.on.event(GROUP, VERSION, "trainingjobs")
+def trainingjob_changed_for_serving(namespace: str, **_: Any) -> None:
+    # A TrainingJob appearing, or reporting a new checkpoint, may resolve or re-version a service.
+    wake(namespace)
