@@ -1,0 +1,149 @@
+"""The admission webhooks as users meet them: the operator serves them over TLS, the real apiserver
+calls them (Mutating/ValidatingWebhookConfiguration with a caBundle, limited to this test's namespace),
+and kubectl shows the defaults and the field-named rejections."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from localcluster import free_port
+
+from tests.conftest import OperatorProcess
+from tests.kube import Kube, wait_for
+from tests.tls import serving_cert
+
+pytestmark = pytest.mark.cluster
+
+
+def webhook_configurations(name: str, url: str, ca_bundle: str, namespace: str) -> list[dict[str, Any]]:
+    def hook(kind: str, plural: str, singular: str) -> dict[str, Any]:
+        return {
+            "name": f"{plural}.{kind}.aidc.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "rules": [
+                {
+                    "apiGroups": ["aidc.dev"],
+                    "apiVersions": ["v1alpha1"],
+                    "operations": ["CREATE", "UPDATE"],
+                    "resources": [plural],
+                }
+            ],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "clientConfig": {"url": f"{url}/{kind}-{singular}", "caBundle": ca_bundle},
+        }
+
+    kinds = (("trainingjobs", "trainingjob"), ("inferenceservices", "inferenceservice"))
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": f"{config}WebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [hook(kind, plural, singular) for plural, singular in kinds],
+        }
+        for config, kind in (("Mutating", "mutate"), ("Validating", "validate"))
+    ]
+
+
+def trainingjob(name: str, **spec: Any) -> str:
+    spec.setdefault("command", ["python", "-m", "aidc_trainer", "--example", "mlp"])
+    return json.dumps(
+        {"apiVersion": "aidc.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name}, "spec": spec}
+    )
+
+
+class Webhooked:
+    def __init__(self, kube: Kube, ns: str, op: OperatorProcess) -> None:
+        self.kube, self.ns, self.op = kube, ns, op
+
+    def apply(self, manifest: str, *flags: str) -> Any:
+        return self.kube.kubectl("apply", "-n", self.ns, *flags, "-f", "-", input=manifest, check=False)
+
+    def wait_serving(self) -> None:
+        wait_for(
+            "admission webhooks answering",
+            lambda: self.apply(trainingjob("probe"), "--dry-run=server").returncode == 0,
+            timeout=60,
+        )
+
+
+@pytest.fixture(scope="module")
+def webhooked(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhooked]:
+    kube = crds
+    tmp: Path = tmp_path_factory.mktemp("webhooks")
+    ns = kube.create_namespace("webhooks", prefix="o")
+    cert = serving_cert(tmp / "cert")
+    port = free_port()
+    op = OperatorProcess(
+        kube,
+        tmp / "operator.log",
+        [ns],
+        [
+            f"--webhook-port={port}",
+            "--webhook-addr=127.0.0.1",
+            f"--webhook-cert={cert.cert_file}",
+            f"--webhook-key={cert.key_file}",
+        ],
+    ).start()
+    configs = webhook_configurations(f"aidc-test-{ns}", f"https://127.0.0.1:{port}", cert.ca_bundle, ns)
+    kube.kubectl("apply", "-f", "-", input="\n".join(json.dumps(c) for c in configs))
+    w = Webhooked(kube, ns, op)
+    try:
+        w.wait_serving()
+        yield w
+    finally:
+        for c in configs:
+            kube.kubectl("delete", c["kind"], c["metadata"]["name"], "--ignore-not-found", check=False)
+        op.stop()
+        kube.delete_namespace(ns)
+
+
+def test_defaults_are_written_into_the_stored_spec(webhooked: Webhooked) -> None:
+    out = webhooked.apply(trainingjob("defaulted", nodes=1, procPerNode=2))
+    assert out.returncode == 0, out.stderr
+    spec = webhooked.kube.get_cr("trainingjobs", webhooked.ns, "defaulted")["spec"]
+    assert spec["gpusPerNode"] == 2
+    assert spec["checkpoint"]["everySeconds"] == 600
+    # A value the user set is kept as it is.
+    webhooked.apply(trainingjob("cpu", nodes=1, procPerNode=2, gpusPerNode=0))
+    assert webhooked.kube.get_cr("trainingjobs", webhooked.ns, "cpu")["spec"]["gpusPerNode"] == 0
+
+
+def test_invalid_spec_is_rejected_with_every_field_named(webhooked: Webhooked) -> None:
+    out = webhooked.apply(
+        trainingjob("bad", procPerNode=4, gpusPerNode=2, env=[{"name": "RANK", "value": "3"}])
+    )
+    assert out.returncode != 0
+    assert 'admission webhook "trainingjobs.validate.aidc.dev" denied the request' in out.stderr
+    assert "spec.gpusPerNode: 2 GPUs for procPerNode 4 worker processes" in out.stderr
+    assert "spec.env[0].name: RANK is set by the operator" in out.stderr
+    # An InferenceService too, and the CRD schema still runs first for what it can express.
+    isvc = {
+        "apiVersion": "aidc.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "bad-svc"},
+        "spec": {"model": {"storage": {"volume": {"emptyDir": {}}, "path": "../etc"}}},
+    }
+    out = webhooked.apply(json.dumps(isvc))
+    assert out.returncode != 0
+    assert "spec.model.storage.path: '../etc' must be relative to the volume" in out.stderr
+
+
+def test_webhook_unavailable_fails_closed_and_recovers(webhooked: Webhooked, tmp_path: Path) -> None:
+    port = int(webhooked.op.extra[0].split("=")[1])
+    webhooked.op.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "webhook port still open"
+    out = webhooked.apply(trainingjob("while-down"))
+    assert out.returncode != 0
+    assert 'failed calling webhook "trainingjobs.mutate.aidc.dev"' in out.stderr
+    webhooked.op.start()
+    webhooked.wait_serving()
+    assert webhooked.apply(trainingjob("after-recovery")).returncode == 0
