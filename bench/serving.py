@@ -9,13 +9,14 @@ What it does, in order:
 1. Trains the trainer's example MLP and small transformer with the real trainer CLI (a few hundred
    CPU steps) into a temporary checkpoint directory: both servers load that same checkpoint.
 2. Creates (once) KServe's venv with bench/setup_kserve.sh (never the project venv).
-3. For each model, starts one server at a time on loopback (aidc_server from the project venv;
-   KServe from its venv, running this file with --serve-kserve), checks both give the same answer,
-   then drives it with the same closed-loop load generator at each concurrency level: C keep-alive
-   connections, each sending the next request when the previous answer arrives, for --duration
-   seconds after --warmup seconds (and at most --max-requests). Prints throughput, p50/p99 and the
-   aidc/KServe ratios.
-4. Measures the accuracy change of --quantize int8 on each model's held-out split.
+3. For each model, starts the servers on loopback (aidc_server from the project venv; KServe from
+   its venv, running this file with --serve-kserve; with --aidc-fast-io also aidc_server with
+   uvloop + httptools), checks they give the same answer, then drives each with the same
+   closed-loop load generator at each concurrency level: C keep-alive connections, each sending
+   the next request when the previous answer arrives. Per level the servers take turns for
+   --rounds rounds of --duration seconds (after one --warmup stretch each); the rounds are pooled.
+   Prints throughput, p50/p99 and the aidc/KServe ratios.
+4. Before that, measures the accuracy change of --quantize int8 on each model's held-out split.
 
 Fairness: both servers run one process with the same torch build and the same torch thread count,
 neither logs per request (KServe's latency and access logs are switched off), and both get the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import shutil
@@ -87,9 +89,11 @@ def serve_kserve(checkpoint_dir: str, model_name: str, port: int, threads: int) 
             out.set_data_from_numpy(y, binary_data=False)
             return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id)
 
-    ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False).start(
-        [CheckpointModel(model_name)]
-    )
+    server = ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
+    # KServe's log config puts uvicorn's access log at INFO (one line per request, as aidc_server
+    # does not do); KSERVE_LOGLEVEL does not reach it. Silence it so neither server logs requests.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    server.start([CheckpointModel(model_name)])
 
 
 # ---------------------------------------------------------------------------------- load generator
@@ -411,6 +415,10 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mlp,transformer")
@@ -445,7 +453,8 @@ def main() -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     cpus = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     print(f"# machine: {platform.node()}, {cpus}, Python {platform.python_version()}")
-    print(f"# command: {' '.join(sys.argv)}", flush=True)
+    print(f"# command: {' '.join(sys.argv)}")
+    print(f"# load average before: {_load()} (other work on this machine skews results)")
     work = Path(tempfile.mkdtemp(prefix="aidc-bench-serving-"))
     try:
         ckpts = {m: train(m, work) for m in models}
@@ -470,6 +479,7 @@ def main() -> int:
         results: list[Result] = []
         for m in models:
             results += bench_model(m, ckpts[m], kserve_python, args, work, fast_io)
+        print(f"# load average after: {_load()}")
         print_table(results)
         if args.json:
             report["results"] = [r.__dict__ | {"rps": r.rps} for r in results]
