@@ -226,16 +226,18 @@ class LocalCluster:
         return str((self.bin_dir / name).resolve())
 
     def _pid_alive(self, name: str) -> int | None:
-        """The recorded pid of NAME if that process is alive and still runs our binary."""
+        """The recorded pid of NAME if that process is alive and still runs the executable we started
+        (the pid file holds both), so a recycled pid is never mistaken for ours."""
         try:
-            pid = int(self._pidfile(name).read_text())
+            pid_text, _, exe_recorded = self._pidfile(name).read_text().partition("\n")
+            pid = int(pid_text)
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             exe = os.readlink(f"/proc/{pid}/exe")
         except (OSError, ValueError, IndexError):
             return None
         if state in ("Z", "X"):
             return None
-        return pid if Path(exe).name == self._binary_name(name) else None
+        return pid if exe == exe_recorded.strip() else None
 
     @staticmethod
     def _binary_name(component: str) -> str:
@@ -248,13 +250,24 @@ class LocalCluster:
         return [*CONTROL_PLANE, *(f"kwok-{n}" for n in self.node_names())]
 
     def _start(self, name: str, args: list[str]) -> None:
-        binary = self._binary_name(name)
+        self.start_process(name, [self._binary(self._binary_name(name)), *args])
+
+    def running_extra(self, name: str) -> int | None:
+        """Pid of a process started with start_process, if it still runs."""
+        return self._pid_alive(name)
+
+    def start_process(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        """Starts a long-running process in its own session (it outlives the caller, e.g. `make run`),
+        logging to logs/NAME.log; `down` stops it by the recorded pid."""
+        (self.state_dir / "pids").mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         out = self.logfile(name).open("ab")
         proc = subprocess.Popen(
-            [self._binary(binary), *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # survives the caller (make run) and is stopped only by `down`
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
         )
-        self._pidfile(name).write_text(str(proc.pid))
+        self._pidfile(name).write_text(f"{proc.pid}\n{os.readlink(f'/proc/{proc.pid}/exe')}")
+        return proc.pid
 
     def _wait(self, what: str, check, timeout: float, component: str | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -468,8 +481,11 @@ class LocalCluster:
 
     def down(self) -> None:
         names = [f.stem for f in (self.state_dir / "pids").glob("*.pid")]
-        order = sorted(names, key=lambda n: CONTROL_PLANE.index(n) if n in CONTROL_PLANE else -1, reverse=True)
-        for name in order:  # node agents first, etcd last
+        # Everything else (node agents, the operator, the local kubelet) first, then the control plane
+        # from the top down, etcd last.
+        rank = {n: i for i, n in enumerate(CONTROL_PLANE)}
+        order = sorted(names, key=lambda n: rank.get(n, len(CONTROL_PLANE)), reverse=True)
+        for name in order:
             if pid := self._pid_alive(name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)

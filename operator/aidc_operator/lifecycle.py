@@ -21,13 +21,13 @@ from .api.trainingjob import CheckpointRef, FailureRecord, Progress, TrainingJob
 from .builders import trainingjob as build
 from .builders.common import LABEL_ATTEMPT, LABEL_RANK, Owner
 from .conditions import set_condition
-from .recovery import LostPod, healthy_nodes, lost_pods, must_force_delete, node_health
+from .recovery import LostPod, NodeHealth, assess, health_of, healthy_nodes, lost_pods, must_force_delete
 from .restart_policy import backoff_seconds, describe, retryable, terminated
 
 ANNOTATION_PROGRESS = "aidc.dev/progress"
 ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
 FINISHED = ("Succeeded", "Failed")
-RESYNC_SECONDS = 10.0
+RESYNC_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,13 @@ class _Planner:
         spec: TrainingJobSpec,
         status: TrainingJobStatus,
         pods: list[dict[str, Any]],
-        nodes: dict[str, dict[str, Any]],
+        health: dict[str, NodeHealth],
         prereq: Prerequisites,
         now: dt.datetime,
     ) -> None:
         self.owner, self.generation, self.spec, self.now = owner, generation, spec, now
         self.status = status.model_copy(deep=True)
-        self.pods, self.nodes, self.prereq = pods, nodes, prereq
+        self.pods, self.health, self.prereq = pods, health, prereq
         self.plan = Plan(self.status)
 
     # helpers --------------------------------------------------------------
@@ -162,11 +162,16 @@ class _Planner:
 
     def delete_pods(self, pods: list[dict[str, Any]]) -> None:
         for pod in pods:
-            force = must_force_delete(pod, self.nodes)
+            force = must_force_delete(pod, self.health)
             # A pod already terminating on a live node needs nothing more; on a dead node, force it.
             if pod["metadata"].get("deletionTimestamp") and not force:
                 continue
             self.plan.delete.append(PodDeletion(pod["metadata"]["name"], force))
+            node = pod.get("spec", {}).get("nodeName")
+            if force and node and node not in self.status.excluded_nodes:
+                # A node that died under the gang after it began restarting for another reason (its
+                # peers failed first): keep the new attempt off it all the same.
+                self.status.excluded_nodes.append(node)
 
     def gpu_accounting(self, current: list[dict[str, Any]], close: bool = False) -> None:
         """gpuSeconds = finished attempts' total + the current attempt's, recomputed from its pods."""
@@ -225,7 +230,7 @@ class _Planner:
             self.gpu_accounting(current, close=True)
             return self.succeed(current)
 
-        st.excluded_nodes = [n for n in st.excluded_nodes if not node_health(self.nodes.get(n), n).healthy]
+        st.excluded_nodes = [n for n in st.excluded_nodes if not health_of(self.health, n).healthy]
         restart_after = _parse_ts(st.restart_after)
         if restart_after and self.now < restart_after:
             self.plan.requeue_after = max(0.5, (restart_after - self.now).total_seconds())
@@ -267,12 +272,12 @@ class _Planner:
             return spec.nodes
         if current:
             return max(_rank(p) for p in current) + 1
-        usable = healthy_nodes(self.nodes) - set(self.status.excluded_nodes)
+        usable = healthy_nodes(self.health) - set(self.status.excluded_nodes)
         return max(spec.elastic.min_nodes, min(spec.nodes, len(usable)))
 
     def handle_failures(self, current: list[dict[str, Any]]) -> bool:
         st, policy = self.status, self.spec.failure_policy
-        lost = lost_pods(current, self.nodes)
+        lost = lost_pods(current, self.health)
         if st.phase == "Running":
             # A pod of the running gang that someone else deleted is as lost as one on a dead node.
             expected = self.gang_size(current)
@@ -401,6 +406,7 @@ class _Planner:
         st.ready_nodes = 0
         self.condition("Running", False, "Completed")
         self.condition("Succeeded", True, "Completed", "all pods exited 0")
+        st.nodes = f"0/{len(pods)}"
         self.set_phase("Succeeded", "Completed", "TrainingJob succeeded")
         self.cleanup(pods)
         return self.plan
@@ -466,13 +472,22 @@ def plan(
     nodes: dict[str, dict[str, Any]],
     now: dt.datetime,
     prereq: Prerequisites = Prerequisites(),
+    leases: dict[str, dict[str, Any]] | None = None,
 ) -> Plan:
-    """The next step for one TrainingJob (body: the object as read, for identity and last status)."""
+    """The next step for one TrainingJob (body: the object as read, for identity and last status;
+    nodes and leases: by node name)."""
     try:
         status = TrainingJobStatus.model_validate(body.get("status") or {})
     except ValueError:
         status = TrainingJobStatus()  # a status we cannot read is rebuilt from the world, not fatal
     owner = Owner.of(body)
     return _Planner(
-        owner, body["metadata"].get("generation", 0), spec, status, pods, nodes, prereq, now
+        owner,
+        body["metadata"].get("generation", 0),
+        spec,
+        status,
+        pods,
+        assess(nodes, leases or {}, now),
+        prereq,
+        now,
     ).run()

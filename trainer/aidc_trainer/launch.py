@@ -1,7 +1,8 @@
 """``python -m aidc_trainer``: the torchrun-compatible entry point and its exit codes.
 
 Exit codes (docs/contracts.md): 0 finished, 3 wrong/missing key, 4 invalid config,
-128+N stopped by signal N, 1 any other error.
+5 lost a peer (a collective or the rendezvous failed: retryable), 128+N stopped by signal N,
+1 any other error.
 """
 
 from __future__ import annotations
@@ -10,7 +11,28 @@ import logging
 import os
 import sys
 
-EXIT_OK, EXIT_ERROR, EXIT_KEY, EXIT_CONFIG = 0, 1, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_KEY, EXIT_CONFIG, EXIT_PEER_LOST = 0, 1, 3, 4, 5
+# What gloo/NCCL/the c10d store say when another rank's process or node went away.
+PEER_LOST_HINTS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Socket Timeout",
+    "NCCL communicator was aborted",
+    "remote process exited",
+    "Connection refused",
+    "timed out",
+)
+
+
+def _peer_lost(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    return isinstance(e, RuntimeError) and any(h in str(e) for h in PEER_LOST_HINTS)
+
 
 log = logging.getLogger("aidc_trainer")
 
@@ -41,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         log.warning("stopped by signal %d", e.signum, extra={"event": "exit", "exit_code": 128 + e.signum})
         return 128 + e.signum
-    except Exception:
+    except Exception as e:
+        if _peer_lost(e):
+            # Another rank (or its node) died: this rank is healthy, a gang restart will fix it.
+            log.error("lost a peer: %s", e, extra={"event": "exit", "exit_code": EXIT_PEER_LOST})
+            return EXIT_PEER_LOST
         log.exception("training failed", extra={"event": "exit", "exit_code": EXIT_ERROR})
         return EXIT_ERROR
 

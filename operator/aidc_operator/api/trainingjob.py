@@ -114,6 +114,8 @@ class TrainingJobSpec(ApiModel):
 class CheckpointRef(ApiModel):
     """A checkpoint the trainer reported."""
 
+    model_config = ConfigDict(extra="ignore")  # the trainer may report more than we keep
+
     step: int
     """Optimizer step."""
     path: str = ""
@@ -124,6 +126,8 @@ class CheckpointRef(ApiModel):
 
 class Progress(ApiModel):
     """Training progress reported by rank 0."""
+
+    model_config = ConfigDict(extra="ignore")  # the trainer may report more than we keep
 
     step: int = 0
     """Current step."""

@@ -28,6 +28,7 @@ from ..keys import check_kek_secret, check_key_secret, key_secret
 from .validation import describe_validation_error
 
 PLURAL = "trainingjobs"
+NODE_LEASE_NAMESPACE = "kube-node-lease"  # kubelets renew one Lease per node here
 log = logging.getLogger("aidc.trainingjob")
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
 
@@ -152,7 +153,14 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         for p in kubeio.core().list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={name}").items
     ]
     nodes = {n["metadata"]["name"]: n for n in (kubeio.sanitize(x) for x in kubeio.core().list_node().items)}
-    plan = lifecycle.plan(body, spec, pods, nodes, _now(), prereq)
+    leases = {
+        lease["metadata"]["name"]: lease
+        for lease in (
+            kubeio.sanitize(x)
+            for x in client.CoordinationV1Api(kubeio.api()).list_namespaced_lease(NODE_LEASE_NAMESPACE).items
+        )
+    }
+    plan = lifecycle.plan(body, spec, pods, nodes, _now(), prereq, leases)
 
     for deletion in plan.delete:
         kubeio.delete_pod(namespace, deletion.name, deletion.force)
