@@ -84,6 +84,7 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--webhook-cert", help="PEM serving certificate (reloaded when the file changes)")
     ap.add_argument("--webhook-key", help="PEM private key of the serving certificate")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
     args = ap.parse_args(argv)
     if args.webhook_port:
         if not (args.webhook_cert and args.webhook_key):
@@ -94,10 +95,8 @@ def cli(argv: list[str] | None = None) -> None:
         _webhook.update(
             addr=args.webhook_addr, port=args.webhook_port, cert=args.webhook_cert, key=args.webhook_key
         )
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # kopf's formatter prefixes messages about an object with [namespace/name]; json for log pipelines.
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_prefix=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # probes every few seconds
     if not args.verbose:
         logging.getLogger("kopf").setLevel(logging.INFO)
