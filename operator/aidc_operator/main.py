@@ -16,6 +16,12 @@ from . import handlers  # noqa: F401 - registers the handlers
 
 PREFIX = "aidc.dev"
 _webhook: dict[str, Any] = {}  # set by cli(): where the admission webhook server listens, if anywhere
+_exact_namespaces: list[bool] = []  # set by cli(): [True] when every --namespace is a plain name
+
+
+def is_exact(pattern: str) -> bool:
+    """A plain namespace name, not a kopf glob/negation/list pattern."""
+    return not set(pattern) & set("*?[]!,")
 
 
 def default_priority(now: float | None = None) -> int:
@@ -41,6 +47,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = int(os.environ.get("AIDC_PEERING_PRIORITY") or default_priority())
     settings.peering.lifetime = int(os.environ.get("AIDC_PEERING_LIFETIME", "20"))
     settings.peering.stealth = True  # keep-alives every few seconds would drown the log
+    if _exact_namespaces:
+        # Known namespaces: nothing to discover, so no cluster-wide list/watch of Namespaces and CRDs,
+        # and a namespaced install's RBAC can leave them out.
+        settings.scanning.disabled = True
     if _webhook:
         # The chart (or the test) owns the webhook configurations and their CA bundle; kopf only serves.
         settings.admission.managed = None
@@ -95,6 +105,8 @@ def cli(argv: list[str] | None = None) -> None:
         _webhook.update(
             addr=args.webhook_addr, port=args.webhook_port, cert=args.webhook_cert, key=args.webhook_key
         )
+    if args.namespace and all(is_exact(ns) for ns in args.namespace):
+        _exact_namespaces.append(True)
     # kopf's formatter prefixes messages about an object with [namespace/name]; json for log pipelines.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_prefix=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # probes every few seconds

@@ -103,9 +103,13 @@ tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i
 - apiGroups: [""]
   resources: [nodes]
   verbs: [list, watch]
+{{- if not .Values.watchNamespaces }}
+{{- /* Cluster-wide kopf watches CRDs to notice its resources changing; with a fixed list of
+       namespaces the operator disables that scanning (main.py), so it needs no CRD access. */}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- end }}
 {{- end -}}
 
 {{- define "aidc.rules.peering" -}}

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from localcluster import free_port
 
+from localcluster import free_port
 from tests.conftest import OperatorProcess
 from tests.kube import Kube, wait_for
 from tests.tls import serving_cert

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from localcluster import free_port
 
+from localcluster import free_port
 from tests.conftest import ROOT, OperatorProcess
 from tests.kube import Kube, wait_for
 

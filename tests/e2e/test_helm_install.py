@@ -1,0 +1,292 @@
+"""End to end: `helm install` the chart into the local cluster, then run the operator exactly as the
+chart's Deployment configures it (its args and env) with the chart's ServiceAccount token and the chart's
+webhook certificate, and check what users would: the RBAC matrix (`kubectl auth can-i`), a TrainingJob
+through the webhooks to Succeeded, an InferenceService reconciled, no permission errors, and no key
+material in anything the operator wrote.
+
+The apiserver cannot reach in-cluster Services here (kwok plays the nodes; the chart's pods never really
+run), so the chart is installed with `webhook.url` pointing at the local operator process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from localcluster import build_binaries, free_port
+from tests.conftest import ROOT, OperatorProcess
+from tests.integration.operator.test_trainingjob import succeed_pod, wait_running
+from tests.kube import Kube, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+CHART = ROOT / "charts" / "aidc-operator"
+
+
+@dataclass
+class Install:
+    kube: Kube
+    release: str
+    system_ns: str  # where the chart is installed
+    ns: str  # the namespace the operator serves (watchNamespaces)
+    sa: str
+    op: OperatorProcess
+
+    @property
+    def user(self) -> str:
+        return f"system:serviceaccount:{self.system_ns}:{self.sa}"
+
+
+class ChartOperator(OperatorProcess):
+    """The operator with the rendered Deployment's args/env, the SA's kubeconfig and local cert files."""
+
+    def __init__(self, kube: Kube, log_path: Path, args: list[str], env: dict[str, str], kubeconfig: Path):
+        super().__init__(kube, log_path, [])
+        self.args, self.env, self.kubeconfig = args, env, kubeconfig
+
+    def start(self) -> ChartOperator:
+        self.health_port = free_port()
+        args = [a for a in self.args if not a.startswith(("--metrics-port", "--health-port"))]
+        args += ["--metrics-port=0", f"--health-port={self.health_port}", "--webhook-addr=127.0.0.1"]
+        env = {**self.kube.env(), **self.env, "KUBECONFIG": str(self.kubeconfig)}
+        env["PYTHONPATH"] = str(ROOT / "operator")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aidc_operator", *args],
+            env=env,
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        wait_for("operator liveness endpoint", self._healthy, timeout=60)
+        return self
+
+
+def helm(kube: Kube, *args: str) -> str:
+    proc = subprocess.run(
+        [str(build_binaries() / "helm"), *args], env=kube.env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, f"helm {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def service_account_kubeconfig(kube: Kube, ns: str, sa: str, path: Path) -> Path:
+    token = kube.kubectl("create", "token", sa, "-n", ns, "--duration=2h").stdout.strip()
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": cluster}],
+                "users": [{"name": sa, "user": {"token": token}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "local", "user": sa}}],
+                "current-context": "sa",
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def install(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Install]:
+    kube, tmp = crds, tmp_path_factory.mktemp("e2e")
+    system_ns = kube.create_namespace("aidc-system", prefix="o")
+    ns = kube.create_namespace("e2e", prefix="o")
+    release = f"aidc-{ns.rsplit('-', 1)[1]}"  # cluster-scoped names must not collide across runs
+    port = free_port()
+    helm(
+        kube,
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        system_ns,
+        f"--set=fullnameOverride={release}",
+        f"--set=watchNamespaces={{{ns}}}",
+        f"--set=webhook.port={port}",
+        f"--set=webhook.url=https://127.0.0.1:{port}",
+        "--set=webhook.certExtraIPs={127.0.0.1}",
+    )
+    op = None
+    try:
+        deploy = kube.apps.read_namespaced_deployment(release, system_ns)
+        container = deploy.spec.template.spec.containers[0]
+        sa = deploy.spec.template.spec.service_account_name
+        secret = kube.core.read_namespaced_secret(f"{release}-webhook-cert", system_ns)
+        certs = tmp / "webhook"
+        certs.mkdir()
+        args = []
+        for arg in container.args:
+            for flag in ("--webhook-cert", "--webhook-key"):
+                if arg.startswith(flag + "="):
+                    name = Path(arg.split("=", 1)[1]).name
+                    (certs / name).write_bytes(base64.b64decode(secret.data[name]))
+                    arg = f"{flag}={certs / name}"
+            args.append(arg)
+        env = {e.name: e.value for e in container.env if e.value is not None}
+        env["POD_ID"] = f"{release}-local"
+        kubeconfig = service_account_kubeconfig(kube, system_ns, sa, tmp / "sa.kubeconfig")
+        op = ChartOperator(kube, tmp / "operator.log", args, env, kubeconfig).start()
+        wait_for(
+            "webhooks answering with the chart's certificate",
+            lambda: (
+                kube.kubectl(
+                    "apply", "--dry-run=server", "-n", ns, "-f", "-", input=_tj("probe"), check=False
+                ).returncode
+                == 0
+            ),
+            timeout=90,
+        )
+        yield Install(kube, release, system_ns, ns, sa, op)
+    finally:
+        if op is not None:
+            op.stop()
+        helm(kube, "uninstall", release, "-n", system_ns)
+        kube.delete_namespace(ns)
+        kube.delete_namespace(system_ns)
+
+
+def _tj(name: str, **spec: object) -> str:
+    spec.setdefault("command", ["python", "-m", "aidc_trainer", "--example", "mlp"])
+    return json.dumps(
+        {"apiVersion": "aidc.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name}, "spec": spec}
+    )
+
+
+# (verb, resource, namespace key: "ns" served, "other" not served, "" cluster-scoped, allowed)
+MATRIX = [
+    ("create", "pods", "ns", True),
+    ("delete", "pods", "ns", True),
+    ("watch", "pods", "ns", True),
+    ("create", "pods/exec", "ns", False),
+    ("get", "pods/log", "ns", False),
+    ("get", "secrets", "ns", True),
+    ("create", "secrets", "ns", True),
+    ("list", "secrets", "ns", False),
+    ("watch", "secrets", "ns", False),
+    ("update", "secrets", "ns", False),
+    ("delete", "secrets", "ns", False),
+    ("patch", "trainingjobs.aidc.dev/status", "ns", True),
+    ("update", "trainingjobs.aidc.dev/status", "ns", False),
+    ("delete", "trainingjobs.aidc.dev", "ns", True),
+    ("create", "trainingjobs.aidc.dev", "ns", False),
+    ("delete", "inferenceservices.aidc.dev", "ns", False),
+    ("create", "networkpolicies.networking.k8s.io", "ns", True),
+    ("create", "roles.rbac.authorization.k8s.io", "ns", True),
+    ("escalate", "roles.rbac.authorization.k8s.io", "ns", False),
+    ("bind", "roles.rbac.authorization.k8s.io", "ns", False),
+    ("create", "deployments.apps", "ns", True),
+    ("create", "horizontalpodautoscalers.autoscaling", "ns", True),
+    ("get", "persistentvolumeclaims", "ns", True),
+    ("create", "persistentvolumeclaims", "ns", False),
+    ("create", "events", "ns", True),
+    ("get", "configmaps", "ns", False),
+    ("patch", "kopfpeerings.kopf.dev", "ns", True),
+    ("create", "pods", "other", False),
+    ("get", "secrets", "other", False),
+    ("list", "trainingjobs.aidc.dev", "other", False),
+    ("list", "nodes", "", True),
+    ("watch", "nodes", "", True),
+    ("patch", "nodes", "", False),
+    ("delete", "nodes", "", False),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io", "", False),
+    ("create", "customresourcedefinitions.apiextensions.k8s.io", "", False),
+    ("list", "namespaces", "", False),
+    ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io", "", False),
+    ("create", "clusterroles.rbac.authorization.k8s.io", "", False),
+    ("list", "clusterkopfpeerings.kopf.dev", "", False),
+]
+
+
+def test_service_account_can_exactly_what_docs_security_says(install: Install) -> None:
+    wrong = []
+    for verb, resource, where, allowed in MATRIX:
+        scope = {"ns": ["-n", install.ns], "other": ["-n", install.system_ns], "": []}[where]
+        # "pods/exec" is a subresource; kubectl would read "TYPE/NAME" as an object name.
+        resource, _, sub = resource.partition("/")
+        scope += [f"--subresource={sub}"] if sub else []
+        out = install.kube.kubectl(
+            "auth", "can-i", verb, resource, *scope, f"--as={install.user}", check=False
+        )
+        if (out.stdout.strip() == "yes") != allowed:
+            wrong.append(f"{verb} {resource} {where or 'cluster'}: {out.stdout.strip()}, expected {allowed}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_trainingjob_succeeds_under_the_charts_rbac_and_webhooks(install: Install) -> None:
+    kube, ns = install.kube, install.ns
+    kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("smoke", nodes=2, procPerNode=2))
+    spec = kube.get_cr("trainingjobs", ns, "smoke")["spec"]
+    assert spec["gpusPerNode"] == 2, "the chart's mutating webhook did not default gpusPerNode"
+    pods = wait_running(kube, ns, "smoke", attempt=0, nodes=2)
+    for pod in pods:
+        succeed_pod(kube, ns, pod.metadata.name)
+    wait_for(
+        "smoke Succeeded",
+        lambda: (kube.get_cr("trainingjobs", ns, "smoke").get("status") or {}).get("phase") == "Succeeded",
+        timeout=60,
+    )
+    # The chart's webhook rejects bad specs too.
+    bad = kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("bad", masterPort=9400), check=False)
+    assert "spec.masterPort: 9400 is the trainer's metrics port" in bad.stderr
+    assert_no_permission_errors(install)
+
+
+def test_inferenceservice_is_reconciled_under_the_charts_rbac(install: Install) -> None:
+    kube, ns = install.kube, install.ns
+    isvc = {
+        "apiVersion": "aidc.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "smoke-svc"},
+        "spec": {"model": {"fromTrainingJob": "smoke"}},
+    }
+    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(isvc))
+    assert kube.get_cr("inferenceservices", ns, "smoke-svc")["spec"]["model"]["name"] == "smoke-svc"
+    wait_for(
+        "InferenceService status written by the operator",
+        lambda: (kube.get_cr("inferenceservices", ns, "smoke-svc").get("status") or {}).get("phase"),
+        timeout=60,
+    )
+    assert_no_permission_errors(install)
+
+
+def test_key_material_never_leaves_the_secret(install: Install) -> None:
+    """Everything the operator wrote about an encrypted job: its log, the job's Events, status and
+    metadata. None of it may contain the data key, in any encoding."""
+    kube, ns = install.kube, install.ns
+    kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("secretive", nodes=1))
+    wait_running(kube, ns, "secretive", attempt=0, nodes=1)
+    secret = kube.core.read_namespaced_secret("secretive-ckpt-key", ns)
+    key_id = base64.b64decode(secret.data["current-key-id"]).decode()
+    key = base64.b64decode(secret.data[f"key-{key_id}"])
+    forms = {
+        key.hex(),
+        key.hex().upper(),
+        secret.data[f"key-{key_id}"],
+        base64.urlsafe_b64encode(key).decode(),
+    }
+    forms.add(key.decode("latin-1"))
+    written = [
+        install.op.log(),
+        kube.kubectl("get", "events", "-n", ns, "-o", "json").stdout,
+        json.dumps(kube.get_cr("trainingjobs", ns, "secretive")),
+    ]
+    for text in written:
+        for form in forms:
+            assert form not in text
+    assert key_id in json.dumps(kube.get_cr("trainingjobs", ns, "secretive")), "status names the key id"
+
+
+def assert_no_permission_errors(install: Install) -> None:
+    log = install.op.log()
+    for needle in ("Forbidden", "forbidden", "403", "Not enough permissions"):
+        lines = [line for line in log.splitlines() if needle in line]
+        assert not lines, "permission problems under the chart's RBAC:\n" + "\n".join(lines[:10])
