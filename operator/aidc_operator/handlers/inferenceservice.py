@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -138,26 +139,16 @@ def _pod_trouble(namespace: str, name: str) -> str | None:
     return None
 
 
-def reconcile_once(namespace: str, name: str) -> Outcome | None:
-    """One level-based pass. None: the service is gone (stop looping)."""
-    body = kubeio.get_cr(PLURAL, namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return None
-    try:
-        spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
-    except ValidationError as e:
-        return _invalid(body, describe_validation_error(e))
-    problems = build.spec_problems(spec)
-    if problems:
-        return _invalid(body, "; ".join(problems))
-
-    owner = Owner.of(body)
-    generation = body["metadata"].get("generation")
-    events: list[Event] = []
-    primary = _resolve(namespace, spec.model)
-    canary = _resolve(namespace, spec.canary.model) if spec.canary else None
+def _apply_children(
+    owner: Owner,
+    spec: InferenceServiceSpec,
+    primary: Resolution,
+    canary: Resolution | None,
+    events: list[Event],
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int]:
+    """Deployment(s), HPA and Service as rendered. (primary, canary, canary replicas wanted)."""
+    namespace, name = owner.namespace, owner.name
     canary_name = build.deployment_name(name, build.CANARY)
-
     primary_dep = kubeio.read("Deployment", namespace, name)
     if primary.model is not None:
         # No replicas in what we apply: the HPA owns them. A new Deployment starts at replicas.min.
@@ -189,6 +180,55 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         canary_wanted = build.canary_replicas(primary_replicas, spec.canary.traffic_percent)
         desired = build.deployment(owner, spec, build.CANARY, canary.model, replicas=canary_wanted)
         canary_dep = _apply(desired, canary_dep, "canary Deployment", events)
+
+    return primary_dep, canary_dep, canary_wanted
+
+
+def _rejected(e: ApiException) -> bool:
+    """The API server refuses the object itself (retrying cannot help). Server-side apply reports a
+    malformed field (a quantity like "lots") as a 500 that says it cannot convert the object."""
+    message = _api_message(e)
+    return e.status in (400, 422) or (
+        e.status == 500 and ("typed patch object" in message or "failed to convert new object" in message)
+    )
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body or "")["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"{e.status} {e.reason}"
+
+
+def reconcile_once(namespace: str, name: str) -> Outcome | None:
+    """One level-based pass. None: the service is gone (stop looping)."""
+    body = kubeio.get_cr(PLURAL, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    try:
+        spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
+    except ValidationError as e:
+        return _invalid(body, describe_validation_error(e))
+    problems = build.spec_problems(spec)
+    if problems:
+        return _invalid(body, "; ".join(problems))
+
+    owner = Owner.of(body)
+    generation = body["metadata"].get("generation")
+    events: list[Event] = []
+    primary = _resolve(namespace, spec.model)
+    canary = _resolve(namespace, spec.canary.model) if spec.canary else None
+
+    try:
+        primary_dep, canary_dep, canary_wanted = _apply_children(owner, spec, primary, canary, events)
+    except ApiException as e:
+        if not _rejected(e):
+            raise
+        return _invalid(
+            body,
+            "the API server rejects what this spec renders (spec.resources, spec.env and spec.podTemplate "
+            f"reach the Deployment as written): {_api_message(e)}",
+        )
 
     old = InferenceServiceStatus.model_validate(body.get("status") or {})
     trouble = None if _ready(primary_dep) else _pod_trouble(namespace, name)
@@ -315,7 +355,9 @@ async def inferenceservice_loop(
             try:
                 outcome = await asyncio.to_thread(reconcile_once, namespace, name)
             except ApiException as e:
-                log.warning("reconcile %s/%s: API error %s %s; retrying", namespace, name, e.status, e.reason)
+                log.warning(
+                    "reconcile %s/%s: API error %s: %s; retrying", namespace, name, e.status, _api_message(e)
+                )
                 metrics.RECONCILE_ERRORS.labels("InferenceService").inc()
                 outcome = Outcome(5)
             finally:

@@ -263,3 +263,13 @@ def test_invalid_specs_are_rejected_or_reported(kube: Kube, operator, namespace:
     patch_spec(kube, namespace, "zero", {"replicas": {"min": 1}})
     wait_phase(kube, namespace, "zero", "Ready", readyReplicas=1)
     assert condition(kube, namespace, "zero", "Invalid")["status"] == "False"
+
+    # Passed through to the Deployment as-is, so Kubernetes validates it: the rejection is reported,
+    # and the running replicas keep serving.
+    patch_spec(kube, namespace, "zero", {"resources": {"limits": {"cpu": "lots"}}})
+    invalid = wait_for(
+        "the API server's rejection in the Invalid condition",
+        lambda: (c := condition(kube, namespace, "zero", "Invalid")).get("status") == "True" and c,
+    )
+    assert "spec.resources" in invalid["message"] and "quantities must match" in invalid["message"]
+    assert deployment(kube, namespace, "zero").status.ready_replicas == 1
