@@ -72,7 +72,9 @@ def _now() -> str:
 
 def _resolve(namespace: str, model: ModelSpec) -> Resolution:
     if model.storage is not None:
-        return Resolution(build.resolve_storage(model), "Storage", "serving checkpoints from spec storage")
+        return Resolution(
+            build.resolve_storage(model), "StorageConfigured", "serving checkpoints from model.storage"
+        )
     job_name = model.from_training_job
     job = kubeio.get_cr("trainingjobs", namespace, job_name or "")
     if job is None:

@@ -219,3 +219,26 @@ def test_user_pod_template_is_merged() -> None:
     assert pod["spec"]["tolerations"] == [{"key": "spot", "operator": "Exists"}]
     assert pod["spec"]["serviceAccountName"] == "server"
     assert "/extra" in mounts_of(dep) and "extra" in volumes_of(dep)
+
+
+def test_the_model_server_accepts_every_setting_the_operator_renders() -> None:
+    """Contract with aidc_server: its own settings parser reads the environment we render."""
+    from aidc_server.config import parse_args
+
+    s = spec(
+        model={"fromTrainingJob": "mnist-ddp", "quantize": "int8", "watchSeconds": 7},
+        batching={"maxBatchSize": 8, "maxLatencyMs": 3},
+        tlsSecretRef={"name": "cert"},
+        port=9000,
+    )
+    resolved = build.resolve_training_job(training_job(encryption={"kekSecretRef": {"name": "kek"}}))
+    settings = parse_args([], environ=env_of(build.deployment(OWNER, s, build.PRIMARY, resolved)))
+    assert settings.checkpoint_dir == "/checkpoints/mnist-ddp" and settings.model_name == "mnist"
+    assert (settings.port, settings.max_batch_size, settings.max_latency_ms) == (9000, 8, 3.0)
+    assert settings.quantize == "int8" and settings.watch_seconds == 7.0
+    assert settings.key_dir == "/var/run/aidc/keys" and settings.kek_file == "/var/run/aidc/kek/kek"
+    assert (
+        settings.tls_cert == "/var/run/aidc/tls/tls.crt" and settings.tls_key == "/var/run/aidc/tls/tls.key"
+    )
+    plain = parse_args([], environ=env_of(build.deployment(OWNER, spec(), build.PRIMARY, resolved)))
+    assert plain.quantize is None and plain.tls_cert is None
