@@ -6,9 +6,10 @@ import asyncio
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import torch
-from server_testkit import LM_SPEC, MLP_SPEC, metric, serve_app, wait_for, write_checkpoint
+from server_testkit import LM_SPEC, MLP_SPEC, metric, post_all_at_once, serve_app, wait_for, write_checkpoint
 
 from aidc_server.app import ServingOptions, create_app
 from aidc_server.checkpoint_model import CheckpointModel
@@ -22,15 +23,14 @@ def body(x: np.ndarray, datatype: str = "FP32") -> dict:
     }
 
 
-async def fire(base: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=len(bodies))
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
-        return await asyncio.gather(*(client.post(path, json=b) for b in bodies))
+def fire(base: str, path: str, bodies: list[dict]) -> list[tuple[int, dict]]:
+    return asyncio.run(post_all_at_once(base, path, [orjson.dumps(b) for b in bodies]))
 
 
-def outputs(r: httpx.Response) -> np.ndarray:
-    assert r.status_code == 200, r.text
-    out = r.json()["outputs"][0]
+def outputs(r: httpx.Response | tuple[int, dict]) -> np.ndarray:
+    status, doc = (r.status_code, r.json()) if isinstance(r, httpx.Response) else r
+    assert status == 200, doc
+    out = doc["outputs"][0]
     return np.array(out["data"], np.float32).reshape(out["shape"])
 
 
@@ -54,7 +54,7 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_predictions(mlp):
         alone = [outputs(client.post("/v2/models/mlp/infer", json=body(x))) for x in xs[:8]]
         before = client.get("/metrics").text
 
-    together = [outputs(r) for r in asyncio.run(fire(base, "/v2/models/mlp/infer", [body(x) for x in xs]))]
+    together = [outputs(r) for r in fire(base, "/v2/models/mlp/infer", [body(x) for x in xs])]
 
     for x, got in zip(xs, together, strict=True):
         with torch.inference_mode():
@@ -85,7 +85,7 @@ def test_transformer_batches_same_length_requests_and_answers_all(tmp_path):
     xs = [rng.integers(0, 30, size=(1, 4 + i % 3)) for i in range(18)]  # three lengths
     with serve_app(app) as base:
         wait_for(lambda: httpx.get(f"{base}/v2/health/ready").status_code == 200)
-        responses = asyncio.run(fire(base, "/v2/models/lm/infer", [body(x, "INT64") for x in xs]))
+        responses = fire(base, "/v2/models/lm/infer", [body(x, "INT64") for x in xs])
         text = httpx.get(f"{base}/metrics").text
     for x, r in zip(xs, responses, strict=True):
         with torch.inference_mode():
