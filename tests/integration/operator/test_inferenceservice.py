@@ -6,6 +6,7 @@ these tests check what the operator renders and how it reacts, not inference (te
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -214,6 +215,28 @@ def test_spec_edit_rolls_out_and_deletion_cascades(kube: Kube, operator, namespa
         env=[{"name": "AIDC_LOG_LEVEL", "value": "debug"}],
     )
     wait_phase(kube, namespace, "edit", "Ready", readyReplicas=1)
+
+    # Level-based and idempotent: passes over an unchanged spec write nothing.
+    autoscaling = client.AutoscalingV2Api(kube.api)
+
+    def versions() -> tuple:
+        return (
+            deployment(kube, namespace, "edit").metadata.generation,
+            kube.core.read_namespaced_service("edit", namespace).metadata.resource_version,
+            autoscaling.read_namespaced_horizontal_pod_autoscaler(
+                "edit", namespace
+            ).metadata.resource_version,
+        )
+
+    before = versions()
+    for i in range(3):  # any change to the object wakes its reconcile loop
+        kube.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "edit", {"metadata": {"annotations": {"poke": str(i)}}}
+        )
+        time.sleep(0.5)
+    assert versions() == before
+    assert not any(e.startswith("Updated") for e in events(kube, namespace, "edit"))
+
     patch_spec(kube, namespace, "edit", {"batching": {"maxBatchSize": 64}, "env": []})
 
     def rolled_out() -> bool:
@@ -222,11 +245,11 @@ def test_spec_edit_rolls_out_and_deletion_cascades(kube: Kube, operator, namespa
         return len(pods) == 1 and envs[0]["AIDC_MAX_BATCH_SIZE"] == "64" and "AIDC_LOG_LEVEL" not in envs[0]
 
     wait_for("new pods with the edited settings", rolled_out, timeout=60)
+    assert any(e.startswith("Updated: updated Deployment edit") for e in events(kube, namespace, "edit"))
     st = wait_phase(kube, namespace, "edit", "Ready", readyReplicas=1)
     assert st["observedGeneration"] == 2
 
     kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "edit")
-    autoscaling = client.AutoscalingV2Api(kube.api)
     wait_for(
         "Deployment, Service, HPA and pods deleted with the InferenceService",
         lambda: (

@@ -1,0 +1,117 @@
+"""InferenceService status from the observed world (plan_status), without a cluster."""
+
+from __future__ import annotations
+
+from aidc_operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
+from aidc_operator.builders import inferenceservice as build
+from aidc_operator.builders.common import Owner
+from aidc_operator.handlers.inferenceservice import Resolution, plan_status, transition_events
+
+OWNER = Owner("InferenceService", "digits", "ns", "uid")
+NOW = "2026-11-26T00:00:00Z"
+RESOLVED = build.ResolvedModel({"nfs": {}}, "/checkpoints", "/checkpoints/mnist")
+JOB = {"status": {"lastCheckpoint": {"step": 300, "path": "/checkpoints/mnist/step-000000300"}}}
+
+
+def spec(**kw) -> InferenceServiceSpec:
+    kw.setdefault("model", {"fromTrainingJob": "mnist"})
+    return InferenceServiceSpec.model_validate(kw)
+
+
+def dep(ready: int, replicas: int = 1) -> dict:
+    return {"spec": {"replicas": replicas}, "status": {"readyReplicas": ready}}
+
+
+def status(
+    old: InferenceServiceStatus | None = None,
+    s: InferenceServiceSpec | None = None,
+    primary: Resolution | None = None,
+    canary: Resolution | None = None,
+    primary_dep: dict | None = None,
+    canary_dep: dict | None = None,
+    canary_wanted: int = 0,
+    trouble: str | None = None,
+) -> InferenceServiceStatus:
+    return plan_status(
+        old or InferenceServiceStatus(),
+        OWNER,
+        s or spec(),
+        3,
+        primary or Resolution(RESOLVED, "TrainingJobResolved", "ok", JOB),
+        canary,
+        primary_dep,
+        canary_dep,
+        canary_wanted,
+        trouble,
+        NOW,
+    )
+
+
+def cond(st: InferenceServiceStatus, type_: str):
+    return next(c for c in st.conditions if c.type == type_)
+
+
+def test_missing_training_job_is_pending_with_the_reason() -> None:
+    missing = Resolution(None, "TrainingJobNotFound", "TrainingJob 'mnist' not found; waiting for it")
+    st = status(primary=missing)
+    assert st.phase == "Pending" and st.observed_generation == 3
+    assert (cond(st, "ModelResolved").status, cond(st, "ModelResolved").reason) == (
+        "False",
+        "TrainingJobNotFound",
+    )
+    assert cond(st, "Ready").reason == "ModelUnresolved"
+    assert st.url == "http://digits.ns.svc.cluster.local/v2/models/digits"
+    events = transition_events(InferenceServiceStatus(), st)
+    assert any(e.type == "Warning" and e.reason == "TrainingJobNotFound" for e in events)
+
+
+def test_ready_replicas_make_it_ready_with_the_jobs_checkpoint_as_version() -> None:
+    st = status(primary_dep=dep(2, 2))
+    assert st.phase == "Ready" and st.ready_replicas == 2
+    assert st.model_version == "300"
+    assert cond(st, "Ready").status == "True"
+
+
+def test_no_version_is_claimed_without_ready_replicas_or_for_storage() -> None:
+    assert status(primary_dep=dep(0)).model_version is None
+    storage = Resolution(RESOLVED, "StorageConfigured", "ok")
+    assert status(primary=storage, primary_dep=dep(1)).model_version is None
+
+
+def test_losing_all_replicas_is_not_ready_and_pod_trouble_is_shown() -> None:
+    was_ready = status(primary_dep=dep(1))
+    st = status(old=was_ready, primary_dep=dep(0), trouble="pod digits-x: ImagePullBackOff: not found")
+    assert st.phase == "NotReady"
+    assert cond(st, "Ready").reason == "PodsNotStarting" and "ImagePullBackOff" in cond(st, "Ready").message
+    assert [e.type for e in transition_events(was_ready, st) if e.reason == "PodsNotStarting"] == ["Warning"]
+
+
+def test_unchanged_world_gives_unchanged_status_and_no_events() -> None:
+    first = status(primary_dep=dep(1))
+    again = status(old=first, primary_dep=dep(1))
+    assert again == first
+    assert transition_events(first, again) == []
+
+
+def test_canary_condition_reports_the_real_share() -> None:
+    s = spec(canary={"trafficPercent": 10, "model": {"fromTrainingJob": "v2"}})
+    canary = Resolution(RESOLVED, "TrainingJobResolved", "ok", JOB)
+    st = status(s=s, canary=canary, primary_dep=dep(1), canary_dep=dep(1), canary_wanted=1)
+    c = cond(st, "CanaryReady")
+    assert c.status == "True" and "~50%" in c.message and "asked 10%" in c.message
+    assert st.canary_ready_replicas == 1
+
+    at_100 = spec(canary={"trafficPercent": 100, "model": {"fromTrainingJob": "v2"}})
+    only_canary = status(s=at_100, canary=canary, primary_dep=dep(1), canary_dep=dep(0), canary_wanted=1)
+    assert only_canary.phase == "Pending"  # the Service selects canary pods only, and none is ready
+
+    removed = status(old=st, primary_dep=dep(1))
+    assert not any(c.type == "CanaryReady" for c in removed.conditions) and removed.canary_ready_replicas == 0
+
+
+def test_a_fixed_spec_clears_invalid() -> None:
+    old = InferenceServiceStatus.model_validate(
+        {"phase": "Failed", "conditions": [{"type": "Invalid", "status": "True", "reason": "InvalidSpec"}]}
+    )
+    st = status(old=old, primary_dep=dep(0))
+    assert st.phase == "Pending" and cond(st, "Invalid").status == "False"
