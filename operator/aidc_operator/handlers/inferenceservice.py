@@ -206,6 +206,8 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     """One level-based pass. None: the service is gone (stop looping)."""
     body = kubeio.get_cr(PLURAL, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
+        with contextlib.suppress(KeyError):
+            metrics.ISVC_READY.remove(namespace, name)
         return None
     try:
         spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
