@@ -178,7 +178,12 @@ def main() -> int:
     body = json.dumps(
         {
             "inputs": [
-                {"name": "input", "shape": [2, 10], "datatype": "FP32", "data": [0.1 * i for i in range(20)]}
+                {
+                    "name": meta["inputs"][0]["name"],
+                    "shape": [2, 10],
+                    "datatype": "FP32",
+                    "data": [0.1 * i for i in range(20)],
+                }
             ]
         }
     ).encode()

@@ -4,6 +4,7 @@ namespace per test, the CRDs installed, and an operator process watching test na
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -27,6 +28,7 @@ def kube() -> Iterator[Kube]:
     finally:
         if k.local is not None and not os.environ.get("AIDC_KEEP_CLUSTER"):
             k.local.down()
+            shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,14 @@ import base64
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from localcluster import build_binaries, free_port
 from tests.conftest import ROOT, OperatorProcess
@@ -54,8 +56,11 @@ class ChartOperator(OperatorProcess):
     def start(self) -> ChartOperator:
         self.health_port = free_port()
         args = [a for a in self.args if not a.startswith(("--metrics-port", "--health-port"))]
-        args += ["--metrics-port=0", f"--health-port={self.health_port}", "--webhook-addr=127.0.0.1"]
-        env = {**self.kube.env(), **self.env, "KUBECONFIG": str(self.kubeconfig)}
+        self.metrics_port = free_port()
+        args += [f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"]
+        args += ["--webhook-addr=127.0.0.1"]
+        env_metrics = {"AIDC_METRICS_ADDR": "127.0.0.1"}
+        env = {**self.kube.env(), **self.env, **env_metrics, "KUBECONFIG": str(self.kubeconfig)}
         env["PYTHONPATH"] = str(ROOT / "operator")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aidc_operator", *args],
@@ -238,6 +243,18 @@ def test_trainingjob_succeeds_under_the_charts_rbac_and_webhooks(install: Instal
     bad = kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("bad", masterPort=9400), check=False)
     assert "spec.masterPort: 9400 is the trainer's metrics port" in bad.stderr
     assert_no_permission_errors(install)
+    # What the dashboard shows about it, from the operator's /metrics.
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{install.op.metrics_port}/metrics", timeout=5).read()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scraped.decode())
+        for s in family.samples
+    }
+    phase = ("aidc_trainingjob_phase", (("name", "smoke"), ("namespace", ns), ("phase", "Succeeded")))
+    assert samples.get(phase) == 1, [k for k in samples if k[0].startswith("aidc_")]
+    assert samples[("aidc_reconcile_seconds_count", (("resource", "TrainingJob"),))] >= 2
+    rejected = (("allowed", "false"), ("webhook", "validate-trainingjob"))
+    assert samples[("aidc_admission_requests_total", rejected)] >= 1
 
 
 def test_inferenceservice_is_reconciled_under_the_charts_rbac(install: Install) -> None:

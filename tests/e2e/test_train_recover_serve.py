@@ -1,0 +1,232 @@
+"""End to end on the local cluster, with real processes: the operator renders the gang, the development
+kubelet (hack/cluster/local_kubelet.py) runs each pod's container exactly as rendered — torchrun, the
+aidc trainer, gloo, encrypted checkpoints on a hostPath PersistentVolume, progress reported through
+the pod's own ServiceAccount token — a node dies mid-run, the operator recreates the gang on healthy
+nodes, and the trainer resumes from the last checkpoint. Then an InferenceService serves it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kube import Kube, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+GROUP, VERSION = "aidc.dev", "v1alpha1"
+
+
+@pytest.fixture
+def kubelet(kube: Kube, namespace: str, operator) -> Iterator[Path]:
+    """The development kubelet for this test's namespace; yields the directory holding pod logs."""
+    if kube.local is None:
+        pytest.skip("needs the project's local cluster")
+    state = kube.local.state_dir
+    log = (state / "logs").joinpath(f"kubelet-{namespace}.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "hack" / "cluster" / "local_kubelet.py"),
+            "--state-dir",
+            str(state),
+            "--namespace",
+            namespace,
+        ],
+        env={**kube.env(), "PYTHONPATH": f"{ROOT / 'hack' / 'cluster'}:{ROOT / 'operator'}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield state / "pods" / namespace
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def hostpath_claim(kube: Kube, namespace: str, name: str, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    kube.core.create_persistent_volume(
+        {
+            "metadata": {"name": f"{namespace}-{name}"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "hostPath": {"path": str(path)},
+                "claimRef": {"namespace": namespace, "name": name},
+                "persistentVolumeReclaimPolicy": "Retain",
+            },
+        }
+    )
+    kube.core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": f"{namespace}-{name}",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    wait_for(
+        "PVC bound",
+        lambda: kube.core.read_namespaced_persistent_volume_claim(name, namespace).status.phase == "Bound",
+    )
+
+
+def status(kube: Kube, ns: str, name: str) -> dict:
+    return kube.get_cr("trainingjobs", ns, name).get("status") or {}
+
+
+def events_of(log: Path) -> list[dict]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
+    kube: Kube, namespace: str, kubelet: Path, tmp_path: Path
+) -> None:
+    hostpath_claim(kube, namespace, "ckpt", tmp_path / "pv")
+    steps = 2500
+    kube.custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "trainingjobs",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainingJob",
+            "metadata": {"name": "e2e"},
+            "spec": {
+                "command": [
+                    "python",
+                    "-m",
+                    "aidc_trainer",
+                    "--example",
+                    "mlp",
+                    "--steps",
+                    str(steps),
+                    "--eval-every",
+                    "0",
+                    "--log-every",
+                    "50",
+                    "--progress-every-seconds",
+                    "1",
+                ],
+                "nodes": 2,
+                "procPerNode": 1,
+                "gpusPerNode": 1,
+                "checkpoint": {"volume": {"persistentVolumeClaim": {"claimName": "ckpt"}}, "everySteps": 100},
+                "failurePolicy": {"backoffSeconds": 1, "maxRestarts": 5},
+            },
+        },
+    )
+    # Training really runs: rank 0 reports checkpoints through its pod's annotations.
+    wait_for(
+        "a few checkpoints",
+        lambda: (status(kube, namespace, "e2e").get("lastCheckpoint") or {}).get("step", 0) >= 300,
+        timeout=180,
+        interval=0.5,
+    )
+    st = status(kube, namespace, "e2e")
+    assert st["attempt"] == 0 and st["phase"] == "Running"
+    pods = kube.pods(namespace, "aidc.dev/job-name=e2e,aidc.dev/attempt=0")
+    victim = next(p for p in pods if p.metadata.labels["aidc.dev/node-rank"] == "1").spec.node_name
+    saved_before = status(kube, namespace, "e2e")["lastCheckpoint"]["step"]
+    kube.fail_node(victim)  # the machine loses power: its processes die with it
+
+    wait_for(
+        "the job to finish",
+        lambda: status(kube, namespace, "e2e").get("phase") in ("Succeeded", "Failed"),
+        timeout=300,
+        interval=1,
+    )
+    st = status(kube, namespace, "e2e")
+    assert st["phase"] == "Succeeded", st
+    assert st["attempt"] >= 1 and victim in (st.get("excludedNodes") or []) + [st["lastFailure"]["node"]]
+    assert st["lastCheckpoint"]["step"] == steps
+    final = kube.pods(namespace, f"aidc.dev/job-name=e2e,aidc.dev/attempt={st['attempt']}")
+    assert final and victim not in {p.spec.node_name for p in final}
+
+    # The trainer of the final attempt resumed from a checkpoint at least as new as the one reported
+    # before the node died: at most one checkpoint interval of work was lost.
+    rank0 = next(p for p in final if p.metadata.labels["aidc.dev/node-rank"] == "0")
+    resumed = [e for e in events_of(kubelet / rank0.metadata.name / "log") if e.get("event") == "resume"]
+    assert resumed and resumed[0]["step"] >= saved_before, resumed
+
+    # Checkpoints on the volume are encrypted: the manifest names the operator-made key id.
+    manifests = sorted((tmp_path / "pv" / "e2e").glob("step-*/manifest.json"))
+    assert manifests
+    manifest = json.loads(manifests[-1].read_text())
+    secret = kube.core.read_namespaced_secret("e2e-ckpt-key", namespace)
+    assert manifest["key_id"] == base64.b64decode(secret.data["current-key-id"]).decode()
+
+    # Serve it: an InferenceService from the job, its pod run for real by the development kubelet.
+    kube.custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "inferenceservices",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InferenceService",
+            "metadata": {"name": "e2e-serve"},
+            "spec": {"model": {"fromTrainingJob": "e2e", "name": "mlp"}},
+        },
+    )
+
+    def ready_server() -> str | None:
+        for addr in kubelet.glob("e2e-serve-*/address"):
+            host = addr.read_text()
+            with urllib.request.urlopen(f"http://{host}:8080/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return host
+        return None
+
+    host = wait_for("a ready model server", ready_server, timeout=180, interval=1)
+    meta = json.load(urllib.request.urlopen(f"http://{host}:8080/v2/models/mlp", timeout=5))
+    assert str(steps) in meta["versions"]
+    req = urllib.request.Request(
+        f"http://{host}:8080/v2/models/mlp/infer",
+        data=json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": meta["inputs"][0]["name"],
+                        "shape": [3, 10],
+                        "datatype": "FP32",
+                        "data": [0.05 * i for i in range(30)],
+                    }
+                ]
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    out = json.load(urllib.request.urlopen(req, timeout=10))
+    assert out["model_version"] == str(steps)
+    assert out["outputs"][0]["shape"][0] == 3
+    wait_for(
+        "InferenceService Ready",
+        lambda: (
+            (kube.get_cr("inferenceservices", namespace, "e2e-serve").get("status") or {}).get("phase")
+            == "Ready"
+        ),
+        timeout=60,
+    )
