@@ -157,8 +157,9 @@ def delete_deployment(namespace: str, name: str) -> None:
 
 
 def scale_deployment(namespace: str, name: str, replicas: int, field_manager: str) -> None:
-    """Sets replicas through the scale subresource as its own (non-apply) field manager, so whoever scales
-    next (an HPA) simply takes the field over and our applies never fight it."""
-    client.AppsV1Api(api()).patch_namespaced_deployment_scale(
+    """Sets replicas as its own (non-apply) field manager, so whoever scales next (an HPA) simply takes
+    the field over and our applies, which leave replicas out, never fight it. A plain patch of the
+    Deployment (not its scale subresource) needs no extra RBAC."""
+    client.AppsV1Api(api()).patch_namespaced_deployment(
         name, namespace, {"spec": {"replicas": replicas}}, field_manager=field_manager
     )
