@@ -87,6 +87,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Filling every torch.empty with NaN is a debugging aid that cost ~30% per step on a small
+        # model (bench/trainer_overhead.py); deterministic kernel choice is what resume needs.
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:

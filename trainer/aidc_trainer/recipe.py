@@ -26,8 +26,10 @@ EXAMPLES = {
 
 
 def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Classification and next-token loss alike: flatten to (N, C) vs (N,)."""
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), target.reshape(-1))
+    """Classification and next-token loss alike: flatten to (N, C) vs (N,), in fp32."""
+    if out.dim() != 2:
+        out, target = out.reshape(-1, out.shape[-1]), target.reshape(-1)
+    return F.cross_entropy(out if out.dtype == torch.float32 else out.float(), target)
 
 
 def adam(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

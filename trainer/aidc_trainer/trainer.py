@@ -89,6 +89,10 @@ class Trainer:
         self.progress = ProgressReporter(cfg.checkpoint_dir) if env.is_main else None
         gpus = env.world_size if env.device.type == "cuda" else 0
         self.accounting = Accounting(gpus, env.device.index if env.device.type == "cuda" else None)
+        # evaluated when Prometheus scrapes, never in the training loop: an NVML query can take
+        # milliseconds, which per log step was a measurable slowdown of small-model training
+        self.metrics.gpu_seconds.set_function(self.accounting.gpu_seconds)
+        self.metrics.energy_joules.set_function(lambda: self.accounting.energy_joules() or 0.0)
         self.start_step = 0
 
     # ---------------------------------------------------------------------------------- parts
@@ -293,13 +297,8 @@ class Trainer:
             and cfg.checkpoint_every_seconds > 0
             and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_seconds
         )
-        ctl = torch.stack(
-            [
-                loss_sum.float().reshape(()),
-                torch.tensor(float(self._stop_signal), device=env.device),
-                torch.tensor(float(due), device=env.device),
-            ]
-        )
+        flags = torch.tensor([float(self._stop_signal), float(due)]).to(env.device, non_blocking=True)
+        ctl = torch.cat([loss_sum.float().reshape(1), flags])
         if env.distributed:
             dist.all_reduce(ctl)
         vals = ctl.tolist()
@@ -316,9 +315,6 @@ class Trainer:
         self.metrics.step.set(step)
         self.metrics.loss.set(loss)
         self.metrics.samples_per_second.set(sps)
-        self.metrics.gpu_seconds.set(self.accounting.gpu_seconds())
-        if (ej := self.accounting.energy_joules()) is not None:
-            self.metrics.energy_joules.set(ej)
         if env.is_main:
             log.info(
                 "train",
