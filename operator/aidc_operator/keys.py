@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from .builders.common import LABEL_JOB, Owner, metadata
 
@@ -22,6 +22,12 @@ WRAPPED_KEY_BYTES = KEY_BYTES + 8  # RFC 3394 key wrap adds one 64-bit block
 CURRENT = "current-key-id"
 LABEL_KEY_FOR = "aidc.dev/checkpoint-key-for"
 ANNOTATION_CREATED = "aidc.dev/key-created-at"
+# On the TrainingJob: set (or change) to any value to rotate the key once; the Secret remembers the
+# last value it acted on, so a GitOps re-apply of the same value does not rotate again.
+ANNOTATION_ROTATE = "aidc.dev/rotate-key"
+ANNOTATION_ROTATED_FOR = "aidc.dev/rotated-for"
+_DURATION = re.compile(r"([0-9]+)(ns|us|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -106,3 +112,58 @@ def check_kek_secret(secret: dict[str, Any] | None, name: str) -> KeyCheck:
             False, "KEKSecretInvalid", f"Secret {name!r} needs an entry 'kek' of {KEY_BYTES} bytes"
         )
     return KeyCheck(True, "KEKReady", f"key-encryption key in Secret {name!r}")
+
+
+def duration_seconds(text: str) -> float:
+    """Go-style duration ('720h', '1h30m') in seconds."""
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(text))
+
+
+def current_key_id(secret: dict[str, Any]) -> str:
+    return base64.b64decode(secret["data"][CURRENT]).decode().strip()
+
+
+def rotation_due(
+    secret: dict[str, Any], rotate_after: str | None, request: str | None, now: dt.datetime
+) -> str | None:
+    """Why the key should rotate now (None: it should not)."""
+    annotations = secret["metadata"].get("annotations") or {}
+    if request and request != annotations.get(ANNOTATION_ROTATED_FOR):
+        return f"requested by annotation {ANNOTATION_ROTATE}={request!r}"
+    created = annotations.get(ANNOTATION_CREATED)
+    if rotate_after and created:
+        age = (now - dt.datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+        if age >= duration_seconds(rotate_after):
+            return f"key older than rotateAfter={rotate_after}"
+    return None
+
+
+def rotation_patch(
+    secret: dict[str, Any], now: dt.datetime, request: str | None, kek: bytes | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(new key id, merge patch) adding a fresh key and making it current. Old keys stay: checkpoints
+    written with them must remain readable until they are pruned."""
+    generation = len([k for k in secret.get("data") or {} if k.startswith("key-")]) + 1
+    key_id = new_key_id(generation)
+    key = secrets.token_bytes(KEY_BYTES)
+    if kek is not None:
+        key = aes_key_wrap(kek, key)
+    annotations = {ANNOTATION_CREATED: now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if request:
+        annotations[ANNOTATION_ROTATED_FOR] = request
+    return key_id, {
+        "metadata": {"annotations": annotations},
+        "data": {
+            CURRENT: base64.b64encode(key_id.encode()).decode(),
+            f"key-{key_id}": base64.b64encode(key).decode(),
+        },
+    }
+
+
+def unwraps(secret: dict[str, Any], kek: bytes) -> bool:
+    """Does the KEK unwrap the current key? (RFC 3394 carries an integrity check.)"""
+    try:
+        aes_key_unwrap(kek, base64.b64decode(secret["data"][f"key-{current_key_id(secret)}"]))
+    except (InvalidUnwrap, KeyError, ValueError):
+        return False
+    return True

@@ -51,6 +51,8 @@ class Prerequisites:
     condition: str = "Ready"
     reason: str = ""
     message: str = ""
+    key_id: str | None = None  # the checkpoint key id new checkpoints use
+    events: tuple[Event, ...] = ()  # what the check did (key created, rotated …), for the audit trail
 
 
 @dataclass
@@ -136,7 +138,9 @@ class _Planner:
         self.owner, self.generation, self.spec, self.now = owner, generation, spec, now
         self.status = status.model_copy(deep=True)
         self.pods, self.health, self.prereq = pods, health, prereq
-        self.plan = Plan(self.status)
+        self.plan = Plan(self.status, events=list(prereq.events))
+        if prereq.key_id:
+            self.status.current_key_id = prereq.key_id
 
     # helpers --------------------------------------------------------------
     def event(self, type_: str, reason: str, message: str) -> None:

@@ -18,7 +18,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import kubeio, lifecycle, metrics
+from .. import keys, kubeio, lifecycle, metrics
 from ..api import GROUP, VERSION
 from ..api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from ..builders import trainingjob as build
@@ -77,28 +77,84 @@ def _invalid(body: dict[str, Any], message: str) -> Outcome:
     return Outcome(300, [lifecycle.Event("Warning", "InvalidSpec", message)])
 
 
-def _ensure_key(owner: Owner, spec: TrainingJobSpec) -> lifecycle.Prerequisites:
-    """The key Secret exists (made once by us, or the user's is valid) and the KEK, if any, is usable."""
+def _ensure_key(owner: Owner, spec: TrainingJobSpec, body: dict[str, Any]) -> lifecycle.Prerequisites:
+    """The key Secret exists (made once by us, or the user's is valid), the KEK (if any) unwraps it, and
+    an operator-managed key is rotated when due. Every decision is an Event; no key byte is ever in one."""
     enc = spec.checkpoint.encryption
     name = build.key_secret_name(owner, spec)
     if name is None:
         return lifecycle.Prerequisites()
+    events: list[lifecycle.Event] = []
+
+    def waiting(reason: str, message: str) -> lifecycle.Prerequisites:
+        return lifecycle.Prerequisites(False, "CheckpointKeyReady", reason, message)
+
     kek = None
     if enc.kek_secret_ref:
         kek_secret = kubeio.read_secret(owner.namespace, enc.kek_secret_ref.name)
         check = check_kek_secret(kek_secret, enc.kek_secret_ref.name)
         if not check.ok:
-            return lifecycle.Prerequisites(False, "CheckpointKeyReady", check.reason, check.message)
+            return waiting(check.reason, check.message)
         kek = base64.b64decode(kek_secret["data"]["kek"])  # type: ignore[index]
     secret = kubeio.read_secret(owner.namespace, name)
     if secret is None and enc.key_secret_ref is None:
-        obj = key_secret(owner, name, retain=enc.key_retention == "Retain", now=_now(), kek=kek)
-        kubeio.create(obj)
+        retain = enc.key_retention == "Retain"
+        kubeio.create(key_secret(owner, name, retain=retain, now=_now(), kek=kek))
         secret = kubeio.read_secret(owner.namespace, name)
+        events.append(
+            lifecycle.Event(
+                "Normal",
+                "KeyCreated",
+                f"created checkpoint key Secret {name!r}"
+                + (f" wrapped with the KEK in {enc.kek_secret_ref.name!r}" if enc.kek_secret_ref else "")
+                + (
+                    "; retained after the job is deleted (keyRetention: Retain)"
+                    if retain
+                    else "; deleted with the job (keyRetention: Delete)"
+                ),
+            )
+        )
     check = check_key_secret(secret, name, wrapped=kek is not None)
     if not check.ok:
-        return lifecycle.Prerequisites(False, "CheckpointKeyReady", check.reason, check.message)
-    return lifecycle.Prerequisites(True, "CheckpointKeyReady", check.reason, check.message)
+        return waiting(check.reason, check.message)
+    assert secret is not None
+    if kek is not None and not keys.unwraps(secret, kek):
+        kek_name = enc.kek_secret_ref.name if enc.kek_secret_ref else ""
+        return lifecycle.Prerequisites(
+            False,
+            "CheckpointKeyReady",
+            "KEKMismatch",
+            f"the KEK in Secret {kek_name!r} does not unwrap key {check.key_id} in {name!r}",
+            events=(
+                lifecycle.Event(
+                    "Warning",
+                    "KeyUnwrapFailed",
+                    f"KEK {kek_name!r} does not unwrap the key in {name!r}",
+                ),
+            ),
+        )
+    key_id = check.key_id
+    if enc.key_secret_ref is None:  # only keys we own are rotated
+        request = (body["metadata"].get("annotations") or {}).get(keys.ANNOTATION_ROTATE)
+        why = keys.rotation_due(secret, enc.rotate_after, request, _now())
+        if why:
+            key_id, patch = keys.rotation_patch(secret, _now(), request, kek)
+            kubeio.core().patch_namespaced_secret(name, owner.namespace, patch)
+            events.append(
+                lifecycle.Event(
+                    "Normal",
+                    "KeyRotated",
+                    f"rotated the checkpoint key in {name!r} to {key_id} ({why}); older ids stay readable",
+                )
+            )
+    return lifecycle.Prerequisites(
+        True,
+        "CheckpointKeyReady",
+        "KeyReady",
+        f"checkpoint key {key_id} in Secret {name!r}",
+        key_id,
+        tuple(events),
+    )
 
 
 def _ensure_volume(owner: Owner, spec: TrainingJobSpec) -> lifecycle.Prerequisites | None:
@@ -147,7 +203,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     finished = (body.get("status") or {}).get("phase") in lifecycle.FINISHED
     if not finished and not spec.suspend:
         _ensure_children(owner, spec, attempt)
-        prereq = _ensure_volume(owner, spec) or _ensure_key(owner, spec)
+        prereq = _ensure_volume(owner, spec) or _ensure_key(owner, spec, body)
     pods = [
         kubeio.sanitize(p)
         for p in kubeio.core().list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={name}").items
