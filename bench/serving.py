@@ -109,6 +109,7 @@ class Result:
     seconds: float
     p50_ms: float
     p99_ms: float
+    mean_batch: float | None = None  # rows per forward pass, from aidc_server's /metrics
 
     @property
     def rps(self) -> float:
@@ -328,6 +329,7 @@ def bench_model(
                 raise RuntimeError(f"{server.name} and aidc disagree on {model}: not the same model?")
         for c in args.concurrency:
             pooled: dict[str, list] = {s.name: [[], 0, 0.0] for s in servers}
+            batches_before = {s.name: batch_stats(s) for s in servers}
             for round_ in range(args.rounds):
                 order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
                 for server in order:
@@ -341,9 +343,13 @@ def bench_model(
                 r = Result(
                     server.name, model, c, len(latencies), errors, seconds, *np.percentile(ms, [50, 99])
                 )
+                before, after = batches_before[server.name], batch_stats(server)
+                if before and after and after[1] > before[1]:
+                    r.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+                batching = f", {r.mean_batch:.1f} rows/batch" if r.mean_batch else ""
                 print(
                     f"  {r.server:11s} {model:12s} c={c:<3d} {r.rps:8.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
-                    f"p99 {r.p99_ms:7.2f} ms  ({r.requests} ok, {r.errors} errors)",
+                    f"p99 {r.p99_ms:7.2f} ms  ({r.requests} ok, {r.errors} errors{batching})",
                     flush=True,
                 )
                 results.append(r)
@@ -351,6 +357,21 @@ def bench_model(
         for server in servers:
             server.stop()
     return results
+
+
+def batch_stats(server: Server) -> tuple[float, float] | None:
+    """(rows, batches) so far, from aidc_server's batch-size histogram; None for KServe."""
+    if not server.name.startswith("aidc"):
+        return None
+    status, text = http("GET", f"http://127.0.0.1:{server.port}/metrics")
+    values = {}
+    for line in text.decode().splitlines():
+        for key in ("aidc_server_batch_size_sum", "aidc_server_batch_size_count"):
+            if line.startswith(key + "{"):
+                values[key] = float(line.rsplit(" ", 1)[1])
+    if status != 200 or len(values) != 2:
+        return None
+    return values["aidc_server_batch_size_sum"], values["aidc_server_batch_size_count"]
 
 
 def accuracy(model: str, ckpt: Path) -> dict[str, float]:
