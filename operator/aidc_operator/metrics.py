@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -25,11 +26,22 @@ NODE_FAILURES = Counter(
 ISVC_READY = Gauge(
     "aidc_inferenceservice_ready_replicas", "Ready model-server replicas", ["namespace", "name"]
 )
+RECOVERY_SECONDS = Histogram(
+    "aidc_trainingjob_recovery_seconds",
+    "From the failure that restarted a gang (status.lastFailure.time) to the gang Running again",
+    ["reason"],
+    buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600),
+)
+ADMISSIONS = Counter(
+    "aidc_admission_requests_total",
+    "Admission webhook requests answered, by webhook and outcome",
+    ["webhook", "allowed"],
+)
 
 _PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 
 
-def observe_trainingjob(body: dict[str, Any], plan: Any) -> None:
+def observe_trainingjob(body: dict[str, Any], plan: Any, now: dt.datetime | None = None) -> None:
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     old = body.get("status") or {}
     new = plan.status
@@ -39,3 +51,21 @@ def observe_trainingjob(body: dict[str, Any], plan: Any) -> None:
         RESTARTS.labels(ns, name).inc(new.restarts - old.get("restarts", 0))
     if new.node_failures > old.get("nodeFailures", 0):
         NODE_FAILURES.labels(ns, name).inc(new.node_failures - old.get("nodeFailures", 0))
+    recovered = recovery_seconds(old, new, now)
+    if recovered is not None:
+        RECOVERY_SECONDS.labels(recovered[0]).observe(recovered[1])
+
+
+def recovery_seconds(
+    old: dict[str, Any], new: Any, now: dt.datetime | None = None
+) -> tuple[str, float] | None:
+    """(failure reason, seconds) when this pass brings a restarted gang back to Running, else None."""
+    failure = new.last_failure
+    # A restarted gang stays Restarting until all its pods run (lifecycle.py); first starts and
+    # resumes from suspension are not recoveries.
+    if new.phase != "Running" or old.get("phase") != "Restarting":
+        return None
+    if failure is None or not failure.time:
+        return None
+    failed_at = dt.datetime.fromisoformat(failure.time.replace("Z", "+00:00"))
+    return failure.reason, max(0.0, ((now or dt.datetime.now(dt.UTC)) - failed_at).total_seconds())

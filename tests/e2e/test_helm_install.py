@@ -11,6 +11,7 @@ run), so the chart is installed with `webhook.url` pointing at the local operato
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -166,7 +167,7 @@ def _tj(name: str, **spec: object) -> str:
     )
 
 
-# (verb, resource, namespace key: "ns" served, "other" not served, "" cluster-scoped, allowed)
+# (verb, resource, where: "ns" served, "other" not served, "" cluster-scoped or a namespace, allowed)
 MATRIX = [
     ("create", "pods", "ns", True),
     ("delete", "pods", "ns", True),
@@ -177,6 +178,7 @@ MATRIX = [
     ("create", "secrets", "ns", True),
     ("list", "secrets", "ns", False),
     ("watch", "secrets", "ns", False),
+    ("patch", "secrets", "ns", True),
     ("update", "secrets", "ns", False),
     ("delete", "secrets", "ns", False),
     ("patch", "trainingjobs.aidc.dev/status", "ns", True),
@@ -198,6 +200,9 @@ MATRIX = [
     ("create", "pods", "other", False),
     ("get", "secrets", "other", False),
     ("list", "trainingjobs.aidc.dev", "other", False),
+    ("list", "leases.coordination.k8s.io", "kube-node-lease", True),
+    ("get", "leases.coordination.k8s.io", "kube-node-lease", False),
+    ("list", "leases.coordination.k8s.io", "other", False),
     ("list", "nodes", "", True),
     ("watch", "nodes", "", True),
     ("patch", "nodes", "", False),
@@ -214,7 +219,9 @@ MATRIX = [
 def test_service_account_can_exactly_what_docs_security_says(install: Install) -> None:
     wrong = []
     for verb, resource, where, allowed in MATRIX:
-        scope = {"ns": ["-n", install.ns], "other": ["-n", install.system_ns], "": []}[where]
+        scope = {"ns": ["-n", install.ns], "other": ["-n", install.system_ns], "": []}.get(
+            where, ["-n", where]
+        )
         # "pods/exec" is a subresource; kubectl would read "TYPE/NAME" as an object name.
         resource, _, sub = resource.partition("/")
         scope += [f"--subresource={sub}"] if sub else []
@@ -227,79 +234,95 @@ def test_service_account_can_exactly_what_docs_security_says(install: Install) -
 
 
 def test_trainingjob_succeeds_under_the_charts_rbac_and_webhooks(install: Install) -> None:
-    kube, ns = install.kube, install.ns
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("smoke", nodes=2, procPerNode=2))
-    spec = kube.get_cr("trainingjobs", ns, "smoke")["spec"]
-    assert spec["gpusPerNode"] == 2, "the chart's mutating webhook did not default gpusPerNode"
-    pods = wait_running(kube, ns, "smoke", attempt=0, nodes=2)
-    for pod in pods:
-        succeed_pod(kube, ns, pod.metadata.name)
-    wait_for(
-        "smoke Succeeded",
-        lambda: (kube.get_cr("trainingjobs", ns, "smoke").get("status") or {}).get("phase") == "Succeeded",
-        timeout=60,
-    )
-    # The chart's webhook rejects bad specs too.
-    bad = kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("bad", masterPort=9400), check=False)
-    assert "spec.masterPort: 9400 is the trainer's metrics port" in bad.stderr
-    assert_no_permission_errors(install)
-    # What the dashboard shows about it, from the operator's /metrics.
-    scraped = urllib.request.urlopen(f"http://127.0.0.1:{install.op.metrics_port}/metrics", timeout=5).read()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(scraped.decode())
-        for s in family.samples
-    }
-    phase = ("aidc_trainingjob_phase", (("name", "smoke"), ("namespace", ns), ("phase", "Succeeded")))
-    assert samples.get(phase) == 1, [k for k in samples if k[0].startswith("aidc_")]
-    assert samples[("aidc_reconcile_seconds_count", (("resource", "TrainingJob"),))] >= 2
-    rejected = (("allowed", "false"), ("webhook", "validate-trainingjob"))
-    assert samples[("aidc_admission_requests_total", rejected)] >= 1
+    with operator_log_on_failure(install):
+        kube, ns = install.kube, install.ns
+        kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("smoke", nodes=2, procPerNode=2))
+        spec = kube.get_cr("trainingjobs", ns, "smoke")["spec"]
+        assert spec["gpusPerNode"] == 2, "the chart's mutating webhook did not default gpusPerNode"
+        pods = wait_running(kube, ns, "smoke", attempt=0, nodes=2)
+        for pod in pods:
+            succeed_pod(kube, ns, pod.metadata.name)
+        wait_for(
+            "smoke Succeeded",
+            lambda: (
+                (kube.get_cr("trainingjobs", ns, "smoke").get("status") or {}).get("phase") == "Succeeded"
+            ),
+            timeout=60,
+        )
+        # The chart's webhook rejects bad specs too.
+        bad = kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("bad", masterPort=9400), check=False)
+        assert "spec.masterPort: 9400 is the trainer's metrics port" in bad.stderr
+        assert_no_permission_errors(install)
+        # What the dashboard shows about it, from the operator's /metrics.
+        scraped = urllib.request.urlopen(
+            f"http://127.0.0.1:{install.op.metrics_port}/metrics", timeout=5
+        ).read()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(scraped.decode())
+            for s in family.samples
+        }
+        phase = ("aidc_trainingjob_phase", (("name", "smoke"), ("namespace", ns), ("phase", "Succeeded")))
+        assert samples.get(phase) == 1, [k for k in samples if k[0].startswith("aidc_")]
+        assert samples[("aidc_reconcile_seconds_count", (("resource", "TrainingJob"),))] >= 2
+        rejected = (("allowed", "false"), ("webhook", "validate-trainingjob"))
+        assert samples[("aidc_admission_requests_total", rejected)] >= 1
 
 
 def test_inferenceservice_is_reconciled_under_the_charts_rbac(install: Install) -> None:
-    kube, ns = install.kube, install.ns
-    isvc = {
-        "apiVersion": "aidc.dev/v1alpha1",
-        "kind": "InferenceService",
-        "metadata": {"name": "smoke-svc"},
-        "spec": {"model": {"fromTrainingJob": "smoke"}},
-    }
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(isvc))
-    assert kube.get_cr("inferenceservices", ns, "smoke-svc")["spec"]["model"]["name"] == "smoke-svc"
-    wait_for(
-        "InferenceService status written by the operator",
-        lambda: (kube.get_cr("inferenceservices", ns, "smoke-svc").get("status") or {}).get("phase"),
-        timeout=60,
-    )
-    assert_no_permission_errors(install)
+    with operator_log_on_failure(install):
+        kube, ns = install.kube, install.ns
+        isvc = {
+            "apiVersion": "aidc.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": "smoke-svc"},
+            "spec": {"model": {"fromTrainingJob": "smoke"}},
+        }
+        kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(isvc))
+        assert kube.get_cr("inferenceservices", ns, "smoke-svc")["spec"]["model"]["name"] == "smoke-svc"
+        wait_for(
+            "InferenceService status written by the operator",
+            lambda: (kube.get_cr("inferenceservices", ns, "smoke-svc").get("status") or {}).get("phase"),
+            timeout=60,
+        )
+        assert_no_permission_errors(install)
 
 
 def test_key_material_never_leaves_the_secret(install: Install) -> None:
     """Everything the operator wrote about an encrypted job: its log, the job's Events, status and
     metadata. None of it may contain the data key, in any encoding."""
-    kube, ns = install.kube, install.ns
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("secretive", nodes=1))
-    wait_running(kube, ns, "secretive", attempt=0, nodes=1)
-    secret = kube.core.read_namespaced_secret("secretive-ckpt-key", ns)
-    key_id = base64.b64decode(secret.data["current-key-id"]).decode()
-    key = base64.b64decode(secret.data[f"key-{key_id}"])
-    forms = {
-        key.hex(),
-        key.hex().upper(),
-        secret.data[f"key-{key_id}"],
-        base64.urlsafe_b64encode(key).decode(),
-    }
-    forms.add(key.decode("latin-1"))
-    written = [
-        install.op.log(),
-        kube.kubectl("get", "events", "-n", ns, "-o", "json").stdout,
-        json.dumps(kube.get_cr("trainingjobs", ns, "secretive")),
-    ]
-    for text in written:
-        for form in forms:
-            assert form not in text
-    assert key_id in json.dumps(kube.get_cr("trainingjobs", ns, "secretive")), "status names the key id"
+    with operator_log_on_failure(install):
+        kube, ns = install.kube, install.ns
+        kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("secretive", nodes=1))
+        wait_running(kube, ns, "secretive", attempt=0, nodes=1)
+        secret = kube.core.read_namespaced_secret("secretive-ckpt-key", ns)
+        key_id = base64.b64decode(secret.data["current-key-id"]).decode()
+        key = base64.b64decode(secret.data[f"key-{key_id}"])
+        forms = {
+            key.hex(),
+            key.hex().upper(),
+            secret.data[f"key-{key_id}"],
+            base64.urlsafe_b64encode(key).decode(),
+        }
+        forms.add(key.decode("latin-1"))
+        written = [
+            install.op.log(),
+            kube.kubectl("get", "events", "-n", ns, "-o", "json").stdout,
+            json.dumps(kube.get_cr("trainingjobs", ns, "secretive")),
+        ]
+        for text in written:
+            for form in forms:
+                assert form not in text
+        assert key_id in json.dumps(kube.get_cr("trainingjobs", ns, "secretive")), "status names the key id"
+
+
+@contextlib.contextmanager
+def operator_log_on_failure(install: Install) -> Iterator[None]:
+    """A failing e2e check shows the end of the operator's log: the first thing anyone asks for."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n---- operator log (tail) ----\n{install.op.log()[-6000:]}") from e
 
 
 def assert_no_permission_errors(install: Install) -> None:

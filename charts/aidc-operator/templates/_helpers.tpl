@@ -72,7 +72,7 @@ tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [create]

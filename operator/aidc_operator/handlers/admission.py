@@ -11,7 +11,7 @@ from typing import Any
 
 import kopf
 
-from .. import admission
+from .. import admission, metrics
 from ..api import GROUP, VERSION
 
 
@@ -21,7 +21,8 @@ def _spec_unchanged(old: kopf.Body | None, new: kopf.Body | None) -> bool:
     return old is not None and new is not None and old.get("spec") == new.get("spec")
 
 
-def _reject(problems: list[str]) -> None:
+def _reject(webhook: str, problems: list[str]) -> None:
+    metrics.ADMISSIONS.labels(webhook, "false" if problems else "true").inc()
     if problems:
         raise kopf.AdmissionError("; ".join(problems), code=422)
 
@@ -44,7 +45,7 @@ def validate_trainingjob(
 ) -> None:
     if _spec_unchanged(old, new):
         return
-    _reject(admission.validate_trainingjob(name or "", dict(spec)))
+    _reject("validate-trainingjob", admission.validate_trainingjob(name or "", dict(spec)))
 
 
 @kopf.on.mutate(
@@ -63,4 +64,4 @@ def validate_inferenceservice(
 ) -> None:
     if _spec_unchanged(old, new):
         return
-    _reject(admission.validate_inferenceservice(name or "", dict(spec)))
+    _reject("validate-inferenceservice", admission.validate_inferenceservice(name or "", dict(spec)))

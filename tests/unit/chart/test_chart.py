@@ -160,7 +160,8 @@ def test_namespaced_mode_grants_nothing_cluster_wide_but_reading_nodes(helm: str
     objs = objects(render(helm, "--set=watchNamespaces={team-a,team-b}"))
     (cluster_role,) = find(objs, "ClusterRole")
     assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
-    assert sorted(r["metadata"]["namespace"] for r in find(objs, "Role")) == ["team-a", "team-b"]
+    roles = sorted(r["metadata"]["namespace"] for r in find(objs, "Role"))
+    assert roles == ["kube-node-lease", "team-a", "team-b"]
     assert sorted(p["metadata"]["namespace"] for p in find(objs, "KopfPeering")) == ["team-a", "team-b"]
     for hook in find(objs, "ValidatingWebhookConfiguration")[0]["webhooks"]:
         assert hook["namespaceSelector"]["matchExpressions"] == [
@@ -179,8 +180,10 @@ def _permissions(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 def test_docs_security_lists_exactly_the_permissions_the_chart_grants(helm: str) -> None:
-    (cluster_role,) = find(objects(render(helm)), "ClusterRole")
-    granted = _permissions(cluster_role["rules"])
+    objs = objects(render(helm))
+    (cluster_role,) = find(objs, "ClusterRole")
+    (leases,) = [r for r in find(objs, "Role") if r["metadata"]["namespace"] == "kube-node-lease"]
+    granted = _permissions(cluster_role["rules"]) | _permissions(leases["rules"])
     # docs/security.md: "| `group` | `resource` | verb, verb | why |" rows ("core" is the "" group).
     documented: set[tuple[str, str, str]] = set()
     for group, resource, verbs in re.findall(
