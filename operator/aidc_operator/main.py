@@ -16,7 +16,7 @@ from . import handlers  # noqa: F401 - registers the handlers
 
 PREFIX = "aidc.dev"
 _webhook: dict[str, Any] = {}  # set by cli(): where the admission webhook server listens, if anywhere
-_exact_namespaces: list[bool] = []  # set by cli(): [True] when every --namespace is a plain name
+_namespaces: list[str] = []  # set by cli(): the --namespace patterns (empty: cluster-wide)
 
 
 def is_exact(pattern: str) -> bool:
@@ -47,7 +47,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = int(os.environ.get("AIDC_PEERING_PRIORITY") or default_priority())
     settings.peering.lifetime = int(os.environ.get("AIDC_PEERING_LIFETIME", "20"))
     settings.peering.stealth = True  # keep-alives every few seconds would drown the log
-    if _exact_namespaces:
+    if _namespaces and all(is_exact(ns) for ns in _namespaces):
         # Known namespaces: nothing to discover, so no cluster-wide list/watch of Namespaces and CRDs,
         # and a namespaced install's RBAC can leave them out.
         settings.scanning.disabled = True
@@ -60,6 +60,34 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             certfile=_webhook["cert"],
             pkeyfile=_webhook["key"],
         )
+
+
+@kopf.on.startup()
+def check_peering(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+    """kopf waits, silently paused, until its peering object exists: say so at startup."""
+    if settings.peering.standalone or not settings.peering.mandatory:
+        return
+    from kubernetes.client.exceptions import ApiException
+
+    from .kubeio import custom
+
+    name = settings.peering.name
+    scopes: list[str | None] = [ns for ns in _namespaces if is_exact(ns)] if _namespaces else [None]
+    for ns in scopes:
+        try:
+            if ns is None:
+                custom().get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+            else:
+                custom().get_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings", name)
+        except ApiException as e:
+            what = f"ClusterKopfPeering {name!r}" if ns is None else f"KopfPeering {name!r} in {ns!r}"
+            if e.status == 404:
+                logger.warning(
+                    f"{what} does not exist: this replica stays paused until it does (the Helm chart "
+                    "creates it; run with --standalone for a single replica without peering)"
+                )
+            else:
+                logger.warning(f"cannot read {what}: {e.status} {e.reason}")
 
 
 @kopf.on.probe(id="alive")
@@ -105,8 +133,7 @@ def cli(argv: list[str] | None = None) -> None:
         _webhook.update(
             addr=args.webhook_addr, port=args.webhook_port, cert=args.webhook_cert, key=args.webhook_key
         )
-    if args.namespace and all(is_exact(ns) for ns in args.namespace):
-        _exact_namespaces.append(True)
+    _namespaces.extend(args.namespace)
     # kopf's formatter prefixes messages about an object with [namespace/name]; json for log pipelines.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_prefix=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # probes every few seconds
