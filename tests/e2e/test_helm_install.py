@@ -41,6 +41,7 @@ class Install:
     ns: str  # the namespace the operator serves (watchNamespaces)
     sa: str
     op: OperatorProcess
+    values: list[str]  # the --set flags it was installed with
 
     @property
     def user(self) -> str:
@@ -108,19 +109,14 @@ def install(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[In
     ns = kube.create_namespace("e2e", prefix="o")
     release = f"aidc-{ns.rsplit('-', 1)[1]}"  # cluster-scoped names must not collide across runs
     port = free_port()
-    helm(
-        kube,
-        "install",
-        release,
-        str(CHART),
-        "-n",
-        system_ns,
+    values = [
         f"--set=fullnameOverride={release}",
         f"--set=watchNamespaces={{{ns}}}",
         f"--set=webhook.port={port}",
         f"--set=webhook.url=https://127.0.0.1:{port}",
         "--set=webhook.certExtraIPs={127.0.0.1}",
-    )
+    ]
+    helm(kube, "install", release, str(CHART), "-n", system_ns, *values)
     op = None
     try:
         deploy = kube.apps.read_namespaced_deployment(release, system_ns)
@@ -151,7 +147,7 @@ def install(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[In
             ),
             timeout=90,
         )
-        yield Install(kube, release, system_ns, ns, sa, op)
+        yield Install(kube, release, system_ns, ns, sa, op, values)
     finally:
         if op is not None:
             op.stop()
@@ -314,6 +310,26 @@ def test_key_material_never_leaves_the_secret(install: Install) -> None:
             for form in forms:
                 assert form not in text
         assert key_id in json.dumps(kube.get_cr("trainingjobs", ns, "secretive")), "status names the key id"
+
+
+def test_upgrade_keeps_the_webhook_certificate(install: Install) -> None:
+    """The chart generates its serving certificate once: an upgrade must not replace it (pods would serve
+    a certificate the new caBundle does not trust until their Secret volume refreshes)."""
+    kube = install.kube
+
+    def cert_and_bundles() -> tuple[str, set[str]]:
+        secret = kube.core.read_namespaced_secret(f"{install.release}-webhook-cert", install.system_ns)
+        config = kube.kubectl("get", "validatingwebhookconfiguration", install.release, "-o", "json").stdout
+        return secret.data["tls.crt"], {w["clientConfig"]["caBundle"] for w in json.loads(config)["webhooks"]}
+
+    before = cert_and_bundles()
+    helm(kube, "upgrade", install.release, str(CHART), "-n", install.system_ns, *install.values)
+    assert cert_and_bundles() == before
+    # ... and the operator still answers with it.
+    out = kube.kubectl(
+        "apply", "--dry-run=server", "-n", install.ns, "-f", "-", input=_tj("again"), check=False
+    )
+    assert out.returncode == 0, out.stderr
 
 
 @contextlib.contextmanager
