@@ -10,7 +10,7 @@ export PYTHONPATH := operator:trainer:server:hack/cluster
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help venv cluster-build cluster-up cluster-down cluster-status crds lint format test test-unit \
-        test-integration run operator demo bench helm-lint images clean
+        run bench helm-lint images clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -53,6 +53,16 @@ run: cluster-up crds ## set up everything, start the cluster + operator, run the
 
 bench: venv cluster-build ## run the benchmarks (see docs/benchmarks.md)
 	@for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b; done
+
+helm-lint: cluster-build ## helm lint the chart with the cached helm
+	@"$$($(CLUSTER) build 2>/dev/null)/helm" lint charts/aidc-operator --strict
+
+images: ## build the operator, trainer and server images (needs docker or buildah)
+	@engine=$$(command -v docker || command -v buildah || true); \
+	if [ -z "$$engine" ] || ! $$engine info >/dev/null 2>&1; then \
+	  echo "images: no working docker/buildah engine here; see docker/README.md"; exit 1; fi; \
+	for c in operator trainer server; do \
+	  echo "== aidc-$$c"; $$engine build -f docker/$$c.Dockerfile -t ghcr.io/aidc-dev/aidc-$$c:0.1.0 . || exit 1; done
 
 clean: cluster-down ## stop the cluster and remove local state (the ~/.cache/aidc cache stays)
 	rm -rf .state
