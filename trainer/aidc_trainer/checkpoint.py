@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -421,13 +422,11 @@ class Checkpointer:
     group: Any = None
     run_id: str = "0"
     on_saved: Callable[[SaveResult], None] | None = None
-    _pool: concurrent.futures.ThreadPoolExecutor = field(init=False, repr=False)
     _inflight: concurrent.futures.Future[SaveResult] | None = field(default=None, init=False, repr=False)
     last: SaveResult | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aidc-ckpt")
         self._snap = _Snapshotter()
 
     # ---- save
@@ -451,7 +450,7 @@ class Checkpointer:
         payload = self._snap.copy(tree)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # non_blocking device→host copies must land before the thread reads
-        self._inflight = self._pool.submit(self._write, step, payload, dict(extra or {}))
+        self._inflight = self._start(step, payload, dict(extra or {}))
         if block:
             self.wait()
         return time.perf_counter() - t0
@@ -470,7 +469,22 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
-        self._pool.shutdown(wait=True)
+
+    def _start(
+        self, step: int, payload: dict[str, Any], extra: dict[str, Any]
+    ) -> concurrent.futures.Future[SaveResult]:
+        # A daemon thread, not an executor: if training dies while a save waits on a dead peer,
+        # the process must still exit (the half-written temp directory is never published).
+        fut: concurrent.futures.Future[SaveResult] = concurrent.futures.Future()
+
+        def body() -> None:
+            try:
+                fut.set_result(self._write(step, payload, extra))
+            except BaseException as e:
+                fut.set_exception(e)
+
+        threading.Thread(target=body, name=f"aidc-ckpt-{step}", daemon=True).start()
+        return fut
 
     def _write(self, step: int, payload: dict[str, Any], extra: dict[str, Any]) -> SaveResult:
         t0 = time.perf_counter()
