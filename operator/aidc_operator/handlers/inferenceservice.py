@@ -22,11 +22,13 @@ from .. import kubeio, metrics
 from ..api import GROUP, VERSION
 from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ModelSpec
 from ..builders import inferenceservice as build
-from ..builders.common import LABEL_ISVC, Owner
+from ..builders.common import LABEL_ISVC, LABEL_ROLE, Owner
 from ..conditions import get_condition, set_condition
 from .validation import describe_validation_error
 
 PLURAL = "inferenceservices"
+PROBED_PODS = 5  # servers asked per pass: enough to explain, cheap at any scale
+PROXY_TIMEOUT_SECONDS = 2
 RESYNC_SECONDS = 30.0
 WAITING_RESYNC_SECONDS = 10.0  # model source missing: look again soon (TrainingJob events also wake us)
 INITIAL_SCALE_MANAGER = "aidc-operator-initial-scale"
@@ -141,6 +143,47 @@ def _pod_trouble(namespace: str, name: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ServerReport:
+    """What the primary's model servers say about themselves (GET through the apiserver's pod proxy)."""
+
+    versions: frozenset[str] = frozenset()  # checkpoint steps the ready servers serve
+    not_ready: str | None = None  # the first unready server's own reason
+
+
+def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> ServerReport:
+    """Ask each running primary pod, through the apiserver's pod proxy (pods/proxy), for its readiness
+    reason and served version: Kubernetes keeps a failed probe's body to itself, and this is what lets
+    the InferenceService say *why* a server is unready (no verified checkpoint, tampered, wrong key …).
+    Unreachable pods are skipped; this never fails a reconcile."""
+    scheme = "https" if spec.tls_secret_ref else "http"
+    model = build.model_name_of(spec, name)
+    versions: set[str] = set()
+    not_ready: str | None = None
+    core = kubeio.core()
+    pods = core.list_namespaced_pod(
+        namespace, label_selector=f"{LABEL_ISVC}={name},{LABEL_ROLE}={build.PRIMARY}"
+    )
+    for pod in pods.items[:PROBED_PODS]:
+        if pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
+            continue
+        target = f"{scheme}:{pod.metadata.name}:{spec.port}"
+        try:
+            body = core.connect_get_namespaced_pod_proxy_with_path(
+                target, namespace, f"v2/models/{model}", _request_timeout=PROXY_TIMEOUT_SECONDS
+            )
+            meta = json.loads(body) if isinstance(body, str) else {}
+            versions.update(str(v) for v in meta.get("versions") or [])
+        except ApiException as e:
+            with contextlib.suppress(ValueError, TypeError):
+                reason = json.loads(e.body or "{}").get("reason") or json.loads(e.body or "{}").get("error")
+                if reason and not_ready is None:
+                    not_ready = f"pod {pod.metadata.name}: {reason}"
+        except Exception:
+            continue
+    return ServerReport(frozenset(versions), not_ready)
+
+
 def _apply_children(
     owner: Owner,
     spec: InferenceServiceSpec,
@@ -236,8 +279,20 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
 
     old = InferenceServiceStatus.model_validate(body.get("status") or {})
     trouble = None if _ready(primary_dep) else _pod_trouble(namespace, name)
+    report = _server_reports(namespace, name, spec) if primary_dep else ServerReport()
     st = plan_status(
-        old, owner, spec, generation, primary, canary, primary_dep, canary_dep, canary_wanted, trouble, _now()
+        old,
+        owner,
+        spec,
+        generation,
+        primary,
+        canary,
+        primary_dep,
+        canary_dep,
+        canary_wanted,
+        trouble,
+        _now(),
+        report,
     )
     events += transition_events(old, st)
     new_status = st.model_dump(by_alias=True, mode="json")
@@ -260,6 +315,7 @@ def plan_status(
     canary_wanted: int,
     pod_trouble: str | None,
     now: str,
+    report: ServerReport = ServerReport(),
 ) -> InferenceServiceStatus:
     """The status the observed world adds up to (pure)."""
     st = old.model_copy(deep=True)
@@ -289,6 +345,8 @@ def plan_status(
             reason, message = "ModelUnresolved", primary.message
         elif pod_trouble:
             reason, message = "PodsNotStarting", pod_trouble
+        elif report.not_ready:
+            reason, message = "ModelNotLoaded", report.not_ready
         else:
             reason = "NoReadyReplicas"
             message = (
@@ -297,10 +355,14 @@ def plan_status(
             )
         set_condition(conds, "Ready", "False", reason, message, now, generation)
 
-    # The version the servers converge to: the newest checkpoint the TrainingJob reported (they load the
-    # newest verified one and hot-swap within model.watchSeconds). Storage gives the operator no version.
+    # What the ready servers say they serve (several during a hot swap). When none could be asked, the
+    # version they converge to: the newest checkpoint the TrainingJob reported (servers load the newest
+    # verified one and hot-swap within model.watchSeconds). Storage alone gives no version.
     last = ((primary.job or {}).get("status") or {}).get("lastCheckpoint") or {}
-    st.model_version = str(last["step"]) if st.ready_replicas and "step" in last else None
+    if report.versions:
+        st.model_version = ",".join(sorted(report.versions, key=lambda v: (len(v), v)))
+    else:
+        st.model_version = str(last["step"]) if st.ready_replicas and "step" in last else None
 
     if spec.canary is None:
         st.conditions = [c for c in conds if c.type != "CanaryReady"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aidc_operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from aidc_operator.builders import inferenceservice as build
 from aidc_operator.builders.common import Owner
-from aidc_operator.handlers.inferenceservice import Resolution, plan_status, transition_events
+from aidc_operator.handlers.inferenceservice import Resolution, ServerReport, plan_status, transition_events
 
 OWNER = Owner("InferenceService", "digits", "ns", "uid")
 NOW = "2026-11-26T00:00:00Z"
@@ -115,3 +115,40 @@ def test_a_fixed_spec_clears_invalid() -> None:
     )
     st = status(old=old, primary_dep=dep(0))
     assert st.phase == "Pending" and cond(st, "Invalid").status == "False"
+
+
+def test_servers_own_reports_give_the_unready_reason_and_the_served_version() -> None:
+    """What the model servers answer through the apiserver's pod proxy outranks what the operator
+    can infer: the reason a server refuses its checkpoint, and the version it really serves."""
+    tampered = ServerReport(not_ready="pod digits-x: no usable checkpoint: step-000000300 refused (tampered)")
+    st = plan_status(
+        InferenceServiceStatus(),
+        OWNER,
+        spec(),
+        3,
+        Resolution(RESOLVED, "TrainingJobResolved", "ok", JOB),
+        None,
+        dep(0),
+        None,
+        0,
+        None,
+        NOW,
+        tampered,
+    )
+    assert cond(st, "Ready").reason == "ModelNotLoaded" and "tampered" in cond(st, "Ready").message
+    serving = ServerReport(versions=frozenset({"200", "1000"}))  # mid hot-swap: two replicas disagree
+    st = plan_status(
+        InferenceServiceStatus(),
+        OWNER,
+        spec(),
+        3,
+        Resolution(RESOLVED, "TrainingJobResolved", "ok", JOB),
+        None,
+        dep(2, 2),
+        None,
+        0,
+        None,
+        NOW,
+        serving,
+    )
+    assert st.model_version == "200,1000", "the servers' word, not the job's last checkpoint (300)"
