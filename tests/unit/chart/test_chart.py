@@ -31,6 +31,7 @@ VARIANTS = {
         "--set=watchNamespaces={team-a,team-b}",
         "--set=webhook.certManager.enabled=true",
         "--set=metrics.serviceMonitor.enabled=true",
+        "--set=metrics.prometheusRule.enabled=true",
         "--set=grafanaDashboard.enabled=true",
     ],
 }

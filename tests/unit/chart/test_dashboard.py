@@ -56,6 +56,27 @@ def test_every_queried_metric_is_exported() -> None:
     assert {n.split("_")[1] for n in queried() if n.startswith("aidc_")} >= {"trainer", "server", "reconcile"}
 
 
+def test_alert_rules_use_exported_metrics() -> None:
+    helm = str(build_binaries() / "helm")
+    chart = str(ROOT / "charts" / "aidc-operator")
+    out = subprocess.run(
+        [helm, "template", "a", chart, "--kube-version=1.34.0", "--set=metrics.prometheusRule.enabled=true"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (rule,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "PrometheusRule"]
+    exprs = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    available = exported(REGISTRY) | PROMETHEUS_BUILTINS
+    used = set()
+    for expr in exprs:
+        used |= set(re.findall(r"\b(aidc_[a-z0-9_]+|up)\b(?!\s*\()", re.sub(r'"[^"]*"', "", expr)))
+    assert used and used <= available, sorted(used - available)
+    assert 'up{job="a-aidc-operator-metrics"}' in exprs[0], (
+        "the down alert must match the metrics Service's job"
+    )
+
+
 def test_panels_have_unique_ids_and_no_overlap() -> None:
     panels = json.loads(DASHBOARD.read_text())["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
