@@ -40,9 +40,7 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     names = quantizable_linears(module)
     if not names:
         raise ValueError("the network has no Linear layer to quantize")
-    if any(isinstance(m, _FUSED) for m in module.modules()) and torch.backends.mha.get_fastpath_enabled():
-        log.info("int8: turning off torch's fused transformer fast path (it needs float Linear weights)")
-        torch.backends.mha.set_fastpath_enabled(False)
+    _no_fused_fast_path(module)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation notice, once per load, helps nobody
@@ -55,6 +53,12 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     except (ImportError, AttributeError, RuntimeError, NotImplementedError) as e:
         log.warning("dynamic int8 quantization unavailable (%s); using weight-only int8", e)
         return weight_only_int8(module, names)
+
+
+def _no_fused_fast_path(module: nn.Module) -> None:
+    if any(isinstance(m, _FUSED) for m in module.modules()) and torch.backends.mha.get_fastpath_enabled():
+        log.info("int8: turning off torch's fused transformer fast path (it needs float Linear weights)")
+        torch.backends.mha.set_fastpath_enabled(False)
 
 
 class WeightOnlyInt8Linear(nn.Module):
@@ -77,6 +81,7 @@ class WeightOnlyInt8Linear(nn.Module):
 
 def weight_only_int8(module: nn.Module, names: set[str] | None = None) -> nn.Module:
     names = quantizable_linears(module) if names is None else names
+    _no_fused_fast_path(module)
     for name in sorted(names):
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -185,12 +186,13 @@ def test_newer_tampered_checkpoint_is_not_swapped_in(tmp_path):
         httpx.Client(base_url=base, timeout=10) as client,
     ):
         wait_for(lambda: client.get("/v2/health/ready").status_code == 200)
-        write_checkpoint(root, 2, MLP_SPEC, keys, seed=2)
-        tamper(root / "step-000000002" / "rank-0.bin")
-        # Give the watcher several polls; it must keep serving step 1.
-        import time
-
-        time.sleep(0.6)
+        # Tamper before it appears (the watcher must never see the good bytes), then publish it
+        # with one rename, as the trainer does.
+        staging = tmp_path / "staging"
+        write_checkpoint(staging, 2, MLP_SPEC, keys, seed=2)
+        tamper(staging / "step-000000002" / "rank-0.bin")
+        (staging / "step-000000002").rename(root / "step-000000002")
+        time.sleep(0.6)  # several polls; it must keep serving step 1
         assert client.get("/v2/health/ready").status_code == 200
         r = client.post("/v2/models/mlp/infer", json=BODY)
         assert r.json()["model_version"] == "1"
