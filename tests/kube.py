@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kubernetes import client, config
+
 from localcluster import LocalCluster, build_binaries
 
 T = TypeVar("T")
