@@ -211,3 +211,23 @@ def test_grad_accumulation_matches_one_big_batch_and_bf16_trains(tmp_path: Path)
         torch.testing.assert_close(accum.state["model"][k], v, rtol=1e-4, atol=1e-5)
     diff = max((bf16.state["model"][k] - v).abs().max().item() for k, v in big.state["model"].items())
     assert 0 < diff < 0.05  # bf16 autocast really ran (differs) yet follows the same trajectory
+
+
+def test_time_triggered_checkpoints_and_resume_on_a_smaller_world(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    args = ["--steps", "600", "--eval-every", "0", "--checkpoint-dir", str(ck)]
+    args += ["--checkpoint-every-seconds", "0.2", "--checkpoint-keep", "100"]
+    node = Node(tmp_path / "two.log", args, nproc=2)
+    assert node.wait(timeout=180) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    steps = [C._step_of(p) for p in C.list_checkpoints(ck)]
+    assert len(steps) >= 3 and steps[-1] == 600  # saved on the clock, not only at the end
+    assert all(s % 10 == 0 for s in steps)  # both ranks agreed at a control sync
+    assert C.load_latest(ck, None).manifest["world_size"] == 2  # type: ignore[union-attr]
+
+    # the job comes back with one process (elastic shrink): model and optimiser carry over
+    out = _python_trainer(["--steps", "650", "--eval-every", "0", "--checkpoint-dir", str(ck)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    resume = [json.loads(x) for x in out.stderr.splitlines() if '"event": "resume"' in x]
+    assert resume[0]["step"] == 600
+    final = C.load_latest(ck, None)
+    assert final is not None and final.step == 650 and final.manifest["world_size"] == 1
