@@ -346,3 +346,41 @@ def assert_no_permission_errors(install: Install) -> None:
     for needle in ("Forbidden", "forbidden", "403", "Not enough permissions"):
         lines = [line for line in log.splitlines() if needle in line]
         assert not lines, "permission problems under the chart's RBAC:\n" + "\n".join(lines[:10])
+
+
+def test_cluster_wide_install_grants_reads_by_name_but_no_secret_listing(crds: Kube) -> None:
+    """The default (cluster-wide) install, RBAC only: webhooks off, so no other namespace's admission
+    depends on a webhook nobody serves here."""
+    kube = crds
+    system_ns = kube.create_namespace("aidc-wide", prefix="o")
+    release = f"aidcw-{system_ns.rsplit('-', 1)[1]}"
+    values = [f"--set=fullnameOverride={release}", "--set=webhook.enabled=false"]
+    helm(kube, "install", release, str(CHART), "-n", system_ns, *values)
+    helm_uninstall = ("uninstall", release, "-n", system_ns)
+    try:
+        # Upgrading in place works too (CRDs and the peering object already there).
+        helm(kube, "upgrade", release, str(CHART), "-n", system_ns, *values)
+        user = f"--as=system:serviceaccount:{system_ns}:{release}"
+        expectations = [
+            (["get", "secrets", "-n", "default"], True),
+            (["list", "secrets", "-n", "default"], False),
+            (["list", "secrets", "--all-namespaces"], False),
+            (["create", "pods", "-n", "default"], True),
+            (["patch", "clusterkopfpeerings.kopf.dev"], True),
+            (["patch", "kopfpeerings.kopf.dev", "-n", "default"], False),
+            (["list", "customresourcedefinitions.apiextensions.k8s.io"], True),
+            (["list", "namespaces"], False),
+            (["create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"], False),
+        ]
+        wrong = [
+            f"{' '.join(args)}: {out}"
+            for args, allowed in expectations
+            if ((out := kube.kubectl("auth", "can-i", *args, user, check=False).stdout.strip()) == "yes")
+            != allowed
+        ]
+        assert not wrong, "\n".join(wrong)
+        peerings = kube.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split()
+        assert "clusterkopfpeering.kopf.dev/aidc" in peerings
+    finally:
+        helm(kube, *helm_uninstall)
+        kube.delete_namespace(system_ns)
