@@ -74,8 +74,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_cleanly(tmp_path, server_p
     results: list[int] = []
 
     def in_flight_request() -> None:
-        # The body arrives in two parts, 2 s apart: the request is mid-flight when SIGTERM lands.
-        body = slow_body(payload[:20], payload[20:], pause=2.0)
+        # The body arrives in two parts, 4 s apart: the request is mid-flight when SIGTERM lands.
+        body = slow_body(payload[:20], payload[20:], pause=4.0)
         r = httpx.post(f"{server.base}/v2/models/mlp/infer", content=body, timeout=30)
         results.append(r.status_code)
 
