@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from typing import Any
 
@@ -54,6 +55,16 @@ def observe_trainingjob(body: dict[str, Any], plan: Any, now: dt.datetime | None
     recovered = recovery_seconds(old, new, now)
     if recovered is not None:
         RECOVERY_SECONDS.labels(recovered[0]).observe(recovered[1])
+
+
+def forget_trainingjob(namespace: str, name: str) -> None:
+    """Drop a deleted job's series, so its last phase (Failed, say) does not stay on dashboards and keep
+    alerts firing until the operator restarts."""
+    series = [(JOB_PHASE, (namespace, name, phase)) for phase in _PHASES]
+    series += [(RESTARTS, (namespace, name)), (NODE_FAILURES, (namespace, name))]
+    for metric, labels in series:
+        with contextlib.suppress(KeyError):  # never observed
+            metric.remove(*labels)
 
 
 def recovery_seconds(

@@ -59,3 +59,21 @@ def test_restart_counters_count_increments_once() -> None:
     metrics.observe_trainingjob(body("flaky", phase="Running", restarts=0), plan, now=NOW)
     metrics.observe_trainingjob(body("flaky", phase="Restarting", restarts=2), plan, now=NOW)  # same status
     assert sample("aidc_trainingjob_restarts_total", namespace="ns", name="flaky") == 2
+
+
+def test_a_deleted_job_leaves_no_series_behind() -> None:
+    plan = SimpleNamespace(status=status("Failed", restarts=1, failed_at="2026-11-26T12:00:00Z"))
+    metrics.observe_trainingjob(body("gone", phase="Running"), plan, now=NOW)
+    assert sample("aidc_trainingjob_phase", namespace="ns", name="gone", phase="Failed") == 1
+    metrics.forget_trainingjob("ns", "gone")
+    metrics.forget_trainingjob("ns", "never-seen")  # harmless
+    assert (
+        REGISTRY.get_sample_value(
+            "aidc_trainingjob_phase", {"namespace": "ns", "name": "gone", "phase": "Failed"}
+        )
+        is None
+    )
+    assert (
+        REGISTRY.get_sample_value("aidc_trainingjob_restarts_total", {"namespace": "ns", "name": "gone"})
+        is None
+    )
