@@ -171,15 +171,17 @@ def create_app(model: Model, options: ServingOptions | None = None) -> FastAPI:
                 target = resolve(name, version)
                 parsed = decode_request(body)
                 target.validate(parsed.inputs)
+                if parsed.outputs is not None:  # checked before spending a forward pass on it
+                    known = sorted(spec.name for spec in target.outputs)
+                    unknown = [o for o in parsed.outputs if o not in known]
+                    if unknown:
+                        raise InvalidInput(f"unknown output '{unknown[0]}'; model has {known}")
             finally:
                 state.arriving -= 1
             assert state.batcher is not None
             ran_version, outputs = await state.batcher.submit(parsed.inputs)
             if parsed.outputs is not None:
-                unknown = [o for o in parsed.outputs if o not in outputs]
-                if unknown:
-                    raise InvalidInput(f"unknown output '{unknown[0]}'; model has {sorted(outputs)}")
-                outputs = {o: outputs[o] for o in parsed.outputs}
+                outputs = {o: outputs[o] for o in parsed.outputs if o in outputs}
             return Response(
                 encode_response(name, ran_version or "", outputs, parsed.id), media_type="application/json"
             )
