@@ -12,7 +12,7 @@ from typing import Any
 from aidc_trainer.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PARALLEL = ("ddp", "none")
+PARALLEL = ("ddp", "fsdp", "none")
 
 # field name -> environment variable the operator renders (docs/contracts.md)
 ENV = {
@@ -41,7 +41,9 @@ class TrainConfig:
     precision: str = field(
         default="fp32", metadata={"help": "fp32 | bf16 | fp16 (autocast; fp16 adds GradScaler)"}
     )
-    parallel: str = field(default="ddp", metadata={"help": "ddp | none"})
+    parallel: str = field(
+        default="ddp", metadata={"help": "ddp | fsdp (FSDP2, full-state checkpoints) | none"}
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     deterministic: bool = field(default=True, metadata={"help": "deterministic kernels (bitwise resume)"})
     eval_every: int = field(default=50, metadata={"help": "evaluate every N steps (0: only at the end)"})

@@ -96,8 +96,19 @@ class Trainer:
         self.start_step = 0
 
     # ---------------------------------------------------------------------------------- parts
+    @property
+    def fsdp(self) -> bool:
+        return self.env.distributed and self.cfg.parallel == "fsdp"
+
     def _shared_state(self) -> dict[str, Any]:
-        s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.fsdp:  # collective: gathers full (unsharded) tensors to rank 0's CPU
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+            s = {"model": model_sd, "optimizer": optim_sd}
+        else:
+            s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.precision.scaler.is_enabled():
             s["scaler"] = self.precision.scaler.state_dict()
         return s
@@ -112,8 +123,20 @@ class Trainer:
             log.info("no valid checkpoint: starting from step 0", extra={"event": "resume", "step": 0})
             return
         st = loaded.state
-        self.model.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        if self.fsdp:  # every rank holds the full state (read from rank-0's file) and keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=st["model"],
+                optim_state_dict=st["optimizer"],
+                options=opts,
+            )
+        else:
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
         if "scaler" in st and self.precision.scaler.is_enabled():
             self.precision.scaler.load_state_dict(st["scaler"])
         if st.get("rank") and loaded.manifest.get("world_size") == self.env.world_size:
@@ -196,6 +219,10 @@ class Trainer:
     def fit(self) -> Result:
         cfg, env = self.cfg, self.env
         model = self.model
+        if self.fsdp:  # shard first: the optimiser must see the sharded (DTensor) parameters
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model)
         self.optimizer = self.recipe.build_optimizer(model.parameters(), cfg)
         self._restore()
         if env.distributed and cfg.parallel == "ddp":

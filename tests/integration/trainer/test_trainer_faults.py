@@ -231,3 +231,20 @@ def test_time_triggered_checkpoints_and_resume_on_a_smaller_world(tmp_path: Path
     assert resume[0]["step"] == 600
     final = C.load_latest(ck, None)
     assert final is not None and final.step == 650 and final.manifest["world_size"] == 1
+
+
+def test_fsdp_saves_full_state_and_resumes(tmp_path: Path) -> None:
+    common = ["--parallel", "fsdp", "--eval-every", "0", "--checkpoint-every-steps", "20"]
+    common += ["--checkpoint-dir", str(tmp_path / "ck")]
+    for steps, log in (("20", "part1.log"), ("40", "part2.log")):
+        part = Node(tmp_path / log, [*common, "--steps", steps], nproc=2)
+        assert part.wait(timeout=180) == 0, (tmp_path / log).read_text()[-3000:]
+    assert events(tmp_path / "part2.log", "resume")[0]["step"] == 20
+    train = events(tmp_path / "part2.log", "train")
+    assert train[0]["step"] == 30 and train[-1]["loss"] < events(tmp_path / "part1.log", "train")[0]["loss"]
+    # the sharded model was saved as a plain full state dict the model server can load
+    ck = C.load_latest(tmp_path / "ck", None)
+    assert ck is not None and ck.step == 40 and ck.manifest["world_size"] == 2
+    model = C.build_model_from_manifest(ck.manifest)
+    model.load_state_dict(ck.state["model"])
+    assert set(ck.state["optimizer"]["state"])  # Adam state came along, unsharded
