@@ -163,9 +163,13 @@ def main() -> int:
     pods_dir = state / "pods" / NS
 
     def server_address() -> str | None:
-        for addr in sorted(pods_dir.glob("demo-mlp-*/address")):
-            if "-a" in addr.parent.name:
-                continue  # a training pod
+        pods = json.loads(
+            c.kubectl("get", "pods", "-n", NS, "-l", "aidc.dev/inferenceservice=demo-mlp", "-o", "json")
+        )["items"]
+        for pod in pods:
+            addr = pods_dir / pod["metadata"]["name"] / "address"
+            if not addr.exists():
+                continue
             host = addr.read_text()
             with urllib.request.urlopen(f"http://{host}:8080/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
