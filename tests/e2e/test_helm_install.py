@@ -15,6 +15,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,6 +170,9 @@ MATRIX = [
     ("delete", "pods", "ns", True),
     ("watch", "pods", "ns", True),
     ("create", "pods/exec", "ns", False),
+    ("get", "pods/proxy", "ns", True),
+    ("create", "pods/proxy", "ns", False),
+    ("get", "pods/portforward", "ns", False),
     ("get", "pods/log", "ns", False),
     ("get", "secrets", "ns", True),
     ("create", "secrets", "ns", True),
@@ -272,7 +276,7 @@ def test_inferenceservice_is_reconciled_under_the_charts_rbac(install: Install) 
             "apiVersion": "aidc.dev/v1alpha1",
             "kind": "InferenceService",
             "metadata": {"name": "smoke-svc"},
-            "spec": {"model": {"fromTrainingJob": "smoke"}},
+            "spec": {"model": {"storage": {"volume": {"emptyDir": {}}, "path": "models/smoke"}}},
         }
         kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(isvc))
         assert kube.get_cr("inferenceservices", ns, "smoke-svc")["spec"]["model"]["name"] == "smoke-svc"
@@ -281,6 +285,12 @@ def test_inferenceservice_is_reconciled_under_the_charts_rbac(install: Install) 
             lambda: (kube.get_cr("inferenceservices", ns, "smoke-svc").get("status") or {}).get("phase"),
             timeout=60,
         )
+        # The operator asks running model servers why they are unready (pods/proxy): a permission it
+        # lacks would surface here as the reason, not as an error in its log.
+        wait_for("a model-server pod Running", lambda: kube.pods(ns, "aidc.dev/inferenceservice=smoke-svc"))
+        time.sleep(4)  # a few reconcile passes that probe the pods
+        status = json.dumps(kube.get_cr("inferenceservices", ns, "smoke-svc").get("status"))
+        assert "Forbidden" not in status and "forbidden" not in status, status
         assert_no_permission_errors(install)
 
 
