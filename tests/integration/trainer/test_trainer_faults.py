@@ -48,10 +48,10 @@ def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_
     rnd = random.Random(4)
     resumed: list[int] = []
     resumed_expect = 0
-    for round_ in range(4):
+    for round_ in range(3):
         log = tmp_path / f"round{round_}.log"
         node = Node(log, args, nproc=2)
-        if round_ == 3:  # last round: let it finish
+        if round_ == 2:  # last round: let it finish
             assert node.wait(timeout=180) == 0, log.read_text()[-3000:]
         else:
             try:
@@ -166,7 +166,7 @@ def test_missing_and_wrong_keys_exit_3_naming_the_key_id(tmp_path: Path) -> None
     assert [p.name for p in C.list_checkpoints(ck)] == ["step-000000005"]  # nothing overwritten
 
 
-def test_transformer_example_learns_the_generated_text(tmp_path: Path) -> None:
+def test_transformer_example_learns_the_generated_text_under_bf16(tmp_path: Path) -> None:
     out = _python_trainer(
         [
             "--example",
@@ -179,6 +179,8 @@ def test_transformer_example_learns_the_generated_text(tmp_path: Path) -> None:
             "0.003",
             "--eval-every",
             "0",
+            "--precision",
+            "bf16",
             "--checkpoint-dir",
             str(tmp_path / "ck"),
         ]
@@ -195,22 +197,24 @@ def test_transformer_example_learns_the_generated_text(tmp_path: Path) -> None:
     model.load_state_dict(loaded.state["model"])
 
 
-def test_grad_accumulation_matches_one_big_batch_and_bf16_trains(tmp_path: Path) -> None:
+def test_grad_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     common = ["--steps", "30", "--eval-every", "0", "--log-every", "10"]
-    runs = {
-        "big": ["--batch-size", "32"],
-        "accum": ["--batch-size", "16", "--grad-accum", "2"],
-        "bf16": ["--batch-size", "16", "--grad-accum", "2", "--precision", "bf16"],
-    }
+    runs = {"big": ["--batch-size", "32"], "accum": ["--batch-size", "16", "--grad-accum", "2"]}
     for name, extra in runs.items():
         out = _python_trainer([*common, *extra, "--checkpoint-dir", str(tmp_path / name)])
         assert out.returncode == 0, out.stderr[-3000:]
-    big, accum, bf16 = (C.load_latest(tmp_path / n, None) for n in runs)
-    assert big is not None and accum is not None and bf16 is not None
+    big, accum = (C.load_latest(tmp_path / n, None) for n in runs)
+    assert big is not None and accum is not None
     for k, v in big.state["model"].items():  # same 32 samples per step, summed in two halves
         torch.testing.assert_close(accum.state["model"][k], v, rtol=1e-4, atol=1e-5)
-    diff = max((bf16.state["model"][k] - v).abs().max().item() for k, v in big.state["model"].items())
-    assert 0 < diff < 0.05  # bf16 autocast really ran (differs) yet follows the same trajectory
+    assert not torch.equal(big.state["model"]["0.weight"], mlp_init()["0.weight"])  # it trained
+
+
+def mlp_init() -> dict[str, torch.Tensor]:
+    from aidc_trainer.examples import mlp
+
+    torch.manual_seed(0)
+    return mlp.build_model().state_dict()
 
 
 def test_time_triggered_checkpoints_and_resume_on_a_smaller_world(tmp_path: Path) -> None:
