@@ -54,8 +54,9 @@ run: cluster-up crds ## set up everything, start the cluster + operator, run the
 bench: venv cluster-build ## run the benchmarks (see docs/benchmarks.md)
 	@for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b; done
 
-helm-lint: cluster-build ## helm lint the chart with the cached helm
+helm-lint: cluster-build ## helm lint the chart, then its golden-file, schema and RBAC tests
 	@"$$($(CLUSTER) build 2>/dev/null)/helm" lint charts/aidc-operator --strict
+	@$(PY) -m pytest tests/unit/chart -q
 
 images: ## build the operator, trainer and server images (needs docker or buildah)
 	@engine=$$(command -v docker || command -v buildah || true); \

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -233,6 +234,14 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     return Outcome(plan.requeue_after, plan.events)
 
 
+def _api_message(e: ApiException) -> str:
+    """The apiserver's own sentence (it names the resource and verb, e.g. a missing RBAC rule)."""
+    try:
+        return json.loads(e.body or "{}").get("message") or ""
+    except (ValueError, AttributeError):
+        return ""
+
+
 def _comparable(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The old status restricted to the keys we write, so fields we never set don't force a patch."""
     return {k: old.get(k) for k in new}
@@ -251,12 +260,20 @@ async def trainingjob_loop(
             try:
                 outcome = await asyncio.to_thread(reconcile_once, namespace, name)
             except ApiException as e:
-                log.warning("reconcile %s/%s: API error %s %s; retrying", namespace, name, e.status, e.reason)
+                log.warning(
+                    "reconcile %s/%s: API error %s %s: %s; retrying",
+                    namespace,
+                    name,
+                    e.status,
+                    e.reason,
+                    _api_message(e),
+                )
                 metrics.RECONCILE_ERRORS.labels("TrainingJob").inc()
                 outcome = Outcome(5)
             finally:
                 metrics.RECONCILE_SECONDS.labels("TrainingJob").observe(time.monotonic() - started)
             if outcome is None:
+                metrics.forget_trainingjob(namespace, name)
                 return
             for ev in outcome.events:
                 kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
