@@ -47,6 +47,7 @@ def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_
     ]  # fmt: skip
     rnd = random.Random(4)
     resumed: list[int] = []
+    interrupted_saves = 0
     resumed_expect = 0
     for round_ in range(3):
         log = tmp_path / f"round{round_}.log"
@@ -62,7 +63,7 @@ def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_
             finally:
                 node.kill()
             assert not events(log, "done"), "run finished before the kill"
-            assert _tmp_dirs(ck), "the kill did not land during a save"
+            interrupted_saves += bool(_tmp_dirs(ck))  # a half-written save was left behind
             # whatever the kill interrupted, every published checkpoint is complete and verifies
             for p in C.list_checkpoints(ck):
                 C.verify(p, ring)
@@ -72,6 +73,8 @@ def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_
             assert r and r[0]["step"] == resumed_expect, f"round {round_}: resumed from {r and r[0]['step']}"
             resumed.append(r[0]["step"])
         resumed_expect = newest
+    # saves run back to back, so a kill misses one only in the ~1 ms between two of them
+    assert interrupted_saves >= 1, "no kill landed during a save"
     assert resumed == sorted(resumed) and resumed[0] > 0  # always moved forward, never restarted at 0
     final = C.load_latest(ck, ring)
     assert final is not None and final.step == steps
