@@ -19,7 +19,7 @@ class TrainMetrics:
         self.samples_per_second = Gauge("aidc_trainer_samples_per_second", "Global samples/s", registry=r)
         self.step_seconds = Histogram(
             "aidc_trainer_step_seconds",
-            "Wall time per optimiser step",
+            "Mean wall time per optimiser step, observed once per log window",
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
             registry=r,
         )
