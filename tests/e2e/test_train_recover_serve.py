@@ -187,13 +187,17 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
         {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "InferenceService",
-            "metadata": {"name": "e2e-serve"},
+            # Same name as the job, as users do: the job's Services must leave the name to this one.
+            "metadata": {"name": "e2e"},
             "spec": {"model": {"fromTrainingJob": "e2e", "name": "mlp"}},
         },
     )
 
     def ready_server() -> str | None:
-        for addr in kubelet.glob("e2e-serve-*/address"):
+        for pod in kube.pods(namespace, "aidc.dev/inferenceservice=e2e"):
+            addr = kubelet / pod.metadata.name / "address"
+            if not addr.exists():
+                continue
             host = addr.read_text()
             with urllib.request.urlopen(f"http://{host}:8080/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
@@ -225,8 +229,7 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
     wait_for(
         "InferenceService Ready",
         lambda: (
-            (kube.get_cr("inferenceservices", namespace, "e2e-serve").get("status") or {}).get("phase")
-            == "Ready"
+            (kube.get_cr("inferenceservices", namespace, "e2e").get("status") or {}).get("phase") == "Ready"
         ),
         timeout=60,
     )

@@ -28,7 +28,9 @@ RESERVED_ENV = {"WORLD_SIZE", "RANK"}
 
 
 def service_name(job: str) -> str:
-    return job
+    # Not the job's bare name: that is left for what users address (an InferenceService serving this
+    # job is typically given the same name, and its Service takes it).
+    return f"{job}-ranks"
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:

@@ -149,16 +149,16 @@ def test_job_runs_as_a_wired_gang_on_distinct_gpu_nodes(kube: Kube, operator, na
     for rank, pod in enumerate(pods):
         c = pod.spec.containers[0]
         env = {e.name: e.value for e in c.env}
-        assert env["MASTER_ADDR"] == f"wired-0.wired.{namespace}.svc"
+        assert env["MASTER_ADDR"] == f"wired-0.wired-ranks.{namespace}.svc"
         assert (env["MASTER_PORT"], env["WORLD_SIZE"], env["RANK"]) == ("29511", "3", str(rank))
         assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("3", "4", str(rank))
         assert c.command[:3] == ["torchrun", "-m", "aidc_trainer"]
         assert c.resources.limits["nvidia.com/gpu"] == "4"
         assert c.resources.requests["cpu"] == "2"
-        assert pod.spec.hostname == f"wired-{rank}" and pod.spec.subdomain == "wired"
+        assert pod.spec.hostname == f"wired-{rank}" and pod.spec.subdomain == "wired-ranks"
         mounts = {m.mount_path: m for m in c.volume_mounts}
         assert mounts["/var/run/aidc/keys"].read_only and "/dev/shm" in mounts
-    svc = kube.core.read_namespaced_service("wired", namespace)
+    svc = kube.core.read_namespaced_service("wired-ranks", namespace)
     assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses
     secret = kube.core.read_namespaced_secret("wired-ckpt-key", namespace)
     assert "current-key-id" in secret.data
@@ -329,7 +329,7 @@ def test_success_then_ttl_deletes_and_children_cascade(kube: Kube, operator, nam
         lambda: (
             not gang(kube, namespace, "short")
             and not any(
-                s.metadata.name == "short" for s in kube.core.list_namespaced_service(namespace).items
+                s.metadata.name == "short-ranks" for s in kube.core.list_namespaced_service(namespace).items
             )
         ),
         timeout=60,

@@ -22,7 +22,7 @@ def test_gang_has_one_pod_per_rank_with_stable_dns_identity() -> None:
     assert [p["metadata"]["name"] for p in pods] == ["mnist-a2-0", "mnist-a2-1", "mnist-a2-2"]
     for rank, pod in enumerate(pods):
         assert pod["spec"]["hostname"] == f"mnist-{rank}"
-        assert pod["spec"]["subdomain"] == "mnist"
+        assert pod["spec"]["subdomain"] == "mnist-ranks"
         labels = pod["metadata"]["labels"]
         assert labels[LABEL_JOB] == "mnist"
         assert labels[LABEL_RANK] == str(rank)
@@ -36,7 +36,7 @@ def test_gang_has_one_pod_per_rank_with_stable_dns_identity() -> None:
 def test_torchrun_env_matches_kubeflow_meaning() -> None:
     pod = build.pod(OWNER, spec(nodes=4, procPerNode=8, masterPort=23456), rank=2, attempt=0)
     env = env_of(pod)
-    master = "mnist-0.mnist.team-a.svc"
+    master = "mnist-0.mnist-ranks.team-a.svc"
     assert env["MASTER_ADDR"] == master and env["PET_MASTER_ADDR"] == master
     assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] == "23456"
     assert env["WORLD_SIZE"] == "4" and env["RANK"] == "2"  # pods and node rank, as in PyTorchJob
@@ -51,7 +51,7 @@ def test_elastic_job_uses_c10d_rendezvous() -> None:
     env = env_of(build.pod(OWNER, s, rank=0, attempt=3))
     assert env["PET_NNODES"] == "2:4"
     assert env["PET_RDZV_BACKEND"] == "c10d"
-    assert env["PET_RDZV_ENDPOINT"] == "mnist-0.mnist.team-a.svc:29500"
+    assert env["PET_RDZV_ENDPOINT"] == "mnist-0.mnist-ranks.team-a.svc:29500"
     assert env["PET_RDZV_ID"] == "uid-123-3"
     assert env["PET_MAX_RESTARTS"] == "5"
     assert "PET_NODE_RANK" not in env
@@ -60,7 +60,7 @@ def test_elastic_job_uses_c10d_rendezvous() -> None:
 def test_user_env_cannot_break_the_wiring_but_is_kept() -> None:
     s = spec(env=[{"name": "MASTER_ADDR", "value": "evil"}, {"name": "NCCL_DEBUG", "value": "INFO"}])
     env = env_of(build.pod(OWNER, s, 0, 0))
-    assert env["MASTER_ADDR"] == "mnist-0.mnist.team-a.svc"
+    assert env["MASTER_ADDR"] == "mnist-0.mnist-ranks.team-a.svc"
     assert env["NCCL_DEBUG"] == "INFO"
 
 
