@@ -160,6 +160,19 @@ def rotation_patch(
     }
 
 
+def prunable_key_ids(secret: dict[str, Any], last_checkpoint: dict[str, Any] | None) -> list[str]:
+    """Key ids no retained checkpoint uses any more, by the trainer's latest report. Only a report made
+    after the latest rotation counts (an older one cannot know about checkpoints written since), and
+    the current key is never pruned."""
+    if not last_checkpoint or not last_checkpoint.get("keyIds") or not last_checkpoint.get("time"):
+        return []
+    created = (secret["metadata"].get("annotations") or {}).get(ANNOTATION_CREATED)
+    if not created or last_checkpoint["time"] <= created:  # RFC 3339 UTC strings sort by time
+        return []
+    keep = set(last_checkpoint["keyIds"]) | {current_key_id(secret)}
+    return sorted(k[4:] for k in secret.get("data") or {} if k.startswith("key-") and k[4:] not in keep)
+
+
 def unwraps(secret: dict[str, Any], kek: bytes) -> bool:
     """Does the KEK unwrap the current key? (RFC 3394 carries an integrity check.)"""
     try:

@@ -578,6 +578,17 @@ class Checkpointer:
         _fsync_dir(self.root)
         return final
 
+    def retained_key_ids(self) -> list[str]:
+        """Key ids the checkpoints still on disk were written with (reported to the operator, which
+        removes the other ids from the key Secret once no checkpoint needs them)."""
+        ids = set()
+        for path in list_checkpoints(self.root):
+            with contextlib.suppress(OSError, ValueError):
+                key_id = json.loads((path / "manifest.json").read_text()).get("key_id")
+                if key_id:
+                    ids.add(key_id)
+        return sorted(ids)
+
     def _prune(self) -> None:
         ckpts = list_checkpoints(self.root)
         for old in ckpts[: max(0, len(ckpts) - max(1, self.keep))]:

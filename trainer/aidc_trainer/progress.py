@@ -49,8 +49,11 @@ class ProgressReporter:
     def progress(self, step: int, total: int, **extra: Any) -> None:
         self._update(PROGRESS, {"step": step, "totalSteps": total, "time": utc_now(), **extra})
 
-    def checkpoint(self, step: int, path: str) -> None:
-        self._update(LAST_CHECKPOINT, {"step": step, "path": path, "time": utc_now()})
+    def checkpoint(self, step: int, path: str, key_ids: list[str] | None = None) -> None:
+        report: dict[str, Any] = {"step": step, "path": path, "time": utc_now()}
+        if key_ids is not None:
+            report["keyIds"] = key_ids
+        self._update(LAST_CHECKPOINT, report)
 
     def _update(self, key: str, value: dict[str, Any]) -> None:
         with self._lock:

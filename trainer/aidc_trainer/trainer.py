@@ -169,7 +169,7 @@ class Trainer:
                 },
             )
             if self.progress is not None:
-                self.progress.checkpoint(res.step, str(res.path))
+                self.progress.checkpoint(res.step, str(res.path), self.ckpt.retained_key_ids())
 
     def _save(self, step: int, block: bool, extra: dict[str, Any]) -> None:
         assert self.ckpt is not None

@@ -122,6 +122,9 @@ class CheckpointRef(ApiModel):
     """Directory of the checkpoint inside the checkpoint volume."""
     time: str | None = None
     """When it was written (RFC 3339)."""
+    key_ids: list[str] | None = None
+    """Key ids the checkpoints still on the volume were written with (the others are pruned from the
+    key Secret)."""
 
 
 class Progress(ApiModel):

@@ -138,6 +138,18 @@ def _ensure_key(owner: Owner, spec: TrainingJobSpec, body: dict[str, Any]) -> li
     if enc.key_secret_ref is None:  # only keys we own are rotated
         request = (body["metadata"].get("annotations") or {}).get(keys.ANNOTATION_ROTATE)
         why = keys.rotation_due(secret, enc.rotate_after, request, _now())
+        stale = keys.prunable_key_ids(secret, (body.get("status") or {}).get("lastCheckpoint"))
+        if stale and not why:
+            kubeio.core().patch_namespaced_secret(
+                name, owner.namespace, {"data": {f"key-{k}": None for k in stale}}
+            )
+            events.append(
+                lifecycle.Event(
+                    "Normal",
+                    "KeysPruned",
+                    f"removed key id(s) {', '.join(stale)} from {name!r}: no retained checkpoint uses them",
+                )
+            )
         if why:
             key_id, patch = keys.rotation_patch(secret, _now(), request, kek)
             kubeio.core().patch_namespaced_secret(name, owner.namespace, patch)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import secrets
+import time
 
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
@@ -133,3 +135,57 @@ def test_key_retention_delete_cascades_with_the_job(kube: Kube, operator, namesp
         return False
 
     wait_for("key Secret garbage-collected", gone, timeout=60)
+
+
+def test_old_key_ids_are_pruned_once_no_retained_checkpoint_uses_them(
+    kube: Kube, operator, namespace: str
+) -> None:
+    create_job(kube, namespace, "prune")
+    wait_for("running", lambda: status(kube, namespace, "prune").get("phase") == "Running")
+    k1 = key_data(kube, namespace, "prune-ckpt-key")["current-key-id"].decode()
+    kube.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "trainingjobs",
+        "prune",
+        {"metadata": {"annotations": {"aidc.dev/rotate-key": "now"}}},
+    )
+    wait_for("rotated", lambda: status(kube, namespace, "prune").get("currentKeyId") not in (None, k1))
+    k2 = status(kube, namespace, "prune")["currentKeyId"]
+    rank0 = kube.pods(namespace, "aidc.dev/job-name=prune")[0].metadata.name
+
+    def report(step: int, key_ids: list[str]) -> None:
+        time.sleep(1.1)  # reports carry 1-second timestamps; be strictly after the rotation
+        kube.core.patch_namespaced_pod(
+            rank0,
+            namespace,
+            {
+                "metadata": {
+                    "annotations": {
+                        "aidc.dev/last-checkpoint": json.dumps(
+                            {
+                                "step": step,
+                                "path": f"/checkpoints/prune/step-{step:09d}",
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "keyIds": key_ids,
+                            }
+                        )
+                    }
+                }
+            },
+        )
+
+    # The gang started before the rotation still writes with k1: both stay.
+    report(100, [k1, k2])
+    wait_for(
+        "report lifted",
+        lambda: (status(kube, namespace, "prune").get("lastCheckpoint") or {}).get("step") == 100,
+    )
+    time.sleep(2)
+    assert f"key-{k1}" in key_data(kube, namespace, "prune-ckpt-key")
+    # keep-N has pruned the last k1 checkpoint: k1 goes, k2 (current) stays.
+    report(200, [k2])
+    wait_for("k1 pruned", lambda: f"key-{k1}" not in key_data(kube, namespace, "prune-ckpt-key"))
+    assert f"key-{k2}" in key_data(kube, namespace, "prune-ckpt-key")
+    wait_for("KeysPruned event", lambda: "KeysPruned" in reasons(kube, namespace, "prune"))
