@@ -132,3 +132,46 @@ def test_ttl_deletes_the_finished_job() -> None:
     done = body({"phase": "Succeeded", "completionTime": "2026-11-26T11:59:30Z"})
     p = plan(done, spec, [], NODES, NOW)
     assert not p.delete_job and p.requeue_after == 30
+
+
+def test_active_deadline_fails_the_job_and_cleans_up() -> None:
+    spec = TrainingJobSpec(nodes=2, activeDeadlineSeconds=600)
+    pods = running(spec, 0, ["n0", "n1"])
+    within = body({"phase": "Running", "startTime": "2026-11-26T11:55:00Z"})
+    assert plan(within, spec, pods, NODES, NOW).status.phase == "Running"
+    over = body({"phase": "Running", "startTime": "2026-11-26T11:40:00Z"})
+    p = plan(over, spec, pods, NODES, NOW)
+    assert p.status.phase == "Failed"
+    failed = next(c for c in p.status.conditions if c.type == "Failed")
+    assert failed.reason == "DeadlineExceeded" and "600" in failed.message
+    assert {d.name for d in p.delete} == {"job-a0-0", "job-a0-1"}
+
+
+def test_clean_pod_policy_decides_what_a_finished_job_keeps() -> None:
+    def finish(policy: str) -> set[str]:
+        spec = TrainingJobSpec(nodes=2, cleanPodPolicy=policy)
+        pods = running(spec, 0, ["n0", "n1"])
+        pods[0]["status"] = {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "boom"}}}
+            ],
+        }
+        return {d.name for d in plan(body({"phase": "Running"}), spec, pods, NODES, NOW).delete}
+
+    assert finish("None") == set()
+    assert finish("Running") == {"job-a0-1"}  # the failed pod stays for its logs
+    assert finish("All") == {"job-a0-0", "job-a0-1"}
+
+
+def test_suspend_deletes_the_gang_and_keeps_counters() -> None:
+    spec = TrainingJobSpec(nodes=2, suspend=True)
+    p = plan(
+        body({"phase": "Running", "restarts": 2, "startTime": "2026-11-26T11:00:00Z"}),
+        spec,
+        running(spec, 0, ["n0", "n1"]),
+        NODES,
+        NOW,
+    )
+    assert p.status.phase == "Suspended" and p.status.restarts == 2 and p.status.start_time
+    assert len(p.delete) == 2 and p.create == []

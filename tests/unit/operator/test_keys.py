@@ -1,0 +1,82 @@
+"""Checkpoint key Secret decisions (pure): validation messages, rotation triggers, envelope, pruning."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+
+from aidc_operator import keys
+from aidc_operator.builders.common import Owner
+
+OWNER = Owner("TrainingJob", "job", "ns", "uid")
+NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def secret(**extra) -> dict:
+    return keys.key_secret(OWNER, "job-ckpt-key", retain=True, now=NOW, **extra)
+
+
+def test_new_secret_holds_one_random_key_and_retain_means_no_owner() -> None:
+    a, b = secret(), secret()
+    kid = keys.current_key_id(a)
+    assert len(base64.b64decode(a["data"][f"key-{kid}"])) == 32
+    assert a["data"][f"key-{kid}"] != b["data"][f"key-{keys.current_key_id(b)}"]
+    assert "ownerReferences" not in a["metadata"]
+    owned = keys.key_secret(OWNER, "job-ckpt-key", retain=False, now=NOW)
+    assert owned["metadata"]["ownerReferences"][0]["uid"] == "uid"
+    assert keys.check_key_secret(a, "job-ckpt-key", wrapped=False).ok
+
+
+def test_kek_envelope_round_trip_and_mismatch() -> None:
+    kek = os.urandom(32)
+    s = secret(kek=kek)
+    raw = base64.b64decode(s["data"][f"key-{keys.current_key_id(s)}"])
+    assert len(raw) == 40 and len(aes_key_unwrap(kek, raw)) == 32
+    assert keys.unwraps(s, kek) and not keys.unwraps(s, os.urandom(32))
+    assert keys.check_key_secret(s, "job-ckpt-key", wrapped=True).ok
+    bad = keys.check_key_secret(s, "job-ckpt-key", wrapped=False)
+    assert not bad.ok and "40 bytes" in bad.message and "job-ckpt-key" in bad.message
+
+
+def test_validation_names_the_secret_never_the_contents() -> None:
+    s = secret()
+    kid = keys.current_key_id(s)
+    s["data"][f"key-{kid}"] = base64.b64encode(b"short-secret-bytes").decode()
+    check = keys.check_key_secret(s, "job-ckpt-key", wrapped=False)
+    assert check.reason == "KeySecretInvalid" and "short-secret-bytes" not in check.message
+    assert keys.check_key_secret(None, "x", wrapped=False).reason == "KeySecretMissing"
+
+
+def test_rotation_triggers() -> None:
+    s = secret()
+    assert keys.rotation_due(s, None, None, NOW) is None
+    assert keys.rotation_due(s, "1h", None, NOW + dt.timedelta(minutes=59)) is None
+    assert "rotateAfter=1h" in keys.rotation_due(s, "1h", None, NOW + dt.timedelta(hours=1))
+    assert "requested" in keys.rotation_due(s, None, "v2", NOW)
+    new_id, patch = keys.rotation_patch(s, NOW, "v2")
+    s["metadata"]["annotations"].update(patch["metadata"]["annotations"])
+    s["data"].update(patch["data"])
+    assert keys.current_key_id(s) == new_id
+    assert keys.rotation_due(s, None, "v2", NOW) is None, "the same request does not rotate twice"
+    assert keys.duration_seconds("1h30m") == 5400
+
+
+def test_pruning_follows_the_trainers_report() -> None:
+    s = secret()
+    old = keys.current_key_id(s)
+    later = NOW + dt.timedelta(hours=1)
+    new_id, patch = keys.rotation_patch(s, later, None)
+    s["metadata"]["annotations"].update(patch["metadata"]["annotations"])
+    s["data"].update(patch["data"])
+
+    def report(when: dt.datetime, ids: list[str]) -> dict:
+        return {"step": 1, "time": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "keyIds": ids}
+
+    assert keys.prunable_key_ids(s, report(later + dt.timedelta(seconds=5), [new_id])) == [old]
+    assert keys.prunable_key_ids(s, report(later + dt.timedelta(seconds=5), [old, new_id])) == []
+    assert keys.prunable_key_ids(s, report(later - dt.timedelta(seconds=5), [])) == [], "stale report"
+    assert keys.prunable_key_ids(s, report(later + dt.timedelta(seconds=5), [old])) == []
+    assert keys.prunable_key_ids(s, None) == []
