@@ -10,7 +10,7 @@ export PYTHONPATH := operator:trainer:server:hack/cluster
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help venv cluster-build cluster-up cluster-down cluster-status crds lint format test test-unit \
-        run bench helm-lint images clean
+        run bench helm-lint images plots clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -52,7 +52,8 @@ run: cluster-up crds ## set up everything, start the cluster + operator, run the
 	@bash hack/run-demo.sh $(STATE)
 
 bench: venv cluster-build ## run the benchmarks (see docs/benchmarks.md)
-	@for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b; done
+	@for b in bench/*.py; do case $$b in */_*|*/plot.py) continue;; esac; echo "== $$b"; $(PY) $$b; done
+	@$(MAKE) --no-print-directory plots
 
 helm-lint: cluster-build ## helm lint the chart, then its golden-file, schema and RBAC tests
 	@"$$($(CLUSTER) build 2>/dev/null)/helm" lint charts/aidc-operator --strict
@@ -64,6 +65,11 @@ images: ## build the operator, trainer and server images (needs docker or builda
 	  echo "images: no working docker/buildah engine here; see docker/README.md"; exit 1; fi; \
 	for c in operator trainer server; do \
 	  echo "== aidc-$$c"; $$engine build -f docker/$$c.Dockerfile -t ghcr.io/aidc-dev/aidc-$$c:0.1.0 . || exit 1; done
+
+plots: ## render docs/img/*.png from bench/results/*.json (matplotlib in its own cached venv)
+	@v=$${AIDC_CACHE:-$$HOME/.cache/aidc}/plots-venv-matplotlib-3.11.2; \
+	if [ ! -x $$v/bin/python ]; then python3 -m venv $$v && $$v/bin/pip install -q matplotlib==3.11.2; fi; \
+	$$v/bin/python bench/plot.py
 
 clean: cluster-down ## stop the cluster and remove local state (the ~/.cache/aidc cache stays)
 	rm -rf .state

@@ -244,6 +244,22 @@ def main() -> int:
         if default:
             print(f"default (Deployment): {summary(default)}")
             print(f"speed-up (median)   : {statistics.median(default) / statistics.median(aidc):.1f}x")
+        out = ROOT / "bench" / "results" / "node_failure.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(
+            json.dumps(
+                {
+                    "command": "bench/node_failure.py " + " ".join(sys.argv[1:]),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "machine": f"{os.cpu_count()} cores",
+                    "node_monitor_grace_period_s": float(args.grace.rstrip("s")),
+                    "kwok_lease_duration_s": 10,
+                    "aidc_seconds": [round(t, 1) for t in aidc],
+                    "default_seconds": [round(t, 1) for t in default],
+                },
+                indent=1,
+            )
+        )
         goal = float(args.grace.rstrip("s")) + 15
         print(f"goal: aidc max <= grace + 15 s = {goal:.0f}s -> {'met' if max(aidc) <= goal else 'NOT met'}")
     finally:
