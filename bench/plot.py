@@ -21,7 +21,7 @@ def node_failure() -> Path:
     aidc, default = data["aidc_seconds"], data["default_seconds"]
     fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=120)
     rows = [("default path\n(eviction after 300 s)", default, "#9e9e9e"), ("aidc", aidc, "#1f77b4")]
-    for y, (label, xs, color) in enumerate(rows):
+    for y, (_label, xs, color) in enumerate(rows):
         ax.barh(y, statistics.median(xs), color=color, alpha=0.35, height=0.6)
         ax.scatter(xs, [y] * len(xs), color=color, s=18, zorder=3)
         ax.text(
