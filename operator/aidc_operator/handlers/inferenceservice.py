@@ -5,13 +5,11 @@ and writes status — level-based and idempotent, so a restarted operator simply
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -24,6 +22,7 @@ from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus,
 from ..builders import inferenceservice as build
 from ..builders.common import LABEL_ISVC, LABEL_ROLE, Owner
 from ..conditions import get_condition, set_condition
+from .loop import Outcome, ReconcileLoops, api_message
 from .validation import describe_validation_error
 
 PLURAL = "inferenceservices"
@@ -35,14 +34,8 @@ INITIAL_SCALE_MANAGER = "aidc-operator-initial-scale"
 # Waiting reasons that are just a pod starting, not a problem worth showing.
 _STARTING = {"ContainerCreating", "PodInitializing"}
 log = logging.getLogger("aidc.inferenceservice")
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
-
-
-def wake(namespace: str, name: str | None = None) -> None:
-    """Run the reconcile loop of one service (or, with name None, of every service in namespace) now."""
-    for (ns, svc), event in list(_wakeups.items()):
-        if ns == namespace and (name is None or svc == name):
-            event.set()
+LOOPS = ReconcileLoops("InferenceService")
+wake = LOOPS.wake
 
 
 @dataclass
@@ -50,12 +43,6 @@ class Event:
     type: str
     reason: str
     message: str
-
-
-@dataclass
-class Outcome:
-    requeue_after: float
-    events: list[Event] = field(default_factory=list)
 
 
 @dataclass
@@ -232,17 +219,10 @@ def _apply_children(
 def _rejected(e: ApiException) -> bool:
     """The API server refuses the object itself (retrying cannot help). Server-side apply reports a
     malformed field (a quantity like "lots") as a 500 that says it cannot convert the object."""
-    message = _api_message(e)
+    message = api_message(e)
     return e.status in (400, 422) or (
         e.status == 500 and ("typed patch object" in message or "failed to convert new object" in message)
     )
-
-
-def _api_message(e: ApiException) -> str:
-    try:
-        return json.loads(e.body or "")["message"]
-    except (ValueError, KeyError, TypeError):
-        return f"{e.status} {e.reason}"
 
 
 def reconcile_once(namespace: str, name: str) -> Outcome | None:
@@ -274,7 +254,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         return _invalid(
             body,
             "the API server rejects what this spec renders (spec.resources, spec.env and spec.podTemplate "
-            f"reach the Deployment as written): {_api_message(e)}",
+            f"reach the Deployment as written): {api_message(e)}",
         )
 
     old = InferenceServiceStatus.model_validate(body.get("status") or {})
@@ -412,30 +392,7 @@ def transition_events(old: InferenceServiceStatus, new: InferenceServiceStatus) 
 async def inferenceservice_loop(
     name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
-    key = (namespace, name)
-    event = _wakeups.setdefault(key, asyncio.Event())
-    try:
-        while not stopped:
-            event.clear()
-            started = time.monotonic()
-            try:
-                outcome = await asyncio.to_thread(reconcile_once, namespace, name)
-            except ApiException as e:
-                log.warning(
-                    "reconcile %s/%s: API error %s: %s; retrying", namespace, name, e.status, _api_message(e)
-                )
-                metrics.RECONCILE_ERRORS.labels("InferenceService").inc()
-                outcome = Outcome(5)
-            finally:
-                metrics.RECONCILE_SECONDS.labels("InferenceService").observe(time.monotonic() - started)
-            if outcome is None:
-                return
-            for ev in outcome.events:
-                kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=outcome.requeue_after)
-    finally:
-        _wakeups.pop(key, None)
+    await LOOPS.run(namespace, name, body, stopped, reconcile_once)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -4,14 +4,9 @@ what to do, applies it and writes status — level-based, so a restarted operato
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import datetime as dt
-import json
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -26,25 +21,14 @@ from ..builders import trainingjob as build
 from ..builders.common import LABEL_JOB, Owner
 from ..conditions import set_condition
 from ..keys import check_kek_secret, check_key_secret, key_secret
+from .loop import Outcome, ReconcileLoops
 from .validation import describe_validation_error
 
 PLURAL = "trainingjobs"
 NODE_LEASE_NAMESPACE = "kube-node-lease"  # kubelets renew one Lease per node here
 log = logging.getLogger("aidc.trainingjob")
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
-
-
-def wake(namespace: str, name: str | None = None) -> None:
-    """Run the reconcile loop of one job (or, with name None, of every job) now."""
-    for (ns, job), event in list(_wakeups.items()):
-        if name is None or (ns == namespace and job == name):
-            event.set()
-
-
-@dataclass
-class Outcome:
-    requeue_after: float
-    events: list[lifecycle.Event] = field(default_factory=list)
+LOOPS = ReconcileLoops("TrainingJob")
+wake = LOOPS.wake
 
 
 def _now() -> dt.datetime:
@@ -246,14 +230,6 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     return Outcome(plan.requeue_after, plan.events)
 
 
-def _api_message(e: ApiException) -> str:
-    """The apiserver's own sentence (it names the resource and verb, e.g. a missing RBAC rule)."""
-    try:
-        return json.loads(e.body or "{}").get("message") or ""
-    except (ValueError, AttributeError):
-        return ""
-
-
 def _comparable(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The old status restricted to the keys we write, so fields we never set don't force a patch."""
     return {k: old.get(k) for k in new}
@@ -263,36 +239,7 @@ def _comparable(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 async def trainingjob_loop(
     name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
-    key = (namespace, name)
-    event = _wakeups.setdefault(key, asyncio.Event())
-    try:
-        while not stopped:
-            event.clear()
-            started = time.monotonic()
-            try:
-                outcome = await asyncio.to_thread(reconcile_once, namespace, name)
-            except ApiException as e:
-                log.warning(
-                    "reconcile %s/%s: API error %s %s: %s; retrying",
-                    namespace,
-                    name,
-                    e.status,
-                    e.reason,
-                    _api_message(e),
-                )
-                metrics.RECONCILE_ERRORS.labels("TrainingJob").inc()
-                outcome = Outcome(5)
-            finally:
-                metrics.RECONCILE_SECONDS.labels("TrainingJob").observe(time.monotonic() - started)
-            if outcome is None:
-                metrics.forget_trainingjob(namespace, name)
-                return
-            for ev in outcome.events:
-                kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=outcome.requeue_after)
-    finally:
-        _wakeups.pop(key, None)
+    await LOOPS.run(namespace, name, body, stopped, reconcile_once, metrics.forget_trainingjob)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
@@ -301,9 +248,9 @@ def pod_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+def node_changed(**_: Any) -> None:
     # Any node change may matter to any job (a lost node, or a failed one Ready again): wake them all.
-    wake("", None)
+    wake()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
