@@ -37,25 +37,13 @@ sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "operator")]
 from aidc_operator.api.trainingjob import TrainingJobSpec  # noqa: E402
 from aidc_operator.builders import trainingjob as build  # noqa: E402
 from aidc_operator.builders.common import Owner  # noqa: E402
-from localcluster import LocalCluster, free_port  # noqa: E402
+from localcluster import LocalCluster, free_port, poll  # noqa: E402
 
 NS = "bench-nodefail"
 
 
 def kubectl_json(c: LocalCluster, *args: str) -> dict:
     return json.loads(c.kubectl(*args, "-o", "json"))
-
-
-def wait(what: str, fn, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := fn():
-                return value
-        except Exception:
-            pass
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def running_pods(c: LocalCluster, selector: str) -> list[dict]:
@@ -78,7 +66,7 @@ def all_nodes_ready(c: LocalCluster) -> bool:
 
 def restore(c: LocalCluster, node: str) -> None:
     c.start_node_agent(node)
-    wait("all nodes Ready and untainted", lambda: all_nodes_ready(c), 120)
+    poll("all nodes Ready and untainted", lambda: all_nodes_ready(c), 120)
 
 
 def aidc_trial(c: LocalCluster, i: int) -> float:
@@ -99,7 +87,7 @@ def aidc_trial(c: LocalCluster, i: int) -> float:
         ),
     )
     sel = f"aidc.dev/job-name={name}"
-    wait(f"{name} running", lambda: len(running_pods(c, sel)) == 2, 60)
+    poll(f"{name} running", lambda: len(running_pods(c, sel)) == 2, 60)
     victim = next(
         p["spec"]["nodeName"]
         for p in running_pods(c, sel)
@@ -107,7 +95,7 @@ def aidc_trial(c: LocalCluster, i: int) -> float:
     )
     t0 = time.monotonic()
     c.stop_node_agent(victim)
-    wait(
+    poll(
         f"{name} recovered",
         lambda: (
             (pods := running_pods(c, sel))
@@ -172,7 +160,7 @@ def default_trials(c: LocalCluster, n: int) -> list[float]:
             ]
         }
         c.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps(job))
-    wait(
+    poll(
         "default jobs running",
         lambda: all(len(running_pods(c, f"bench=default-{i}")) == 2 for i in range(n)),
         120,
@@ -213,7 +201,7 @@ def main() -> int:
         c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
         c.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.aidc.dev", "--timeout=60s")
         c.kubectl("create", "namespace", NS, check=False)
-        wait("default service account", lambda: c.kubectl("get", "sa", "default", "-n", NS, check=False), 60)
+        poll("default service account", lambda: c.kubectl("get", "sa", "default", "-n", NS, check=False), 60)
         env = {**os.environ, "KUBECONFIG": str(c.kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
         op = subprocess.Popen(
             [

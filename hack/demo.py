@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from localcluster import ROOT, ClusterError, LocalCluster, free_port
+from localcluster import ROOT, ClusterError, LocalCluster, free_port, poll
 
 NS = "aidc-demo"
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -20,18 +19,6 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 
 def say(msg: str) -> None:
     print(f"demo: {msg}", flush=True)
-
-
-def wait(what: str, fn, timeout: float, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := fn():
-                return value
-        except Exception:
-            pass
-        time.sleep(interval)
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def ensure_process(c: LocalCluster, name: str, argv: list[str], env_extra: dict[str, str]) -> None:
@@ -129,7 +116,7 @@ def main() -> int:
         },
     ]
     c.kubectl("apply", "-f", "-", input="\n".join(json.dumps(o) for o in pv_and_claim))
-    wait(
+    poll(
         "the checkpoint PVC to bind",
         lambda: get(c, "pvc", "demo-checkpoints")["status"].get("phase") == "Bound",
         60,
@@ -155,7 +142,7 @@ def main() -> int:
             raise ClusterError(f"the demo job failed: {st.get('lastFailure')}")
         return st.get("phase") == "Succeeded"
 
-    wait("the demo TrainingJob to succeed", finished, 600, 2)
+    poll("the demo TrainingJob to succeed", finished, 600, 2)
     print(c.kubectl("get", "trainingjob", "-n", NS), flush=True)
 
     c.kubectl("apply", "-n", NS, "-f", str(ROOT / "examples" / "demo" / "inferenceservice.yaml"))
@@ -176,7 +163,7 @@ def main() -> int:
                     return host
         return None
 
-    host = wait("a ready model server", server_address, 180, 1)
+    host = poll("a ready model server", server_address, 180, 1)
     meta = json.load(urllib.request.urlopen(f"http://{host}:8080/v2/models/demo-mlp", timeout=5))
     say(f"model server ready at {host}:8080, model version (checkpoint step) {meta.get('versions')}")
     body = json.dumps(

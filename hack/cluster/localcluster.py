@@ -25,14 +25,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
@@ -57,6 +60,22 @@ def free_port() -> int:
 def port_in_use(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def poll(what: str, fn: Callable[[], T], timeout: float, interval: float = 0.3) -> T:
+    """fn's first truthy value. Transient errors (an API hiccup, a file not written yet) are retried;
+    a ClusterError ends the wait at once; running out of time is a ClusterError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if value := fn():
+                return value
+        except ClusterError:
+            raise
+        except Exception:  # noqa: BLE001, S110 - not there yet
+            pass
+        time.sleep(interval)
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def build_binaries() -> Path:
@@ -269,18 +288,15 @@ class LocalCluster:
         self._pidfile(name).write_text(f"{proc.pid}\n{os.readlink(f'/proc/{proc.pid}/exe')}")
         return proc.pid
 
-    def _wait(self, what: str, check, timeout: float, component: str | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def _wait(self, what: str, check: Callable[[], Any], timeout: float, component: str | None = None) -> None:
+        def alive_and_ready() -> Any:
             if component and not self._pid_alive(component):
                 tail = self.logfile(component).read_text(errors="replace")[-3000:]
                 raise ClusterError(f"{component} exited during start-up; last log lines:\n{tail}")
-            with contextlib.suppress(Exception):
-                if check():
-                    return
-            time.sleep(0.3)
+            return check()
+
         hint = f" (log: {self.logfile(component)})" if component else ""
-        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{hint}")
+        poll(what + hint, alive_and_ready, timeout)
 
     def _https_ok(self, url: str, cert: str | None = None) -> bool:
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
