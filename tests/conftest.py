@@ -12,11 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from localcluster import free_port
 from tests.kube import Kube, start_cluster, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# CI replays the same generated examples every run (a red build always means a code change); local
+# runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from aidc_operator.admission import (
     validate_trainingjob,
 )
 from aidc_operator.api import InferenceServiceSpec, TrainingJobSpec
+from aidc_operator.api.trainingjob import FailurePolicy
 
 QUOTA = {
     "valid_tj": 3000,
@@ -108,8 +109,11 @@ def valid_tj(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         maybe(spec, "nodes", draw(st.integers(1, 1024)), draw(st.booleans()))
     fp: dict[str, Any] = {}
     backoff = draw(st.integers(0, 300))
-    maybe(fp, "backoffSeconds", backoff, draw(st.booleans()))
-    maybe(fp, "maxBackoffSeconds", draw(st.integers(max(backoff, 1), 86400)), draw(st.booleans()))
+    with_backoff = draw(st.booleans())
+    maybe(fp, "backoffSeconds", backoff, with_backoff)
+    # Left out, backoffSeconds is its default (10), which a valid maxBackoffSeconds must not undercut.
+    effective = backoff if with_backoff else FailurePolicy().backoff_seconds
+    maybe(fp, "maxBackoffSeconds", draw(st.integers(max(effective, 1), 86400)), draw(st.booleans()))
     maybe(fp, "maxRestarts", draw(st.integers(0, 10000)), draw(st.booleans()))
     maybe(fp, "nodeFailure", draw(st.sampled_from(["RestartGang", "Fail"])), draw(st.booleans()))
     maybe(fp, "retryableExitCodes", draw(st.lists(st.integers(1, 255), max_size=5)), draw(st.booleans()))
