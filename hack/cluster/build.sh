@@ -6,6 +6,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${AIDC_CACHE:-$HOME/.cache/aidc}
+# The official tarball installs to /usr/local/go; a non-login shell may not have it on PATH.
+command -v go >/dev/null || [ ! -x /usr/local/go/bin/go ] || export PATH="/usr/local/go/bin:$PATH"
 command -v go >/dev/null || {
   echo "cluster-build: no Go toolchain on PATH; install Go >= 1.26 (https://go.dev/doc/install) and retry" >&2
   exit 1
