@@ -274,14 +274,24 @@ def test_operator_restart_adopts_without_duplicates(kube: Kube, crds, namespace:
         wait_running(kube, ns, "adopted", attempt=0, nodes=2)
         before = {p.metadata.uid for p in gang(kube, ns, "adopted")}
         st_before = status(kube, ns, "adopted")
+
+        def key_secrets() -> list[tuple[str, str]]:
+            items = kube.core.list_namespaced_secret(
+                ns, label_selector="aidc.dev/checkpoint-key-for=adopted"
+            ).items
+            return [(s.metadata.uid, s.metadata.resource_version) for s in items]
+
+        keys_before = key_secrets()
+        assert len(keys_before) == 1
         op.kill()
         op2 = OperatorProcess(kube, tmp_path / "op2.log", [ns]).start()
         time.sleep(8)  # several reconcile passes of the new operator
         after = {p.metadata.uid for p in gang(kube, ns, "adopted")}
         assert after == before, "the restarted operator replaced or duplicated pods"
         st_after = status(kube, ns, "adopted")
-        for key in ("phase", "attempt", "restarts", "startTime", "nodes"):
+        for key in ("phase", "attempt", "restarts", "startTime", "nodes", "currentKeyId"):
             assert st_after[key] == st_before[key], key
+        assert key_secrets() == keys_before, "the key Secret was recreated or rewritten after the restart"
         op2.stop()
     finally:
         kube.delete_namespace(ns)
