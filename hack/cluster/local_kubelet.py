@@ -325,6 +325,11 @@ class Kubelet:
                 self.report_exit(rp, code)
                 del self.running[uid]
                 self.finished.add(uid)
+        # Every pod here shares one network namespace: a new pod must not start while a deleted one is
+        # still shutting down, or it could find that pod's ports (rendezvous, metrics) still bound —
+        # something separate pod IPs make impossible in a real cluster.
+        if any(rp.deleted_at is not None for rp in self.running.values()):
+            return
         for uid, pod in by_uid.items():
             phase = pod.get("status", {}).get("phase")
             node = pod["spec"].get("nodeName")

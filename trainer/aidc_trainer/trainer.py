@@ -149,6 +149,9 @@ class Trainer:
             loaded.step,
             extra={"event": "resume", "step": loaded.step, "path": str(loaded.path)},
         )
+        if self.progress is not None:
+            # It may be newer than the last one reported (a save that landed as the old gang died).
+            self.progress.checkpoint(loaded.step, str(loaded.path), self.ckpt.retained_key_ids())
 
     def _on_saved(self, res: SaveResult) -> None:  # runs on the checkpoint thread
         if not res.ok:
