@@ -66,15 +66,22 @@ def wait_running(kube: Kube, ns: str, name: str, attempt: int, nodes: int, timeo
     return pods
 
 
-def fail_pod(kube: Kube, ns: str, pod: str, exit_code: int, reason: str = "Error", message: str = "") -> None:
-    """What a kubelet writes when the container exits."""
+def report_exit(kube: Kube, ns: str, pod: str, exit_code: int, reason: str, message: str = "") -> None:
+    """What a kubelet writes when the container exits: phase, not Ready, the terminated state."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    terminated = {
+        "exitCode": exit_code,
+        "reason": reason,
+        "message": message,
+        "startedAt": now,
+        "finishedAt": now,
+    }
     kube.core.patch_namespaced_pod_status(
         pod,
         ns,
         {
             "status": {
-                "phase": "Failed",
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
                 "conditions": [{"type": "Ready", "status": "False"}],
                 "containerStatuses": [
                     {
@@ -83,50 +90,20 @@ def fail_pod(kube: Kube, ns: str, pod: str, exit_code: int, reason: str = "Error
                         "imageID": "",
                         "ready": False,
                         "restartCount": 0,
-                        "state": {
-                            "terminated": {
-                                "exitCode": exit_code,
-                                "reason": reason,
-                                "message": message,
-                                "startedAt": now,
-                                "finishedAt": now,
-                            }
-                        },
+                        "state": {"terminated": terminated},
                     }
                 ],
             }
         },
     )
+
+
+def fail_pod(kube: Kube, ns: str, pod: str, exit_code: int, reason: str = "Error", message: str = "") -> None:
+    report_exit(kube, ns, pod, exit_code, reason, message)
 
 
 def succeed_pod(kube: Kube, ns: str, pod: str) -> None:
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    kube.core.patch_namespaced_pod_status(
-        pod,
-        ns,
-        {
-            "status": {
-                "phase": "Succeeded",
-                "containerStatuses": [
-                    {
-                        "name": "trainer",
-                        "image": "x",
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {
-                            "terminated": {
-                                "exitCode": 0,
-                                "reason": "Completed",
-                                "startedAt": now,
-                                "finishedAt": now,
-                            }
-                        },
-                    }
-                ],
-            }
-        },
-    )
+    report_exit(kube, ns, pod, 0, "Completed")
 
 
 def events(kube: Kube, ns: str, name: str) -> list[str]:
