@@ -109,7 +109,10 @@ def main() -> None:
     a = p.parse_args()
     if a.worker == "plain":
         plain_worker(a.steps, a.batch_size, a.hidden, a.lr)
-        return
+        # Same exit as aidc_trainer (launch.exit_process): gloo threads can abort a finishing
+        # process during interpreter finalization, which would fail the baseline run.
+        sys.stdout.flush()
+        os._exit(0)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDC_")}
     env.update(

@@ -1,5 +1,3 @@
-import sys
+from aidc_trainer.launch import exit_process, main
 
-from aidc_trainer.launch import main
-
-sys.exit(main())
+exit_process(main())
