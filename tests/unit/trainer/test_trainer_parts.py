@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +70,18 @@ def test_json_log_lines_carry_rank_and_fields() -> None:
     rec.step, rec.accuracy = 10, 0.9
     out = json.loads(JsonFormatter(rank=3).format(rec))
     assert out["rank"] == 3 and out["msg"] == "eval" and out["step"] == 10 and out["accuracy"] == 0.9
+
+
+def test_trainer_process_exit_keeps_its_code_and_buffered_output() -> None:
+    # exit_process skips interpreter finalization (gloo threads can abort it); what a pod's log
+    # and the operator's exit-code classification rely on must still come out.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3] / "trainer")}
+    script = (
+        "import sys; from aidc_trainer import log; from aidc_trainer.launch import exit_process;"
+        "log.setup(0); import logging; logging.getLogger('aidc_trainer').info('last words');"
+        "sys.stdout.write('buffered'); exit_process(5)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 5
+    assert out.stdout == "buffered"
+    assert json.loads(out.stderr.strip())["msg"] == "last words"
