@@ -5,6 +5,8 @@ tensors share a batch. A batch is dispatched when it holds `max_batch_size` rows
 request has waited `max_latency`, or as soon as no other request is on its way in (the
 `pending_arrivals` hint), so a lone request never idles for the full latency budget. Inference
 runs on one worker thread; while it computes, new requests queue up and form the next batch.
+A lone request whose forward pass has been measured shorter than a thread hand-off (`inline_max_s`)
+runs on the event loop instead: for a small model the two thread switches cost more than the math.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class DynamicBatcher:
         max_latency_s: float = 0.005,
         pending_arrivals: Callable[[], int] = lambda: 0,
         on_batch: Callable[[int], None] = lambda size: None,
+        inline_max_s: float = 0.0003,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -77,6 +80,10 @@ class DynamicBatcher:
         self.max_latency_s = max(0.0, max_latency_s)
         self.pending_arrivals = pending_arrivals
         self.on_batch = on_batch
+        self.inline_max_s = inline_max_s
+        # Moving average of a lone request's forward pass per row: an overestimate for more rows
+        # (fixed costs dominate a small model), which errs towards the worker thread.
+        self._row_s: float | None = None
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aidc-infer")
@@ -158,8 +165,11 @@ class DynamicBatcher:
             return
         sizes = [p.rows for p in live]
         self.on_batch(sum(sizes))
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._predict_batch, live, sizes)
+        if len(live) == 1 and self._row_s is not None and self._row_s * sizes[0] <= self.inline_max_s:
+            results = self._predict_batch(live, sizes)
+        else:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._predict_batch, live, sizes)
         for p, result in zip(live, results, strict=True):
             if p.future.done():
                 continue
@@ -171,8 +181,12 @@ class DynamicBatcher:
     def _predict_batch(
         self, live: list[_Pending], sizes: list[int]
     ) -> list[tuple[Any, Arrays] | BaseException]:
+        started = time.perf_counter()
         try:
             tag, outputs = self.predict(concat([p.inputs for p in live]))
+            if len(live) == 1:
+                row_s = (time.perf_counter() - started) / sizes[0]
+                self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
             return [(tag, out) for out in split(outputs, sizes)]
         except Exception as e:
             if len(live) == 1:

@@ -35,9 +35,11 @@ class Recorder:
         self.batches: list[int] = []
         self.delay = delay
         self.threads: set[str] = set()
+        self.ran_on: list[str] = []  # the thread of each batch
 
     def __call__(self, inputs):
         self.threads.add(threading.current_thread().name)
+        self.ran_on.append(threading.current_thread().name)
         self.batches.append(inputs["x"].shape[0])
         time.sleep(self.delay)
         return "v1", {"y": inputs["x"].sum(axis=1, keepdims=True)}
@@ -178,3 +180,28 @@ def test_close_finishes_queued_work_then_refuses_more():
 def test_invalid_max_batch_size():
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_batch_size=0)
+
+
+def test_quick_lone_requests_skip_the_thread_hop_slow_or_large_ones_do_not():
+    quick, slow = Recorder(), Recorder(delay=0.005)
+
+    async def lone_requests(predict, n_rows):
+        batcher = DynamicBatcher(predict, max_batch_size=32, inline_max_s=0.001)
+        batcher.start()
+        answers = [await batcher.submit(rows_of(n, fill=i)) for i, n in enumerate(n_rows)]
+        await batcher.close()
+        return answers
+
+    answers = run(lone_requests(quick, [1] * 5))
+    # The first pass is measured on the worker thread; once known to be quick, the event loop
+    # (this thread) runs lone requests itself, with the same answers.
+    assert quick.threads == {"aidc-infer_0", threading.current_thread().name}
+    assert [float(out["y"][0, 0]) for _, out in answers] == [0.0, 3.0, 6.0, 9.0, 12.0]
+
+    run(lone_requests(slow, [1] * 3))
+    assert slow.threads == {"aidc-infer_0"}  # 5 ms would stall every other connection
+
+    big = Recorder()
+    run(lone_requests(big, [1, 1, 100_000]))  # a huge request is estimated per row: worker
+    assert big.batches == [1, 1, 100_000]
+    assert big.ran_on == ["aidc-infer_0", threading.current_thread().name, "aidc-infer_0"]
