@@ -6,6 +6,10 @@ of the first step to the end of the last, measured inside rank 0; process start-
 evaluation and the final checkpoint are excluded for both) and prints the ratios.
 
     .venv/bin/python bench/trainer_overhead.py --nproc 2 --steps 2000 --reps 3
+    .venv/bin/python bench/trainer_overhead.py --in-process --cpu --steps 3000 --reps 10
+
+``--in-process`` runs both loops alternately in one process with one rank (see ``in_process``):
+the precise per-step comparison where separate processes are too noisy to resolve 2 %.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ def plain_worker(steps: int, batch: int, hidden: int, lr: float) -> None:
     """What a user would write by hand: the same model, data and Adam, no aidc."""
     import torch
     import torch.distributed as dist
-    from torch import nn
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
@@ -38,6 +40,18 @@ def plain_worker(steps: int, batch: int, hidden: int, lr: float) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    elapsed = plain_loop(steps, batch, hidden, lr, device, rank, world)
+    if rank == 0:
+        print(json.dumps({"event": "done", "loop_seconds": elapsed, "steps_run": steps}), flush=True)
+    dist.destroy_process_group()
+
+
+def plain_loop(steps: int, batch: int, hidden: int, lr: float, device, rank: int, world: int) -> float:
+    """The hand-written DDP training loop (process group already up); returns its wall time."""
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1234)  # same synthetic task as aidc_trainer.examples.mlp
     teacher = torch.randn(10, 10, generator=g)
@@ -64,12 +78,71 @@ def plain_worker(steps: int, batch: int, hidden: int, lr: float) -> None:
         opt.step()
         if step % 10 == 0 and rank == 0:
             _ = loss.item()  # a typical script logs its loss now and then
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    if rank == 0:
-        print(json.dumps({"event": "done", "loop_seconds": elapsed, "steps_run": steps}), flush=True)
-    dist.destroy_process_group()
+    return time.perf_counter() - t0
+
+
+def in_process(a: argparse.Namespace) -> None:
+    """Both loops in one process (one rank), alternating: no process-to-process variance.
+
+    Separate torchrun processes on a small shared VM differ by a few percent from run to run
+    (memory layout, scheduling), as much as the overhead to be measured. Here the same process
+    group, the same allocator state and the same threads serve both loops, and each repetition
+    yields a paired ratio. Caveat: aidc's global settings (deterministic algorithms) stay on for
+    the plain loop too; they measured no difference on CPU.
+    """
+    import logging
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", LOCAL_RANK="0")
+    os.environ.update(WORLD_SIZE="1")
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT / "trainer"))
+    from aidc_trainer import distributed as D
+    from aidc_trainer import log as jsonlog
+    from aidc_trainer import recipe as R
+    from aidc_trainer.config import load_config
+    from aidc_trainer.trainer import Trainer
+
+    jsonlog.setup(0)  # the JSON log lines are formatted and written as in a pod, to /dev/null
+    logging.getLogger().handlers[0].setStream(open(os.environ.get("LOGF", os.devnull), "w"))  # noqa: SIM115
+    argv = ["--example", "mlp", "--steps", str(a.steps), "--batch-size", str(a.batch_size)]
+    argv += ["--lr", str(a.lr), "--eval-every", "0", "--metrics-port", "-1", "--parallel", "ddp"]
+    argv += ["--model-config", json.dumps({"hidden": a.hidden}), "--device", "cpu" if a.cpu else "auto"]
+    cfg = load_config(argv)
+    env = D.init(cfg)
+
+    def aidc() -> float:
+        trainer = Trainer(cfg, R.resolve(cfg), env)
+        trainer.fit()
+        return float(trainer._loop_seconds)
+
+    def plain() -> float:
+        return plain_loop(a.steps, a.batch_size, a.hidden, a.lr, env.device, 0, 1)
+
+    times: dict[str, list[float]] = {"plain": [], "aidc": []}
+    for rep in range(a.reps):
+        for name, loop in (
+            (("plain", plain), ("aidc", aidc)) if rep % 2 == 0 else (("aidc", aidc), ("plain", plain))
+        ):
+            times[name].append(loop())
+        print(f"rep {rep}: plain {times['plain'][-1]:.3f}s, aidc {times['aidc'][-1]:.3f}s", flush=True)
+    paired = [x / y for x, y in zip(times["aidc"], times["plain"], strict=True)]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\nMLP 10-{a.hidden}-10, one process ({env.backend}, {env.device}), {a.steps} steps x batch "
+        f"{a.batch_size}, {a.reps} alternating reps"
+    )
+    print(
+        f"plain {1000 * med['plain'] / a.steps:.3f} ms/step, aidc {1000 * med['aidc'] / a.steps:.3f} ms/step"
+    )
+    print(
+        f"aidc / plain: ratio of medians {med['aidc'] / med['plain']:.3f}, "
+        f"median of paired ratios {statistics.median(paired):.3f} "
+        f"(min {min(paired):.3f}, max {max(paired):.3f})"
+    )
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -106,7 +179,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--cpu", action="store_true", help="hide GPUs: gloo on CPU even on a GPU machine")
+    p.add_argument(
+        "--in-process", action="store_true", help="both loops alternating in one process, one rank"
+    )
     a = p.parse_args()
+    if a.in_process:
+        if a.cpu:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        in_process(a)
+        return
     if a.worker == "plain":
         plain_worker(a.steps, a.batch_size, a.hidden, a.lr)
         # Same exit as aidc_trainer (launch.exit_process): gloo threads can abort a finishing

@@ -148,6 +148,24 @@ def test_invalid_config_exits_4() -> None:
     assert "steps must be >= 1" in out.stderr
 
 
+def test_train_log_lines_are_rate_limited_but_the_last_step_always_logs() -> None:
+    args = ["--steps", "400", "--parallel", "none", "--device", "cpu", "--eval-every", "0"]
+    args += ["--metrics-port", "-1"]
+
+    def train_steps(extra: list[str]) -> list[int]:
+        out = _python_trainer([*args, *extra])
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = [json.loads(x) for x in out.stderr.splitlines() if x.startswith("{")]
+        return [x["step"] for x in lines if x.get("event") == "train"]
+
+    assert train_steps(["--log-every-seconds", "0"]) == list(range(10, 401, 10))
+    # 400 small steps take well under the default 1 s between lines: the first and the last.
+    limited = train_steps([])
+    assert limited[0] == 10 and limited[-1] == 400 and len(limited) < 10, limited
+    out = _python_trainer([*args, "--log-every-seconds", "-1"])
+    assert out.returncode == 4 and "log_every_seconds must be >= 0" in out.stderr
+
+
 def test_missing_and_wrong_keys_exit_3_naming_the_key_id(tmp_path: Path) -> None:
     keys = make_keys(tmp_path, "v7")
     (keys / "current-key-id").write_text("v8")  # names a key the Secret does not hold
