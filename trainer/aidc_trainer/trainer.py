@@ -293,6 +293,8 @@ class Trainer:
                 if log_now:
                     assert loss_sum is not None
                     time_due = self._control_sync(step, loss_sum)
+                elif self._pending_ctl is not None:  # the sync launched a step ago: done by now
+                    time_due = self._apply_control(step)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
                     eval_res = self._evaluate(step)
                 if (
@@ -322,11 +324,11 @@ class Trainer:
 
     def _control_sync(self, step: int, loss_sum: torch.Tensor) -> bool:
         """Every ``log_every`` steps one tiny all-reduce carries the loss, stop requests and the
-        time-based checkpoint trigger. It runs in the background and is read at the next sync (or
-        after the last step), so no step waits for it, and every rank acts on its result at the
-        same step. Returns whether a time-triggered checkpoint is due now."""
+        time-based checkpoint trigger. It runs in the background while the next step computes and
+        is read after it, so no step waits for it, and every rank acts on its result at the same
+        step. Returns whether a time-triggered checkpoint is due now."""
         cfg, env = self.cfg, self.env
-        due_now = self._apply_control(step)
+        due_now = self._apply_control(step)  # only with log_every=1 is one still pending here
         due = not due_now and bool(  # a save is about to happen: don't ask for another
             self.ckpt
             and cfg.checkpoint_every_seconds > 0
@@ -388,7 +390,10 @@ class Trainer:
     def _stop(self, step: int) -> None:
         """Every rank saw the stop at the same control sync: checkpoint (unless just saved), then stop."""
         log.warning(
-            "stop requested by signal %d at step %d", self._stop_signal, step, extra={"event": "stop"}
+            "stop requested by signal %d at step %d",
+            self._stop_signal,
+            step,
+            extra={"event": "stop", "step": step},
         )
         if self.ckpt is not None:
             self.ckpt.wait()
