@@ -1,4 +1,5 @@
-"""Test certificates: a CA and a serving certificate for the webhook server the apiserver calls."""
+"""Test certificates: a CA and a serving certificate for a loopback HTTPS server (the webhook
+server the apiserver calls, the model server, a stand-in apiserver)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from cryptography.x509.oid import NameOID
 class ServingCert:
     cert_file: Path
     key_file: Path
+    ca_file: Path  # what a client trusts
     ca_bundle: str  # base64 PEM, as a webhook configuration's caBundle
 
 
@@ -62,6 +64,7 @@ def serving_cert(directory: Path, ips: tuple[str, ...] = ("127.0.0.1",)) -> Serv
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    return ServingCert(
-        cert_file, key_file, base64.b64encode(ca.public_bytes(serialization.Encoding.PEM)).decode()
-    )
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    ca_file = directory / "ca.crt"
+    ca_file.write_bytes(ca_pem)
+    return ServingCert(cert_file, key_file, ca_file, base64.b64encode(ca_pem).decode())

@@ -11,7 +11,9 @@ import httpx
 import numpy as np
 import orjson
 import torch
-from server_testkit import MLP_SPEC, is_ready, make_keys, self_signed_cert, wait_for, write_checkpoint
+from server_testkit import MLP_SPEC, is_ready, make_keys, wait_for, write_checkpoint
+
+from tests.tls import serving_cert
 
 X = np.random.default_rng(11).standard_normal((4, 10)).astype(np.float32)
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 10], "data": X.ravel().tolist()}]}
@@ -24,19 +26,17 @@ def test_encrypted_checkpoint_end_to_end_over_tls_from_environment(tmp_path, ser
     net = write_checkpoint(tmp_path / "ck", 300, MLP_SPEC, keys, seed=9, kek_file=kek)
     scratch = tmp_path / "scratch"  # the server's TMPDIR: decrypted weights must not land here
     scratch.mkdir()
-    tls = tmp_path / "tls"
-    tls.mkdir()
-    cert, tls_key = self_signed_cert(tls)
+    tls = serving_cert(tmp_path / "tls")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     server = server_process(
-        tls_ca=cert,
+        tls_ca=tls.ca_file,
         env={
             "AIDC_CHECKPOINT_DIR": str(tmp_path / "ck"),
             "AIDC_KEY_DIR": str(keys),
             "AIDC_KEK_FILE": str(kek),
             "AIDC_MODEL_NAME": "classifier",
-            "AIDC_TLS_CERT": str(cert),
-            "AIDC_TLS_KEY": str(tls_key),
+            "AIDC_TLS_CERT": str(tls.cert_file),
+            "AIDC_TLS_KEY": str(tls.key_file),
             "TMPDIR": str(scratch),
         },
     )

@@ -2,57 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import http.server
-import ipaddress
 import json
 import ssl
 import threading
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from aidc_trainer.progress import LAST_CHECKPOINT, PROGRESS, ProgressReporter
-
-
-def _self_signed(d: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    crt, pem = d / "ca.crt", d / "key.pem"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return crt, pem
+from tests.tls import serving_cert
 
 
 def test_rank0_merge_patches_its_own_pod_annotations_with_the_sa_token(tmp_path: Path) -> None:
-    crt, pem = _self_signed(tmp_path)
+    tls = serving_cert(tmp_path / "tls")
     sa = tmp_path / "sa"
     sa.mkdir()
     (sa / "token").write_text("tok-123\n")
-    (sa / "ca.crt").write_bytes(crt.read_bytes())
+    (sa / "ca.crt").write_bytes(tls.ca_file.read_bytes())
     got: list[dict[str, Any]] = []
     done = threading.Event()
 
@@ -72,7 +38,7 @@ def test_rank0_merge_patches_its_own_pod_annotations_with_the_sa_token(tmp_path:
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(crt, pem)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     env = {
