@@ -107,7 +107,7 @@ def in_process(a: argparse.Namespace) -> None:
     from aidc_trainer.trainer import Trainer
 
     jsonlog.setup(0)  # the JSON log lines are formatted and written as in a pod, to /dev/null
-    logging.getLogger().handlers[0].setStream(open(os.environ.get("LOGF", os.devnull), "w"))  # noqa: SIM115
+    logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))  # noqa: SIM115
     argv = ["--example", "mlp", "--steps", str(a.steps), "--batch-size", str(a.batch_size)]
     argv += ["--lr", str(a.lr), "--eval-every", "0", "--metrics-port", "-1", "--parallel", "ddp"]
     argv += ["--model-config", json.dumps({"hidden": a.hidden}), "--device", "cpu" if a.cpu else "auto"]

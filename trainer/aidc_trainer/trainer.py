@@ -328,7 +328,8 @@ class Trainer:
         is read after it, so no step waits for it, and every rank acts on its result at the same
         step. Returns whether a time-triggered checkpoint is due now."""
         cfg, env = self.cfg, self.env
-        due_now = self._apply_control(step)  # only with log_every=1 is one still pending here
+        # Still pending only when the previous step synced too (log_every=1, or the last step).
+        due_now = self._apply_control(step)
         due = not due_now and bool(  # a save is about to happen: don't ask for another
             self.ckpt
             and cfg.checkpoint_every_seconds > 0
