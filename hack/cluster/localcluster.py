@@ -89,17 +89,17 @@ def build_binaries() -> Path:
 # ---------------------------------------------------------------- certificates
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
+def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def _cert(
+def issue_cert(
     subject: x509.Name,
     key: ec.EllipticCurvePrivateKey,
     issuer: x509.Name,
@@ -132,7 +132,7 @@ def _cert(
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def _name(cn: str, org: str | None = None) -> x509.Name:
+def x509_name(cn: str, org: str | None = None) -> x509.Name:
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
     if org:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
@@ -142,11 +142,11 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
 def write_pki(pki: Path) -> None:
     """CA, apiserver serving cert, one client cert per component identity, service-account key pair."""
     pki.mkdir(parents=True, exist_ok=True)
-    ca_key = _key()
-    ca_name = _name("aidc-local-ca")
-    ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
+    ca_key = new_key()
+    ca_name = x509_name("aidc-local-ca")
+    ca = issue_cert(ca_name, ca_key, ca_name, ca_key, ca=True)
     (pki / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (pki / "ca.key").write_bytes(_pem_key(ca_key))
+    (pki / "ca.key").write_bytes(pem_key(ca_key))
 
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in (
         "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
@@ -154,20 +154,20 @@ def write_pki(pki: Path) -> None:
     )]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.96.0.1")]
     identities = {
-        "apiserver": (_name("kube-apiserver"), True),
-        "admin": (_name("aidc-admin", "system:masters"), False),
-        "controller-manager": (_name("system:kube-controller-manager"), False),
-        "scheduler": (_name("system:kube-scheduler"), False),
+        "apiserver": (x509_name("kube-apiserver"), True),
+        "admin": (x509_name("aidc-admin", "system:masters"), False),
+        "controller-manager": (x509_name("system:kube-controller-manager"), False),
+        "scheduler": (x509_name("system:kube-scheduler"), False),
         # kwok plays the nodes' kubelets; the Node authorizer is off, so it acts as a cluster admin.
-        "kwok": (_name("kwok", "system:masters"), False),
+        "kwok": (x509_name("kwok", "system:masters"), False),
     }
     for ident, (subject, server) in identities.items():
-        key = _key()
-        cert = _cert(subject, key, ca_name, ca_key, server=server, sans=sans if server else None)
+        key = new_key()
+        cert = issue_cert(subject, key, ca_name, ca_key, server=server, sans=sans if server else None)
         (pki / f"{ident}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (pki / f"{ident}.key").write_bytes(_pem_key(key))
-    sa = _key()
-    (pki / "sa.key").write_bytes(_pem_key(sa))
+        (pki / f"{ident}.key").write_bytes(pem_key(key))
+    sa = new_key()
+    (pki / "sa.key").write_bytes(pem_key(sa))
     (pki / "sa.pub").write_bytes(
         sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
