@@ -47,7 +47,13 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     deterministic: bool = field(default=True, metadata={"help": "deterministic kernels (bitwise resume)"})
     eval_every: int = field(default=50, metadata={"help": "evaluate every N steps (0: only at the end)"})
-    log_every: int = field(default=10, metadata={"help": "log + cross-rank control sync every N steps"})
+    log_every: int = field(
+        default=10, metadata={"help": "cross-rank control sync (loss, stop, timer) at most N steps apart"}
+    )
+    sync_every_seconds: float = field(
+        default=1.0,
+        metadata={"help": "slow steps: sync more often than --log-every, about once per N seconds"},
+    )
     log_every_seconds: float = field(
         default=1.0, metadata={"help": "at most one train log line per N seconds (the last step always logs)"}
     )
@@ -75,6 +81,7 @@ class TrainConfig:
         need(self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
         need(self.log_every >= 1, "log_every must be >= 1")
+        need(self.sync_every_seconds > 0, f"sync_every_seconds must be > 0, got {self.sync_every_seconds}")
         need(self.log_every_seconds >= 0, f"log_every_seconds must be >= 0, got {self.log_every_seconds}")
         need(self.eval_every >= 0, "eval_every must be >= 0")
         need(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")

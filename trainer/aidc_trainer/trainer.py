@@ -43,6 +43,27 @@ class Result:
     eval: dict[str, float] | None
 
 
+@dataclass
+class _PendingSync:
+    """A control sync launched at ``step`` and not read yet."""
+
+    step: int
+    ctl: torch.Tensor  # [loss sum, stop signal, checkpoint due, cadence vote], summed over ranks
+    work: Any  # the async all-reduce; None with one rank (``ctl`` then holds the loss only)
+    local: list[float]  # this rank's flags and vote
+    host: torch.Tensor | None = None  # CUDA: pinned copy of ``ctl``, valid once ``ready`` fired
+    ready: Any = None
+
+
+def sync_interval_vote(step_seconds: float, target_seconds: float, max_steps: int) -> int:
+    """Steps between control syncs this rank asks for: about ``target_seconds`` apart, at most
+    ``max_steps`` (fast steps: the sync's cost stays negligible), at least 1 (slow steps: a stop
+    request must land well inside the pod's termination grace period)."""
+    if step_seconds <= 0:
+        return max_steps
+    return max(1, min(max_steps, int(target_seconds / step_seconds)))
+
+
 class Precision:
     """bf16/fp16 autocast; fp16 adds a GradScaler (bf16 has fp32's range and needs none)."""
 
@@ -254,7 +275,10 @@ class Trainer:
         self._last_save_time, self._last_save_step = time.monotonic(), self.start_step
         self._window = (time.perf_counter(), self.start_step)
         self._last_progress = 0.0
-        self._pending_ctl: tuple[int, torch.Tensor, Any] | None = None
+        self._pending_ctl: _PendingSync | None = None
+        # The first sync follows step 1, so a stop request lands quickly before step times are known.
+        self._interval, self._next_sync = 1, self.start_step + 1
+        self._vote_from = (time.perf_counter(), self.start_step)
         self._last_log = -math.inf
         self.last_loss: float | None = None
         eval_res: dict[str, float] | None = None
@@ -262,14 +286,14 @@ class Trainer:
         scaler = self.precision.scaler if self.precision.scaler.is_enabled() else None
         autocast = self.precision.autocast if self.precision.dtype is not None else contextlib.nullcontext
         ddp = isinstance(model, DDP)
-        batch, device, log_every, steps = self.batches.batch, env.device, cfg.log_every, cfg.steps
+        batch, device, steps = self.batches.batch, env.device, cfg.steps
 
         step = self.start_step
         self._loop_t0 = time.perf_counter()
         try:
             while step < steps:
                 # hot path: keep it as lean as a hand-written DDP loop (bench/trainer_overhead.py)
-                log_now = (step + 1) % log_every == 0 or step + 1 == steps
+                log_now = step + 1 == self._next_sync or step + 1 == steps
                 loss_sum = None
                 for micro in range(accum):
                     x, y = batch(step, micro, device)
@@ -323,35 +347,62 @@ class Trainer:
         return Result(step, self.last_loss, eval_res)
 
     def _control_sync(self, step: int, loss_sum: torch.Tensor) -> bool:
-        """Every ``log_every`` steps one tiny all-reduce carries the loss, stop requests and the
-        time-based checkpoint trigger. It runs in the background while the next step computes and
-        is read after it, so no step waits for it, and every rank acts on its result at the same
+        """One tiny all-reduce carries the loss, stop requests, the time-based checkpoint trigger and
+        each rank's vote on the sync cadence. It runs in the background while the next step computes
+        and is read after it, so no step waits for it, and every rank acts on its result at the same
         step. Returns whether a time-triggered checkpoint is due now."""
         cfg, env = self.cfg, self.env
-        # Still pending only when the previous step synced too (log_every=1, or the last step).
+        # Still pending only when the previous step synced too (interval 1, or the last step).
         due_now = self._apply_control(step)
         due = not due_now and bool(  # a save is about to happen: don't ask for another
             self.ckpt
             and cfg.checkpoint_every_seconds > 0
             and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_seconds
         )
-        flags = torch.tensor([float(self._stop_signal), float(due)]).to(env.device, non_blocking=True)
-        ctl = torch.cat([loss_sum.float().reshape(1), flags])
-        # A blocking all-reduce cost ~75 us even with gloo and one rank, ~2 % of a small model's step.
-        work = dist.all_reduce(ctl, async_op=True) if env.world_size > 1 else None
-        self._pending_ctl = (step, ctl, work)
+        now, (t0, s0) = time.perf_counter(), self._vote_from
+        self._vote_from = (now, step)
+        vote = sync_interval_vote((now - t0) / max(step - s0, 1), cfg.sync_every_seconds, cfg.log_every)
+        local = [float(self._stop_signal), float(due), float(vote)]
+        work = None
+        if env.world_size > 1:
+            cuda = env.device.type == "cuda"
+            flags = torch.tensor(local, pin_memory=cuda).to(env.device, non_blocking=True)
+            ctl = torch.cat([loss_sum.float().reshape(1), flags])
+            # A blocking all-reduce cost ~75 us even with gloo and one rank, ~2 % of a small model's step.
+            work = dist.all_reduce(ctl, async_op=True)
+        else:  # one rank: nothing to agree on, the flags never leave the host
+            ctl = loss_sum.float().reshape(1)
+        pending = _PendingSync(step, ctl, work, local)
+        if env.device.type == "cuda":
+            # Read the result without draining the stream: an async copy into pinned memory and an
+            # event, so reading it later waits for this step's work only, never the queued next step.
+            if work is not None:
+                work.wait()  # NCCL: the current stream waits for the all-reduce; the host does not
+            pending.host, pending.ready = ctl.to("cpu", non_blocking=True), torch.cuda.Event()
+            pending.ready.record()
+        self._pending_ctl = pending
+        self._next_sync = (step // self._interval + 1) * self._interval
         return due_now
 
     def _apply_control(self, step: int) -> bool:
         """Act on the pending control sync (launched at an earlier step) at ``step``."""
-        if self._pending_ctl is None:
+        p, self._pending_ctl = self._pending_ctl, None
+        if p is None:
             return False
         cfg, env = self.cfg, self.env
-        synced_step, ctl, work = self._pending_ctl
-        self._pending_ctl = None
-        if work is not None:
-            work.wait()
-        vals = ctl.tolist()
+        synced_step = p.step
+        if p.ready is not None:
+            p.ready.synchronize()
+            vals = p.host.tolist()  # type: ignore[union-attr]
+        else:
+            if p.work is not None:
+                p.work.wait()
+            vals = p.ctl.tolist()
+        if p.work is None:
+            vals = [vals[0], *p.local]
+        # Votes are small integers, summed exactly in float32: every rank derives the same cadence.
+        self._interval = max(1, int(vals[3]) // env.world_size)
+        self._next_sync = (step // self._interval + 1) * self._interval
         self.last_loss = loss = vals[0] / env.world_size
         now_t = time.perf_counter()
         t_prev, step_prev = self._window

@@ -91,3 +91,6 @@ class PodTemplateOverrides(ApiModel):
     """Extra volume mounts for the main container."""
     image_pull_secrets: KubeList = Field(default_factory=list)
     """Image pull secrets."""
+    termination_grace_period_seconds: int | None = Field(default=None, ge=0, le=86400)
+    """Seconds between SIGTERM and SIGKILL (default: 60 for trainers, time to write a final
+    checkpoint; 45 for model servers, time to drain)."""

@@ -255,11 +255,12 @@ def deployment(
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    grace = tmpl.termination_grace_period_seconds
     pod_spec: dict[str, Any] = {
         "securityContext": pod_security_context(),
         "automountServiceAccountToken": False,  # the server never talks to the API
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS if grace is None else grace,
         "containers": [container],
         "volumes": vols,
     }

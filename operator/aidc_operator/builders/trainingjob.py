@@ -231,6 +231,7 @@ def pod(
         # The message the restart policy puts in a Failed condition comes from here.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    grace = tmpl.termination_grace_period_seconds
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator restarts the whole gang, never one pod
         "hostname": hostname(owner.name, rank),
@@ -241,7 +242,8 @@ def pod(
         "volumes": vols,
         "affinity": affinity(owner, spec, excluded_nodes or []),
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,  # time to finish or abandon an in-flight checkpoint
+        # time to agree on the stop, finish the in-flight save and write a final checkpoint
+        "terminationGracePeriodSeconds": 60 if grace is None else grace,
     }
     if tmpl.node_selector:
         pod_spec["nodeSelector"] = dict(tmpl.node_selector)

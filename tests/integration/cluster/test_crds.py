@@ -74,6 +74,11 @@ def test_examples_are_accepted(crds: Kube, namespace: str, example: str) -> None
             "spec.checkpoint.encryption.rotateAfter",
             "should match",
         ),
+        (
+            tj("bad-grace", podTemplate={"terminationGracePeriodSeconds": -1}),
+            "spec.podTemplate.terminationGracePeriodSeconds",
+            "greater than or equal to 0",
+        ),
         (isvc("bad-model", model={}), "spec.model", "exactly one of model.fromTrainingJob and model.storage"),
         (
             isvc("bad-replicas", model={"fromTrainingJob": "x"}, replicas={"min": 5, "max": 2}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import torch
 from aidc_trainer import checkpoint as C
 from aidc_trainer.crypto import KeyRing
 from tests.integration.trainer.trainer_harness import (
+    ROOT,
     Node,
     events,
     free_port,
@@ -158,12 +160,41 @@ def test_train_log_lines_are_rate_limited_but_the_last_step_always_logs() -> Non
         lines = [json.loads(x) for x in out.stderr.splitlines() if x.startswith("{")]
         return [x["step"] for x in lines if x.get("event") == "train"]
 
-    assert train_steps(["--log-every-seconds", "0"]) == list(range(10, 401, 10))
+    # a sync after step 1 (and 2, once step 1's result is read) so an early stop lands, then every 10
+    assert train_steps(["--log-every-seconds", "0"]) == [1, 2, *range(10, 401, 10)]
     # 400 small steps take well under the default 1 s between lines: the first and the last.
     limited = train_steps([])
-    assert limited[0] == 10 and limited[-1] == 400 and len(limited) < 10, limited
+    assert limited[0] == 1 and limited[-1] == 400 and len(limited) < 10, limited
     out = _python_trainer([*args, "--log-every-seconds", "-1"])
     assert out.returncode == 4 and "log_every_seconds must be >= 0" in out.stderr
+
+
+def test_slow_steps_sync_more_often_than_log_every_so_a_stop_lands_within_a_few_steps(
+    tmp_path: Path,
+) -> None:
+    # 0.1 s steps with a 0.25 s sync target: every 2 steps instead of every 10. Two ranks whose
+    # own votes may differ (2 or 3) must still agree on every sync, or the run would hang.
+    args = ["--recipe", "tests.integration.trainer.slow_recipe:recipe", "--steps", "1000000"]
+    args += ["--log-every", "10", "--sync-every-seconds", "0.25", "--log-every-seconds", "0"]
+    args += ["--eval-every", "0", "--checkpoint-dir", str(tmp_path / "ck")]
+    env = trainer_env(PYTHONPATH=os.pathsep.join([str(ROOT / "trainer"), str(ROOT)]))
+    log = tmp_path / "run.log"
+    node = Node(log, args, nproc=2, env=env)
+    try:
+        wait_for(lambda: any(e["step"] >= 20 for e in events(log, "train")), timeout=120, interval=0.1)
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=60) != 0
+    finally:
+        if node.proc.poll() is None:
+            node.kill()
+    syncs = [e["step"] for e in events(log, "train")]
+    gaps = {b - a for a, b in itertools.pairwise(syncs[2:])}  # after the two start-up syncs
+    assert gaps and max(gaps) <= 3, syncs  # never the 10 steps --log-every allows
+    stops = events(log, "stop")
+    assert len(stops) == 2 and stops[0]["step"] == stops[1]["step"]
+    assert stops[0]["step"] - syncs[-1] <= 4, (stops, syncs)  # the stop rode one of those syncs
+    loaded = C.load_latest(tmp_path / "ck", None)
+    assert loaded is not None and loaded.step == stops[0]["step"]
 
 
 def test_missing_and_wrong_keys_exit_3_naming_the_key_id(tmp_path: Path) -> None:
@@ -242,12 +273,13 @@ def test_time_triggered_checkpoints_and_resume_on_a_smaller_world(tmp_path: Path
     ck = tmp_path / "ck"
     args = ["--steps", "600", "--eval-every", "0", "--checkpoint-dir", str(ck)]
     args += ["--checkpoint-every-seconds", "0.2", "--checkpoint-keep", "100"]
-    node = Node(tmp_path / "two.log", args, nproc=2)
+    node = Node(tmp_path / "two.log", [*args, "--log-every-seconds", "0"], nproc=2)
     assert node.wait(timeout=180) == 0, (tmp_path / "two.log").read_text()[-3000:]
     steps = [C._step_of(p) for p in C.list_checkpoints(ck)]
     assert len(steps) >= 3 and steps[-1] == 600  # saved on the clock, not only at the end
-    # both ranks agreed: a control sync (every 10 steps) is acted on one step later
-    assert all(s % 10 == 1 for s in steps[:-1]), steps
+    # both ranks agreed: the trigger rides a control sync (one train line each) and lands a step later
+    syncs = {e["step"] for e in events(tmp_path / "two.log", "train")}
+    assert all(s - 1 in syncs for s in steps[:-1]), (steps, sorted(syncs))
     assert C.load_latest(ck, None).manifest["world_size"] == 2  # type: ignore[union-attr]
 
     # the job comes back with one process (elastic shrink): model and optimiser carry over
@@ -267,7 +299,7 @@ def test_fsdp_saves_full_state_and_resumes(tmp_path: Path) -> None:
         assert part.wait(timeout=180) == 0, (tmp_path / log).read_text()[-3000:]
     assert events(tmp_path / "part2.log", "resume")[0]["step"] == 20
     train = events(tmp_path / "part2.log", "train")
-    assert train[0]["step"] == 30 and train[-1]["loss"] < events(tmp_path / "part1.log", "train")[0]["loss"]
+    assert train[0]["step"] == 21 and train[-1]["loss"] < events(tmp_path / "part1.log", "train")[0]["loss"]
     # the sharded model was saved as a plain full state dict the model server can load
     ck = C.load_latest(tmp_path / "ck", None)
     assert ck is not None and ck.step == 40 and ck.manifest["world_size"] == 2

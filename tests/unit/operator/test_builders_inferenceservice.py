@@ -209,10 +209,14 @@ def test_user_pod_template_is_merged() -> None:
             "serviceAccountName": "server",
             "volumes": [{"name": "extra", "emptyDir": {}}],
             "volumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+            "terminationGracePeriodSeconds": 120,
         }
     )
     dep = build.deployment(OWNER, s, build.PRIMARY, build.resolve_training_job(training_job()))
     pod = dep["spec"]["template"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 120  # a longer drain for slow requests
+    default = build.deployment(OWNER, spec(), build.PRIMARY, build.resolve_training_job(training_job()))
+    assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
     assert pod["metadata"]["labels"]["team"] == "a"
     assert pod["metadata"]["labels"][LABEL_ROLE] == "primary"
     assert pod["spec"]["nodeSelector"] == {"pool": "infer"}

@@ -146,10 +146,14 @@ def test_scheduling_overrides_merge_predictably() -> None:
                 }
             },
             "labels": {"team": "vision"},
+            "terminationGracePeriodSeconds": 300,
         }
     )
     pod = build.pod(OWNER, s, 1, 0, excluded_nodes=["bad-node"])
     ps = pod["spec"]
+    # slow steps or a large final checkpoint need longer than the default 60 s after SIGTERM
+    assert ps["terminationGracePeriodSeconds"] == 300
+    assert build.pod(OWNER, spec(), 1, 0)["spec"]["terminationGracePeriodSeconds"] == 60
     assert ps["nodeSelector"] == {"pool": "h100"}
     assert ps["priorityClassName"] == "high"
     assert {"key": "dedicated", "operator": "Exists"} in ps["tolerations"]

@@ -17,6 +17,7 @@ from aidc_trainer.data import ShardedBatches, Split, stream_indices
 from aidc_trainer.errors import ConfigError
 from aidc_trainer.evaluation import confusion, scores
 from aidc_trainer.log import JsonFormatter
+from aidc_trainer.trainer import sync_interval_vote
 
 
 def test_cli_overrides_env_which_overrides_defaults() -> None:
@@ -34,11 +35,19 @@ def test_cli_overrides_env_which_overrides_defaults() -> None:
         ["--batch-size", "many"],
         ["--no-such-flag"],
         ["--model-config", "[1]"],
+        ["--sync-every-seconds", "0"],
     ],
 )
 def test_invalid_config_is_a_config_error(argv: list[str]) -> None:
     with pytest.raises(ConfigError):
         load_config(argv, {})
+
+
+def test_sync_cadence_is_log_every_for_fast_steps_and_about_the_target_time_for_slow_ones() -> None:
+    assert sync_interval_vote(0.001, 1.0, 10) == 10  # 1 ms steps: the cap, the sync stays cheap
+    assert sync_interval_vote(0.3, 1.0, 10) == 3  # a sync about once a second
+    assert sync_interval_vote(20.0, 1.0, 10) == 1  # 20 s steps: every step, or a stop takes minutes
+    assert sync_interval_vote(0.0, 1.0, 10) == 10  # no measurement yet
 
 
 def test_stream_is_a_fresh_permutation_per_epoch_and_reproducible() -> None:
