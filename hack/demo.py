@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import urllib.request
 from pathlib import Path
@@ -83,6 +84,9 @@ def main() -> int:
     )
 
     volume = state / "volumes" / "demo-checkpoints"
+    if not c.kubectl("get", "pv", f"{NS}-checkpoints", "--ignore-not-found", "-o", "name").strip():
+        # A new cluster: checkpoints left from an earlier one are sealed with a key that died with it.
+        shutil.rmtree(volume, ignore_errors=True)
     volume.mkdir(parents=True, exist_ok=True)
     c.kubectl(
         "apply",
@@ -185,6 +189,12 @@ def main() -> int:
     )
     out = json.load(urllib.request.urlopen(req, timeout=10))
     say(f"inference: {json.dumps(out)[:400]}")
+
+    def isvc_ready() -> bool:  # the kubelet's probe marks the pod Ready; the operator then reports it
+        st = json.loads(c.kubectl("get", "inferenceservice", "demo-mlp", "-n", NS, "-o", "json"))["status"]
+        return st.get("phase") == "Ready" and bool(st.get("modelVersion"))
+
+    poll("the InferenceService to report Ready", isvc_ready, 60, 1)
     print(c.kubectl("get", "trainingjob,inferenceservice,pods", "-n", NS), flush=True)
     say("done. The cluster, the operator and the local kubelet keep running:")
     print(

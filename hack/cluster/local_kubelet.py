@@ -8,8 +8,12 @@ so this process watches pods bound to kwok nodes that carry an aidc label and, f
   become files, emptyDirs become directories, a PersistentVolumeClaim becomes its bound PV's hostPath;
   environment values under a mount path are rewritten to the local directory (the image's absolute
   paths do not exist here);
-- gives each pod its own loopback address (127.1.x.y) and resolves the cluster DNS names used in its
-  environment (`<host>.<subdomain>.<ns>.svc`) to the addresses of those pods;
+- gives each pod its own address: the pod IP kwok put in its status, added to the loopback device, so
+  the apiserver's pod proxy reaches the pod's processes where the API says they are (without the
+  privilege to add addresses, a 127.1.x.y address of its own, which the proxy refuses); resolves the
+  cluster DNS names used in its environment (`<host>.<subdomain>.<ns>.svc`) to those addresses;
+- runs the container's HTTP readiness probe as a kubelet does and writes the verdict to the pod's
+  Ready condition, so a Deployment counts a model server ready only once it really is;
 - mints a ServiceAccount token bound to the pod (TokenRequest) so in-pod API calls carry the pod's own
   identity and RBAC, as they would in a cluster;
 - runs the command (torchrun/python from this project's virtualenv), and when it exits writes the
@@ -29,16 +33,20 @@ import datetime as dt
 import logging
 import os
 import re
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
-from localcluster import ROOT, LocalCluster
+from localcluster import ROOT, LocalCluster, pod_address_label
 
 log = logging.getLogger("local-kubelet")
 AIDC_LABELS = ("aidc.dev/job-name", "aidc.dev/inferenceservice")
@@ -56,7 +64,16 @@ class RunningPod:
     dir: Path
     address: str
     container: str
+    probe: dict[str, Any] | None = None  # the container's readinessProbe (httpGet only)
+    ports: dict[str, int] = field(default_factory=dict)  # container port names
+    ready: bool | None = None  # the last verdict written to the pod
+    failures: int = 0  # consecutive failed probes
+    next_probe: float = 0.0
     deleted_at: float | None = None
+
+
+class NotYet(Exception):
+    """The pod cannot start in this sync (a pod it names has no IP yet); try again in the next."""
 
 
 @dataclass
@@ -70,25 +87,58 @@ class Kubelet:
         self.root = self.cluster.state_dir / "pods"
         self.running: dict[str, RunningPod] = {}
         self.finished: set[str] = set()
-        self.addresses: dict[str, str] = {}  # "ns/pod" -> loopback address
+        self.addresses: dict[str, str] = {}  # "ns/pod" -> loopback address (fallback mode)
+        self.label = pod_address_label(self.cluster.pod_net)
+        self.pod_ips = self._can_add_addresses()
+        if not self.pod_ips:
+            log.warning("cannot add addresses to lo (needs CAP_NET_ADMIN): pods get 127.1.x.y addresses, "
+                        "which the apiserver's pod proxy refuses")
 
     # addresses ------------------------------------------------------------
-    def address_of(self, namespace: str, pod: str) -> str:
-        key = f"{namespace}/{pod}"
+    def _ip(self, *args: str) -> bool:
+        try:
+            return subprocess.run(["ip", *args], capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+    def _can_add_addresses(self) -> bool:
+        probe = f"{self.cluster.pod_net}.255.254/32"
+        if not self._ip("-4", "addr", "add", probe, "dev", "lo", "label", self.label):
+            return False
+        self._ip("-4", "addr", "del", probe, "dev", "lo")
+        return True
+
+    def address_of(self, pod: dict[str, Any]) -> str:
+        """The pod's IP from its status (kwok's); in fallback mode a loopback address of its own."""
+        if self.pod_ips:
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip:
+                raise NotYet(f"pod {pod['metadata']['name']} has no IP yet")
+            return str(ip)
+        key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
         if key not in self.addresses:
             n = len(self.addresses) + 1
             self.addresses[key] = f"127.1.{n // 250}.{n % 250 + 1}"
         return self.addresses[key]
 
+    def claim(self, address: str) -> None:
+        # "exists" is fine: a kubelet restarted over running pods finds its addresses still there
+        if self.pod_ips:
+            self._ip("-4", "addr", "add", f"{address}/32", "dev", "lo", "label", self.label)
+
+    def release(self, rp: RunningPod) -> None:
+        if self.pod_ips:
+            self._ip("-4", "addr", "del", f"{rp.address}/32", "dev", "lo")
+
     def resolve_dns(self, value: str, pods: list[dict[str, Any]]) -> str:
-        """`host.subdomain.ns.svc[.cluster.local]` of a pod → that pod's loopback address."""
+        """`host.subdomain.ns.svc[.cluster.local]` of a pod → that pod's address."""
 
         def repl(m: re.Match[str]) -> str:
             host, sub, ns = m.group(1), m.group(2), m.group(3)
             for p in pods:
                 spec, meta = p["spec"], p["metadata"]
                 if meta["namespace"] == ns and spec.get("hostname") == host and spec.get("subdomain") == sub:
-                    return self.address_of(ns, meta["name"])
+                    return self.address_of(p)
             return m.group(0)
 
         return re.sub(r"\b([a-z0-9-]+)\.([a-z0-9-]+)\.([a-z0-9-]+)\.svc(?:\.cluster\.local)?\b", repl, value)
@@ -216,7 +266,13 @@ class Kubelet:
         meta = pod["metadata"]
         key = meta["uid"]
         pod_dir = self.root / meta["namespace"] / meta["name"]
+        uid_file = pod_dir / "uid"
+        if uid_file.exists() and uid_file.read_text() != key:
+            # An earlier pod of the same name: a new pod starts with nothing of it (a stale key file in
+            # its Secret volume would hide a key the Secret no longer holds).
+            shutil.rmtree(pod_dir)
         pod_dir.mkdir(parents=True, exist_ok=True)
+        uid_file.write_text(key)
         container = pod["spec"]["containers"][0]
         volumes = self.materialise_volumes(pod, pod_dir)
         mounts = {
@@ -224,14 +280,16 @@ class Kubelet:
             for m in container.get("volumeMounts") or []
             if m["name"] in volumes
         }
-        address = self.address_of(meta["namespace"], meta["name"])
+        address = self.address_of(pod)
         env = self.environment(pod, container, mounts, pods, address, self.service_account_dir(pod, pod_dir))
+        self.claim(address)
         # torchrun binds its rendezvous store to MASTER_ADDR: give the node the address it resolves to.
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         if argv and argv[0] in ("torchrun", "python", "python3"):
             argv[0] = str(VENV_BIN / ("torchrun" if argv[0] == "torchrun" else "python"))
         if argv and argv[0].endswith("torchrun"):
             argv.insert(1, f"--local-addr={address}")
+        probe = container.get("readinessProbe") or {}
         logfile = (pod_dir / "log").open("ab")
         proc = subprocess.Popen(
             argv,
@@ -252,7 +310,11 @@ class Kubelet:
             pod_dir,
             address,
             container["name"],
+            probe=probe if "httpGet" in probe else None,
+            ports={p["name"]: p["containerPort"] for p in container.get("ports") or [] if "name" in p},
         )
+        if self.running[key].probe is not None:
+            self.set_ready(self.running[key], False)  # a kubelet's verdict until the first probe passes
         log.info(
             "started %s/%s on %s at %s: %s",
             meta["namespace"],
@@ -293,6 +355,63 @@ class Kubelet:
             self.core.patch_namespaced_pod_status(rp.name, rp.namespace, status)
         log.info("%s/%s exited with %s", rp.namespace, rp.name, code)
 
+    # readiness ----------------------------------------------------------------
+    def probe_ok(self, rp: RunningPod) -> bool:
+        """One HTTP readiness probe, as a kubelet runs it: any 2xx/3xx is success; TLS not verified."""
+        get = rp.probe["httpGet"]  # type: ignore[index]
+        port = get["port"] if isinstance(get["port"], int) else rp.ports.get(get["port"], 0)
+        scheme = get.get("scheme", "HTTP").lower()
+        ctx = None
+        if scheme == "https":  # a kubelet does not verify a probe's certificate either
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        url = f"{scheme}://{rp.address}:{port}{get.get('path', '/')}"
+        try:
+            with urllib.request.urlopen(url, timeout=rp.probe.get("timeoutSeconds", 1), context=ctx) as r:  # type: ignore[union-attr]
+                return 200 <= r.status < 400
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def set_ready(self, rp: RunningPod, ready: bool) -> None:
+        """Write the verdict where the endpoint and deployment controllers read it."""
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        value = "True" if ready else "False"
+        status = {
+            "status": {
+                "conditions": [
+                    {"type": t, "status": value, "lastTransitionTime": now}
+                    for t in ("Ready", "ContainersReady")
+                ],
+                "containerStatuses": [
+                    {"name": rp.container, "image": "local", "imageID": "", "ready": ready,
+                     "restartCount": 0, "started": True, "state": {"running": {"startedAt": now}}}
+                ],
+            }
+        }
+        with contextlib.suppress(client.ApiException):
+            self.core.patch_namespaced_pod_status(rp.name, rp.namespace, status)
+            rp.ready = ready
+            log.info("%s/%s is %sready", rp.namespace, rp.name, "" if ready else "not ")
+
+    def probe_due(self) -> None:
+        now = time.monotonic()
+        for rp in self.running.values():
+            if rp.probe is None or rp.deleted_at is not None or now < rp.next_probe:
+                continue
+            rp.next_probe = now + rp.probe.get("periodSeconds", 10)
+            if self.probe_ok(rp):
+                rp.failures = 0
+                if rp.ready is not True:
+                    self.set_ready(rp, True)
+            else:
+                rp.failures += 1
+                if rp.ready is not False and rp.failures >= rp.probe.get("failureThreshold", 3):
+                    self.set_ready(rp, False)
+
+    def forget(self, uid: str) -> None:
+        self.release(self.running.pop(uid))
+        self.finished.add(uid)
+
     def kill(self, rp: RunningPod, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(rp.proc.pid, sig)
@@ -308,8 +427,7 @@ class Kubelet:
                 # The node's machine is gone: its processes die with it, nobody reports anything.
                 self.kill(rp, signal.SIGKILL)
                 rp.proc.wait()
-                del self.running[uid]
-                self.finished.add(uid)
+                self.forget(uid)
                 log.info("node %s is down: killed %s/%s", rp.node, rp.namespace, rp.name)
             elif pod is None or pod["metadata"].get("deletionTimestamp"):
                 if rp.deleted_at is None:
@@ -319,15 +437,14 @@ class Kubelet:
                 if code is None and time.monotonic() - rp.deleted_at > grace:
                     self.kill(rp, signal.SIGKILL)
                 if rp.proc.poll() is not None:
-                    del self.running[uid]
-                    self.finished.add(uid)
+                    self.forget(uid)
             elif code is not None:
                 self.report_exit(rp, code)
-                del self.running[uid]
-                self.finished.add(uid)
+                self.forget(uid)
+        self.probe_due()
         # Every pod here shares one network namespace: a new pod must not start while a deleted one is
         # still shutting down, or it could find that pod's ports (rendezvous, metrics) still bound —
-        # something separate pod IPs make impossible in a real cluster.
+        # something separate network namespaces make impossible in a real cluster.
         if any(rp.deleted_at is not None for rp in self.running.values()):
             return
         for uid, pod in by_uid.items():
@@ -344,6 +461,8 @@ class Kubelet:
                 continue
             try:
                 self.start(pod, pods)
+            except NotYet as e:
+                log.info("not starting %s yet: %s", pod["metadata"]["name"], e)
             except Exception as e:
                 log.warning(
                     "cannot start %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], e
@@ -369,6 +488,10 @@ class Kubelet:
             time.sleep(interval)
         for rp in self.running.values():
             self.kill(rp, signal.SIGTERM)
+        for rp in self.running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                rp.proc.wait(10)
+            self.release(rp)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -84,6 +86,34 @@ def build_binaries() -> Path:
     if proc.returncode != 0:
         raise ClusterError("building the control plane failed (output above); fix that and rerun")
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- pod addresses
+# kwok gives each pod an IP from its node's --cidr; the development kubelet (local_kubelet.py) puts that
+# IP on the loopback device so the pod's processes listen where the API says the pod is. That is what
+# lets the apiserver's pod proxy reach them: it refuses 127.0.0.0/8 but not a 10.x address on lo.
+
+
+def pod_address_label(pod_net: str) -> str:
+    """The `ip addr` label marking one cluster's pod addresses (so `down` removes exactly those)."""
+    return f"lo:aidc{pod_net.split('.')[1]}"
+
+
+def pick_pod_net() -> str:
+    """A 10.K prefix that no address on this machine uses yet (several clusters may run at once)."""
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    except OSError:
+        out = ""
+    used = {int(m) for m in re.findall(r"inet 10\.(\d+)\.", out)}
+    free = [k for k in range(64, 250) if k not in used]
+    return f"10.{random.choice(free)}" if free else "10.244"
+
+
+def release_pod_addresses(pod_net: str) -> None:
+    with contextlib.suppress(OSError):
+        subprocess.run(["ip", "-4", "addr", "flush", "dev", "lo", "label", pod_address_label(pod_net)],
+                       capture_output=True)
 
 
 # ---------------------------------------------------------------- certificates
@@ -203,6 +233,7 @@ class LocalCluster:
     node_monitor_grace_period: str = "20s"
     bin_dir: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    pod_net: str = "10.244"  # the first two octets of this cluster's pod addresses (kwok's --cidr)
 
     # paths ------------------------------------------------------------------
     @property
@@ -227,7 +258,7 @@ class LocalCluster:
         (self.state_dir / "cluster.json").write_text(json.dumps({
             "ports": self.ports, "bin_dir": str(self.bin_dir), "nodes": self.nodes,
             "gpus_per_node": self.gpus_per_node,
-            "node_monitor_grace_period": self.node_monitor_grace_period,
+            "node_monitor_grace_period": self.node_monitor_grace_period, "pod_net": self.pod_net,
         }, indent=1))
 
     @classmethod
@@ -236,7 +267,7 @@ class LocalCluster:
         return cls(
             state_dir=state_dir, nodes=meta["nodes"], gpus_per_node=meta["gpus_per_node"],
             node_monitor_grace_period=meta["node_monitor_grace_period"],
-            bin_dir=Path(meta["bin_dir"]), ports=meta["ports"],
+            bin_dir=Path(meta["bin_dir"]), ports=meta["ports"], pod_net=meta.get("pod_net", "10.244"),
         )
 
     # processes --------------------------------------------------------------
@@ -340,6 +371,7 @@ class LocalCluster:
             self.ports[p] = free_port()
         if fixed:
             self.ports["apiserver"] = int(fixed)
+        self.pod_net = pick_pod_net()
         write_pki(self.pki)
         self.kubeconfig.write_text(kubeconfig(self.server, self.pki, "admin"))
         for ident in ("controller-manager", "scheduler", "kwok"):
@@ -437,7 +469,7 @@ class LocalCluster:
             f"--config={self.bin_dir / 'kwok-stages.yaml'}",
             f"--manage-single-node={node}",
             "--node-lease-duration-seconds=10",
-            f"--cidr=10.244.{int(node.rsplit('-', 1)[1]) % 250}.1/24",
+            f"--cidr={self.pod_net}.{int(node.rsplit('-', 1)[1]) % 250}.1/24",
             f"--server-address=127.0.0.1:{port}",
         ])
         self._wait(f"kwok for {node}", lambda: urllib.request.urlopen(
@@ -513,7 +545,8 @@ class LocalCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             self._pidfile(name).unlink(missing_ok=True)
-        for sub in ("etcd", "pki", "apiserver", "controller-manager", "pids"):
+        release_pod_addresses(self.pod_net)
+        for sub in ("etcd", "pki", "apiserver", "controller-manager", "pids", "pods"):
             shutil.rmtree(self.state_dir / sub, ignore_errors=True)
         for f in ("cluster.json", "kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig",
                   "kwok.kubeconfig"):

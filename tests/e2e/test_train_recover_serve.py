@@ -235,3 +235,93 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
         ),
         timeout=60,
     )
+
+
+def train_into(directory: Path, steps: int) -> None:
+    """The real trainer CLI, one local process: unencrypted checkpoints for a storage model."""
+    args = ["--steps", str(steps), "--eval-every", "0", "--parallel", "none", "--device", "cpu"]
+    args += ["--metrics-port", "-1", "--checkpoint-dir", str(directory)]
+    out = subprocess.run(
+        [sys.executable, "-m", "aidc_trainer", *args],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "trainer"), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_unready_server_tells_the_inferenceservice_why_then_serves_the_fixed_model(
+    kube: Kube, namespace: str, kubelet: Path, tmp_path: Path
+) -> None:
+    """The server's own reason reaches the InferenceService through the apiserver's pod proxy, the
+    kubelet's readiness probe keeps the broken replica out of the Service, and a good checkpoint that
+    appears later is hot-loaded and reported as the served version."""
+    models = tmp_path / "pv"
+    train_into(models, 5)
+    (blob,) = [p for p in (models / "step-000000005").iterdir() if p.name != "manifest.json"]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte on the volume
+    blob.write_bytes(bytes(data))
+    hostpath_claim(kube, namespace, "models", models)
+    kube.custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "inferenceservices",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InferenceService",
+            "metadata": {"name": "fixme"},
+            "spec": {
+                "model": {
+                    "name": "mlp",
+                    "watchSeconds": 1,
+                    "storage": {"volume": {"persistentVolumeClaim": {"claimName": "models"}}},
+                }
+            },
+        },
+    )
+
+    def server_pod():
+        pods = kube.pods(namespace, "aidc.dev/inferenceservice=fixme")
+        return pods[0] if pods and (kubelet / pods[0].metadata.name / "address").exists() else None
+
+    pod = wait_for("the model server running", server_pod, timeout=120, interval=0.5)
+    if (kubelet / pod.metadata.name / "address").read_text() != pod.status.pod_ip:
+        pytest.skip("the development kubelet cannot add pod addresses to lo (needs CAP_NET_ADMIN)")
+
+    def ready_condition() -> dict:
+        st = kube.get_cr("inferenceservices", namespace, "fixme").get("status") or {}
+        return next((c for c in st.get("conditions") or [] if c["type"] == "Ready"), {})
+
+    cond = wait_for(
+        "the server's reason on the InferenceService",
+        lambda: (c := ready_condition()).get("reason") == "ModelNotLoaded" and "step-" in c["message"] and c,
+        timeout=120,
+        interval=1,
+    )
+    assert cond["status"] == "False" and cond["message"].startswith(f"pod {pod.metadata.name}: ")
+    assert "step-000000005" in cond["message"] and "no checkpoint passed verification" in cond["message"]
+    live = kube.core.read_namespaced_pod(pod.metadata.name, namespace)
+    ready = next(c for c in live.status.conditions if c.type == "Ready")
+    assert ready.status == "False"  # the probe's verdict, not kwok's
+
+    train_into(models, 12)  # the tampered step 5 is skipped on resume; step 12 verifies
+    st = wait_for(
+        "Ready on the fixed model",
+        lambda: (
+            (s := kube.get_cr("inferenceservices", namespace, "fixme")["status"]).get("phase") == "Ready"
+            and s
+        ),
+        timeout=120,
+        interval=1,
+    )
+    assert ready_condition()["status"] == "True" and st["readyReplicas"] == 1
+    # What the server itself says it serves, asked through the pod proxy (storage carries no version).
+    wait_for(
+        "the served version",
+        lambda: kube.get_cr("inferenceservices", namespace, "fixme")["status"].get("modelVersion") == "12",
+        timeout=60,
+        interval=1,
+    )

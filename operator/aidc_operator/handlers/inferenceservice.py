@@ -138,6 +138,20 @@ class ServerReport:
     not_ready: str | None = None  # the first unready server's own reason
 
 
+def server_reason(body: str | bytes | None) -> str | None:
+    """The model server's own reason in an error answered through the pod proxy. None when the body is
+    the apiserver's own Status (the pod could not be reached, e.g. the server is still starting): that
+    says nothing about the model."""
+    try:
+        doc = json.loads(body or "{}")
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("kind") == "Status":
+        return None
+    reason = doc.get("reason") or doc.get("error")
+    return str(reason) if reason else None
+
+
 def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> ServerReport:
     """Ask each running primary pod, through the apiserver's pod proxy (pods/proxy), for its readiness
     reason and served version: Kubernetes keeps a failed probe's body to itself, and this is what lets
@@ -156,16 +170,20 @@ def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> Se
             continue
         target = f"{scheme}:{pod.metadata.name}:{spec.port}"
         try:
-            body = core.connect_get_namespaced_pod_proxy_with_path(
-                target, namespace, f"v2/models/{model}", _request_timeout=PROXY_TIMEOUT_SECONDS
+            # Raw bytes: for a 'str' response the client parses the JSON and hands back its repr.
+            resp = core.connect_get_namespaced_pod_proxy_with_path(
+                target,
+                namespace,
+                f"v2/models/{model}",
+                _request_timeout=PROXY_TIMEOUT_SECONDS,
+                _preload_content=False,
             )
-            meta = json.loads(body) if isinstance(body, str) else {}
+            meta = json.loads(resp.data)
             versions.update(str(v) for v in meta.get("versions") or [])
         except ApiException as e:
-            with contextlib.suppress(ValueError, TypeError):
-                reason = json.loads(e.body or "{}").get("reason") or json.loads(e.body or "{}").get("error")
-                if reason and not_ready is None:
-                    not_ready = f"pod {pod.metadata.name}: {reason}"
+            reason = server_reason(e.body)
+            if reason and not_ready is None:
+                not_ready = f"pod {pod.metadata.name}: {reason}"
         except Exception:
             continue
     return ServerReport(frozenset(versions), not_ready)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from aidc_operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from aidc_operator.builders import inferenceservice as build
 from aidc_operator.builders.common import Owner
-from aidc_operator.handlers.inferenceservice import Resolution, ServerReport, plan_status, transition_events
+from aidc_operator.handlers.inferenceservice import (
+    Resolution,
+    ServerReport,
+    plan_status,
+    server_reason,
+    transition_events,
+)
 
 OWNER = Owner("InferenceService", "digits", "ns", "uid")
 NOW = "2026-11-26T00:00:00Z"
@@ -115,6 +121,19 @@ def test_a_fixed_spec_clears_invalid() -> None:
     )
     st = status(old=old, primary_dep=dep(0))
     assert st.phase == "Pending" and cond(st, "Invalid").status == "False"
+
+
+def test_only_the_servers_own_answer_counts_as_its_reason() -> None:
+    answer = '{"name": "mlp", "ready": false, "reason": "no checkpoint passed verification"}'
+    assert server_reason(answer) == "no checkpoint passed verification"
+    assert server_reason('{"error": "model mlp is not ready: loading"}') == "model mlp is not ready: loading"
+    # the apiserver could not reach the pod (a server still importing torch): nothing about the model
+    unreachable = (
+        '{"kind":"Status","apiVersion":"v1","status":"Failure","message":"error trying to reach service:'
+        ' dial tcp 10.0.0.2:8080: connect: connection refused","reason":"ServiceUnavailable","code":503}'
+    )
+    assert server_reason(unreachable) is None
+    assert server_reason("<html>bad gateway</html>") is None and server_reason(None) is None
 
 
 def test_servers_own_reports_give_the_unready_reason_and_the_served_version() -> None:
