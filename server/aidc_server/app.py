@@ -220,6 +220,8 @@ async def _keep_model_fresh(state: ServerState) -> None:
             if not model.ready:
                 await asyncio.to_thread(model.load)
             elif options.watch_seconds > 0 and await asyncio.to_thread(model.refresh):
+                if state.batcher is not None:
+                    state.batcher.forget_timing()
                 log.info("model %s now serving version %s", model.name, model.version)
         except Exception:  # load() must not raise, but a bug here must not kill the loop
             log.exception("model load failed unexpectedly")

@@ -106,6 +106,10 @@ class DynamicBatcher:
             await self._task
         self._executor.shutdown(wait=True)
 
+    def forget_timing(self) -> None:
+        """A new model version may be far slower: measure it on the worker thread before inlining."""
+        self._row_s = None
+
     async def submit(self, inputs: Arrays) -> tuple[Any, Arrays]:
         """Queue one request (arrays with a leading batch dimension) and await its outputs."""
         if self._closed:

@@ -205,3 +205,20 @@ def test_quick_lone_requests_skip_the_thread_hop_slow_or_large_ones_do_not():
     run(lone_requests(big, [1, 1, 100_000]))  # a huge request is estimated per row: worker
     assert big.batches == [1, 1, 100_000]
     assert big.ran_on == ["aidc-infer_0", threading.current_thread().name, "aidc-infer_0"]
+
+
+def test_a_new_model_version_is_timed_on_the_worker_before_it_may_run_inline():
+    swapped = Recorder()
+
+    async def around_a_swap():
+        batcher = DynamicBatcher(swapped, max_batch_size=32, inline_max_s=0.001)
+        batcher.start()
+        await batcher.submit(rows_of(1))
+        await batcher.submit(rows_of(1))  # known quick: inline
+        batcher.forget_timing()  # what the server does after a hot swap
+        await batcher.submit(rows_of(1))
+        await batcher.close()
+
+    run(around_a_swap())
+    here = threading.current_thread().name
+    assert swapped.ran_on == ["aidc-infer_0", here, "aidc-infer_0"]
