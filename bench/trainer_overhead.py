@@ -3,7 +3,9 @@
 Runs (interleaved, ``--reps`` times each): plain DDP script, aidc with checkpointing off, aidc with
 encrypted async checkpoints every ``--ckpt-every`` steps. Compares training-loop wall time (start
 of the first step to the end of the last, measured inside rank 0; process start-up, the final
-evaluation and the final checkpoint are excluded for both) and prints the ratios.
+evaluation and the final checkpoint are excluded for both) and prints the ratios, with each
+variant's peak resident memory (rank 0's ``ru_maxrss``; an async checkpoint holds one host copy of
+the state while it is written).
 
     .venv/bin/python bench/trainer_overhead.py --nproc 2 --steps 2000 --reps 3
     .venv/bin/python bench/trainer_overhead.py --in-process --cpu --steps 3000 --reps 10
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -42,7 +45,8 @@ def plain_worker(steps: int, batch: int, hidden: int, lr: float) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     elapsed = plain_loop(steps, batch, hidden, lr, device, rank, world)
     if rank == 0:
-        print(json.dumps({"event": "done", "loop_seconds": elapsed, "steps_run": steps}), flush=True)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(json.dumps({"event": "done", "loop_seconds": elapsed, "max_rss_mb": rss}), flush=True)
     dist.destroy_process_group()
 
 
@@ -152,7 +156,8 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(nproc: int, target: list[str], env: dict[str, str]) -> float:
+def _torchrun(nproc: int, target: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(training-loop seconds, peak RSS of rank 0 in MiB) of one torchrun run."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={_port()}", *target,
@@ -164,7 +169,7 @@ def _torchrun(nproc: int, target: list[str], env: dict[str, str]) -> float:
         if line.startswith("{") and '"done"' in line:
             rec = json.loads(line)
             if rec.get("event") == "done" and rec.get("loop_seconds") is not None:
-                return float(rec["loop_seconds"])
+                return float(rec["loop_seconds"]), float(rec["max_rss_mb"])
     raise SystemExit("no timing found in output")
 
 
@@ -217,17 +222,21 @@ def main() -> None:
     plain = [str(Path(__file__).resolve()), "--worker", "plain", "--steps", str(a.steps)]
     plain += ["--batch-size", str(a.batch_size), "--hidden", str(a.hidden), "--lr", str(a.lr)]
     times: dict[str, list[float]] = {"plain": [], "aidc": [], "aidc+ckpt": []}
+    rss: dict[str, list[float]] = {k: [] for k in times}
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys"
         keys.mkdir()
         (keys / "key-b1").write_bytes(os.urandom(32))
         (keys / "current-key-id").write_text("b1")
         for rep in range(a.reps):
-            times["plain"].append(_torchrun(a.nproc, plain, env))
-            times["aidc"].append(_torchrun(a.nproc, ["-m", "aidc_trainer", *common], env))
             ck = ["--checkpoint-dir", f"{tmp}/ck{rep}", "--checkpoint-every-steps", str(a.ckpt_every)]
             ck += ["--key-dir", str(keys)]
-            times["aidc+ckpt"].append(_torchrun(a.nproc, ["-m", "aidc_trainer", *common, *ck], env))
+            runs = {"plain": plain, "aidc": ["-m", "aidc_trainer", *common]}
+            runs["aidc+ckpt"] = ["-m", "aidc_trainer", *common, *ck]
+            for name, target in runs.items():
+                seconds, peak = _torchrun(a.nproc, target, env)
+                times[name].append(seconds)
+                rss[name].append(peak)
             print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
@@ -238,10 +247,13 @@ def main() -> None:
         f"\nMLP 10-{a.hidden}-10, {a.nproc} procs ({where}), {a.steps} steps x batch {a.batch_size}/rank, "
         f"{a.reps} interleaved reps"
     )
-    print(f"{'variant':<12} {'median s':>9} {'ms/step':>8} {'ratio (median)':>15} {'ratio (best)':>13}")
+    head = f"{'variant':<12} {'median s':>9} {'ms/step':>8} {'ratio (median)':>15} {'ratio (best)':>13}"
+    print(f"{head} {'peak RSS MiB':>13} {'RSS ratio':>10}")
+    rss_med = {k: statistics.median(v) for k, v in rss.items()}
     for k, v in med.items():
         r_best = best[k] / best["plain"]
-        print(f"{k:<12} {v:9.3f} {1000 * v / a.steps:8.3f} {v / med['plain']:15.3f} {r_best:13.3f}")
+        row = f"{k:<12} {v:9.3f} {1000 * v / a.steps:8.3f} {v / med['plain']:15.3f} {r_best:13.3f}"
+        print(f"{row} {rss_med[k]:13.1f} {rss_med[k] / rss_med['plain']:10.3f}")
     print(f"checkpointing: encrypted, every {a.ckpt_every} steps, async")
 
 

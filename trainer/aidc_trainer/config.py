@@ -47,6 +47,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     deterministic: bool = field(default=True, metadata={"help": "deterministic kernels (bitwise resume)"})
     eval_every: int = field(default=50, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    eval_batch_size: int = field(
+        default=0, metadata={"help": "rows per evaluation forward pass (0: --batch-size, which fits)"}
+    )
     log_every: int = field(
         default=10, metadata={"help": "cross-rank control sync (loss, stop, timer) at most N steps apart"}
     )
@@ -84,6 +87,7 @@ class TrainConfig:
         need(self.sync_every_seconds > 0, f"sync_every_seconds must be > 0, got {self.sync_every_seconds}")
         need(self.log_every_seconds >= 0, f"log_every_seconds must be >= 0, got {self.log_every_seconds}")
         need(self.eval_every >= 0, "eval_every must be >= 0")
+        need(self.eval_batch_size >= 0, f"eval_batch_size must be >= 0, got {self.eval_batch_size}")
         need(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         need(self.checkpoint_every_seconds >= 0, "checkpoint_every_seconds must be >= 0")
         need(self.checkpoint_keep >= 1, "checkpoint_keep must be >= 1")

@@ -37,7 +37,7 @@ def evaluate(
     split: Split,
     num_classes: int,
     device: torch.device,
-    batch_size: int = 512,
+    batch_size: int,
     predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], object] | None = None,
     distributed: bool = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -208,6 +209,8 @@ class Trainer:
             self.eval_split,
             self.recipe.num_classes,
             self.env.device,
+            # A fixed large eval batch once ran out of memory where training at --batch-size fit.
+            batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
             predict=self.recipe.predict,
             autocast=self.precision.autocast if self.precision.dtype is not None else None,
             distributed=self.env.distributed,
@@ -466,6 +469,7 @@ class Trainer:
                 "gpu_seconds": self.accounting.gpu_seconds(),
                 "steps_run": step - self.start_step,
                 "loop_seconds": getattr(self, "_loop_seconds", None),
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
             if (ej := self.accounting.energy_joules()) is not None:
                 extra["energy_joules_node0"] = ej

@@ -174,7 +174,7 @@ def test_slow_steps_sync_more_often_than_log_every_so_a_stop_lands_within_a_few_
 ) -> None:
     # 0.1 s steps with a 0.25 s sync target: every 2 steps instead of every 10. Two ranks whose
     # own votes may differ (2 or 3) must still agree on every sync, or the run would hang.
-    args = ["--recipe", "tests.integration.trainer.slow_recipe:recipe", "--steps", "1000000"]
+    args = ["--recipe", "tests.integration.trainer.recipes:slow", "--steps", "1000000"]
     args += ["--log-every", "10", "--sync-every-seconds", "0.25", "--log-every-seconds", "0"]
     args += ["--eval-every", "0", "--checkpoint-dir", str(tmp_path / "ck")]
     env = trainer_env(PYTHONPATH=os.pathsep.join([str(ROOT / "trainer"), str(ROOT)]))
@@ -195,6 +195,22 @@ def test_slow_steps_sync_more_often_than_log_every_so_a_stop_lands_within_a_few_
     assert stops[0]["step"] - syncs[-1] <= 4, (stops, syncs)  # the stop rode one of those syncs
     loaded = C.load_latest(tmp_path / "ck", None)
     assert loaded is not None and loaded.step == stops[0]["step"]
+
+
+def test_evaluation_runs_in_training_sized_batches_so_a_model_that_trains_also_evaluates(
+    tmp_path: Path,
+) -> None:
+    # The model's "device" holds 16 rows per forward pass: training at --batch-size 16 fits, and
+    # so must evaluation (it once used 512-row batches whatever the training batch).
+    args = ["--recipe", "tests.integration.trainer.recipes:capped", "--steps", "20", "--batch-size", "16"]
+    args += ["--eval-every", "10", "--parallel", "none", "--device", "cpu", "--metrics-port", "-1"]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "trainer"), str(ROOT)])}
+    ok = _python_trainer(args, **env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    evals = [json.loads(x) for x in ok.stderr.splitlines() if '"event": "eval"' in x]
+    assert [e["step"] for e in evals] == [10, 20] and evals[-1]["samples"] == 2048
+    too_big = _python_trainer([*args, "--eval-batch-size", "64"], **env)  # the user asked for it
+    assert too_big.returncode == 1 and "a forward pass over 64 rows does not fit" in too_big.stderr
 
 
 def test_missing_and_wrong_keys_exit_3_naming_the_key_id(tmp_path: Path) -> None:
