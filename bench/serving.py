@@ -15,7 +15,8 @@ What it does, in order:
    closed-loop load generator at each concurrency level: C keep-alive connections, each sending
    the next request when the previous answer arrives. Per level the servers take turns for
    --rounds rounds of --duration seconds (after one --warmup stretch each); the rounds are pooled.
-   Prints throughput, p50/p99 and the aidc/KServe ratios.
+   Prints throughput, p50/p99 and the aidc/KServe ratios, then each server's resident memory once
+   ready and its peak under load (VmRSS / VmHWM of the server process and any children).
 4. Before that, measures the accuracy change of --quantize int8 on each model's held-out split.
 
 Fairness: both servers run one process with the same torch build and the same torch thread count,
@@ -110,6 +111,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     mean_batch: float | None = None  # rows per forward pass, from aidc_server's /metrics
+    rss_ready_mib: float | None = None  # the server's processes once ready, before any load
+    rss_peak_mib: float | None = None  # their high-water mark after every level of this model
 
     @property
     def rps(self) -> float:
@@ -189,6 +192,29 @@ def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
         return e.code, e.read()
     except OSError:
         return 0, b""
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(resident, peak resident) MiB of a process and its descendants (a server may fork workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    rss = hwm = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines())
+        except OSError:
+            continue
+        rss += int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
+        hwm += int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
+    return rss, hwm
 
 
 class Server:
@@ -320,8 +346,10 @@ def bench_model(
     results: list[Result] = []
     try:
         reference = None  # aidc's answer; every other server must agree
+        ready_rss: dict[str, float] = {}
         for server in servers:
             server.wait_ready(model)
+            ready_rss[server.name] = memory_mib(server.proc.pid)[0]
             got = answer(server, model, body)
             if reference is None:
                 reference = got
@@ -353,6 +381,16 @@ def bench_model(
                     flush=True,
                 )
                 results.append(r)
+        for server in servers:
+            peak = memory_mib(server.proc.pid)[1]
+            for r in results:
+                if r.server == server.name:
+                    r.rss_ready_mib, r.rss_peak_mib = ready_rss[server.name], peak
+            print(
+                f"  {server.name:11s} {model:12s} resident once ready {ready_rss[server.name]:7.1f} MiB, "
+                f"peak under load {peak:7.1f} MiB",
+                flush=True,
+            )
     finally:
         for server in servers:
             server.stop()
@@ -436,6 +474,21 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+def print_memory_table(results: list[Result]) -> None:
+    print("\n| model | server | resident once ready (MiB) | peak under load (MiB) | peak vs KServe |")
+    print("|---|---|---:|---:|---:|")
+    seen = set()
+    by = {(r.server, r.model): r for r in results}
+    for r in results:
+        if (r.server, r.model) in seen or r.rss_peak_mib is None:
+            continue
+        seen.add((r.server, r.model))
+        k = by.get(("kserve", r.model))
+        vs = k is not None and k.rss_peak_mib and r.server != "kserve"
+        ratio = f"{r.rss_peak_mib / k.rss_peak_mib:.2f}x" if vs else ""  # type: ignore[union-attr]
+        print(f"| {r.model} | {r.server} | {r.rss_ready_mib:.0f} | {r.rss_peak_mib:.0f} | {ratio} |")
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -502,6 +555,7 @@ def main() -> int:
             results += bench_model(m, ckpts[m], kserve_python, args, work, fast_io)
         print(f"# load average after: {_load()}")
         print_table(results)
+        print_memory_table(results)
         if args.json:
             report["results"] = [r.__dict__ | {"rps": r.rps} for r in results]
             args.json.write_text(json.dumps(report, indent=1))
