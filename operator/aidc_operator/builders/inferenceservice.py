@@ -36,6 +36,7 @@ PRIMARY, CANARY = "primary", "canary"
 SERVER_COMMAND = ["python", "-m", "aidc_server"]
 # The server drains on SIGTERM (readiness false, in-flight requests finish): give it time to.
 TERMINATION_GRACE_SECONDS = 45
+DRAIN_EXIT_MARGIN_SECONDS = 3  # left after the drain for the server to exit before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,20 @@ def server_env(
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
+def drain_env(grace: int | None) -> list[dict[str, Any]]:
+    """A grace period the user set decides how long the server drains on SIGTERM: unready for up to
+    2 s (endpoints stop routing to it), then in-flight requests until shortly before SIGKILL. Unset,
+    the server's defaults (2 s + 30 s) fit the default 45 s. The user's own values still win."""
+    if grace is None:
+        return []
+    usable = max(0.0, grace - DRAIN_EXIT_MARGIN_SECONDS)
+    unready = min(2.0, usable / 2)
+    return [
+        {"name": "AIDC_DRAIN_SECONDS", "value": f"{unready:g}"},
+        {"name": "AIDC_DRAIN_TIMEOUT_SECONDS", "value": f"{usable - unready:g}"},
+    ]
+
+
 def volumes(
     spec: InferenceServiceSpec, resolved: ResolvedModel
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -243,6 +258,7 @@ def deployment(
         "command": SERVER_COMMAND,
         # Users may tune the server (AIDC_TORCH_THREADS, AIDC_LOG_LEVEL …); the wiring above is ours.
         "env": merge_env(
+            drain_env(tmpl.termination_grace_period_seconds),
             [v for v in [*spec.env, *tmpl.env] if v["name"] not in reserved],
             server_env(owner, spec, model, resolved),
         ),

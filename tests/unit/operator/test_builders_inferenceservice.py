@@ -225,6 +225,25 @@ def test_user_pod_template_is_merged() -> None:
     assert "/extra" in mounts_of(dep) and "extra" in volumes_of(dep)
 
 
+@pytest.mark.parametrize(
+    ("grace", "user_env", "drain", "timeout"),
+    [
+        (120, [], "2", "115"),  # slow requests get the time the user allowed, up to 3 s before SIGKILL
+        (10, [], "2", "5"),
+        (4, [], "0.5", "0.5"),  # a drain cut short never outlives the grace period
+        (0, [], "0", "0"),
+        (120, [{"name": "AIDC_DRAIN_TIMEOUT_SECONDS", "value": "60"}], "2", "60"),  # theirs wins
+    ],
+)
+def test_a_set_grace_period_bounds_the_servers_drain(grace, user_env, drain, timeout) -> None:
+    s = spec(env=user_env, podTemplate={"terminationGracePeriodSeconds": grace})
+    dep = build.deployment(OWNER, s, build.PRIMARY, build.resolve_training_job(training_job()))
+    env = env_of(dep)
+    assert (env["AIDC_DRAIN_SECONDS"], env["AIDC_DRAIN_TIMEOUT_SECONDS"]) == (drain, timeout)
+    unset = env_of(build.deployment(OWNER, spec(), build.PRIMARY, build.resolve_training_job(training_job())))
+    assert "AIDC_DRAIN_TIMEOUT_SECONDS" not in unset  # the server's 2 s + 30 s fit the default 45 s
+
+
 def test_the_model_server_accepts_every_setting_the_operator_renders() -> None:
     """Contract with aidc_server: its own settings parser reads the environment we render."""
     from aidc_server.config import parse_args
@@ -234,12 +253,14 @@ def test_the_model_server_accepts_every_setting_the_operator_renders() -> None:
         batching={"maxBatchSize": 8, "maxLatencyMs": 3},
         tlsSecretRef={"name": "cert"},
         port=9000,
+        podTemplate={"terminationGracePeriodSeconds": 4},
     )
     resolved = build.resolve_training_job(training_job(encryption={"kekSecretRef": {"name": "kek"}}))
     settings = parse_args([], environ=env_of(build.deployment(OWNER, s, build.PRIMARY, resolved)))
     assert settings.checkpoint_dir == "/checkpoints/mnist-ddp" and settings.model_name == "mnist"
     assert (settings.port, settings.max_batch_size, settings.max_latency_ms) == (9000, 8, 3.0)
     assert settings.quantize == "int8" and settings.watch_seconds == 7.0
+    assert (settings.drain_seconds, settings.drain_timeout_seconds) == (0.5, 0.5)
     assert settings.key_dir == "/var/run/aidc/keys" and settings.kek_file == "/var/run/aidc/kek/kek"
     assert (
         settings.tls_cert == "/var/run/aidc/tls/tls.crt" and settings.tls_key == "/var/run/aidc/tls/tls.key"
