@@ -159,6 +159,11 @@ class Kube:
     def get_cr(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object("aidc.dev", "v1alpha1", namespace, plural, name)
 
+    def create_cr(self, kind: str, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": "aidc.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+        plural = kind.lower() + "s"
+        return self.custom.create_namespaced_custom_object("aidc.dev", "v1alpha1", namespace, plural, body)
+
     def pods(self, namespace: str, selector: str = "") -> list[client.V1Pod]:
         return self.core.list_namespaced_pod(namespace, label_selector=selector).items
 

@@ -21,7 +21,6 @@ from tests.kube import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION = "aidc.dev", "v1alpha1"
 
 
 @pytest.fixture
@@ -107,37 +106,19 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
     # Long enough that the node dies mid-run even on a quiet machine (~3 ms a step there); the kill
     # comes within seconds of checkpoint 300.
     steps = 6000
-    kube.custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
+    command = ["python", "-m", "aidc_trainer", "--example", "mlp", "--steps", str(steps), "--eval-every", "0"]
+    command += ["--log-every", "50", "--progress-every-seconds", "1"]
+    kube.create_cr(
+        "TrainingJob",
         namespace,
-        "trainingjobs",
+        "e2e",
         {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "TrainingJob",
-            "metadata": {"name": "e2e"},
-            "spec": {
-                "command": [
-                    "python",
-                    "-m",
-                    "aidc_trainer",
-                    "--example",
-                    "mlp",
-                    "--steps",
-                    str(steps),
-                    "--eval-every",
-                    "0",
-                    "--log-every",
-                    "50",
-                    "--progress-every-seconds",
-                    "1",
-                ],
-                "nodes": 2,
-                "procPerNode": 1,
-                "gpusPerNode": 1,
-                "checkpoint": {"volume": {"persistentVolumeClaim": {"claimName": "ckpt"}}, "everySteps": 100},
-                "failurePolicy": {"backoffSeconds": 1, "maxRestarts": 5},
-            },
+            "command": command,
+            "nodes": 2,
+            "procPerNode": 1,
+            "gpusPerNode": 1,
+            "checkpoint": {"volume": {"persistentVolumeClaim": {"claimName": "ckpt"}}, "everySteps": 100},
+            "failurePolicy": {"backoffSeconds": 1, "maxRestarts": 5},
         },
     )
     # Training really runs: rank 0 reports checkpoints through its pod's annotations.
@@ -181,19 +162,8 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
     assert manifest["key_id"] == base64.b64decode(secret.data["current-key-id"]).decode()
 
     # Serve it: an InferenceService from the job, its pod run for real by the development kubelet.
-    kube.custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "inferenceservices",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "InferenceService",
-            # Same name as the job, as users do: the job's Services must leave the name to this one.
-            "metadata": {"name": "e2e"},
-            "spec": {"model": {"fromTrainingJob": "e2e", "name": "mlp"}},
-        },
-    )
+    # Same name as the job, as users do: the job's Services must leave the name to this one.
+    kube.create_cr("InferenceService", namespace, "e2e", {"model": {"fromTrainingJob": "e2e", "name": "mlp"}})
 
     def ready_server() -> str | None:
         for pod in kube.pods(namespace, "aidc.dev/inferenceservice=e2e"):
@@ -264,23 +234,12 @@ def test_unready_server_tells_the_inferenceservice_why_then_serves_the_fixed_mod
     data[len(data) // 2] ^= 0xFF  # one flipped byte on the volume
     blob.write_bytes(bytes(data))
     hostpath_claim(kube, namespace, "models", models)
-    kube.custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
+    storage = {"volume": {"persistentVolumeClaim": {"claimName": "models"}}}
+    kube.create_cr(
+        "InferenceService",
         namespace,
-        "inferenceservices",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "InferenceService",
-            "metadata": {"name": "fixme"},
-            "spec": {
-                "model": {
-                    "name": "mlp",
-                    "watchSeconds": 1,
-                    "storage": {"volume": {"persistentVolumeClaim": {"claimName": "models"}}},
-                }
-            },
-        },
+        "fixme",
+        {"model": {"name": "mlp", "watchSeconds": 1, "storage": storage}},
     )
 
     def server_pod():
