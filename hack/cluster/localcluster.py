@@ -442,6 +442,7 @@ class LocalCluster:
             f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
             # Node lifecycle: how long a silent node stays Ready. Short here so failure tests are quick.
             f"--node-monitor-grace-period={self.node_monitor_grace_period}", "--node-monitor-period=2s",
+            "--horizontal-pod-autoscaler-sync-period=5s",  # default 15 s: tests see HPA status sooner
             "--v=1",
         ])
         self._start("kube-scheduler", [
