@@ -72,6 +72,11 @@ class RunningPod:
     deleted_at: float | None = None
 
 
+def _timestamp() -> str:
+    """Now, as the kubelet writes times into pod status."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class NotYet(Exception):
     """The pod cannot start in this sync (a pod it names has no IP yet); try again in the next."""
 
@@ -326,7 +331,7 @@ class Kubelet:
 
     def report_exit(self, rp: RunningPod, code: int) -> None:
         """What a kubelet writes when the container exits (terminationMessagePolicy FallbackToLogsOnError)."""
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = _timestamp()
         tail = (rp.dir / "log").read_bytes()[-2048:].decode(errors="replace") if code else ""
         status = {
             "status": {
@@ -374,7 +379,7 @@ class Kubelet:
 
     def set_ready(self, rp: RunningPod, ready: bool) -> None:
         """Write the verdict where the endpoint and deployment controllers read it."""
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = _timestamp()
         value = "True" if ready else "False"
         status = {
             "status": {

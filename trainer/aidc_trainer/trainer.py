@@ -384,8 +384,12 @@ class Trainer:
             pending.host, pending.ready = ctl.to("cpu", non_blocking=True), torch.cuda.Event()
             pending.ready.record()
         self._pending_ctl = pending
-        self._next_sync = (step // self._interval + 1) * self._interval
+        self._schedule_next_sync(step)
         return due_now
+
+    def _schedule_next_sync(self, step: int) -> None:
+        """The next multiple of the agreed interval after ``step`` (the same on every rank)."""
+        self._next_sync = (step // self._interval + 1) * self._interval
 
     def _apply_control(self, step: int) -> bool:
         """Act on the pending control sync (launched at an earlier step) at ``step``."""
@@ -405,7 +409,7 @@ class Trainer:
             vals = [vals[0], *p.local]
         # Votes are small integers, summed exactly in float32: every rank derives the same cadence.
         self._interval = max(1, int(vals[3]) // env.world_size)
-        self._next_sync = (step // self._interval + 1) * self._interval
+        self._schedule_next_sync(step)
         self.last_loss = loss = vals[0] / env.world_size
         now_t = time.perf_counter()
         t_prev, step_prev = self._window
