@@ -1,24 +1,110 @@
-"""The operator's API client and the few idempotent write patterns the reconcilers use."""
+"""The operator's API client and the few idempotent write patterns the reconcilers use.
+
+Every request goes through one client whose REST layer counts it (aidc_api_requests_total by verb and
+resource) and, except watches, passes a token bucket (AIDC_API_QPS / AIDC_API_BURST, as client-go's
+QPS/Burst), so a burst of work queues up in the operator instead of flooding the apiserver."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import threading
+import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from . import metrics
 from .api import GROUP, VERSION
+
+DEFAULT_QPS = 50.0
+DEFAULT_BURST = 100
+
+
+class TokenBucket:
+    """Blocks the calling thread until a request may go (qps <= 0: no limit)."""
+
+    def __init__(self, qps: float, burst: int, clock: Any = time.monotonic, sleep: Any = time.sleep) -> None:
+        self.qps, self.burst, self._clock, self._sleep = qps, max(1, burst), clock, sleep
+        self._tokens, self._at = float(self.burst), clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if self.qps <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.qps)
+            self._at = now
+            self._tokens -= 1
+            wait = -self._tokens / self.qps if self._tokens < 0 else 0.0
+        if wait:
+            self._sleep(wait)
+
+
+def request_kind(method: str, url: str) -> tuple[str, str]:
+    """(verb, resource) of a REST call as the apiserver's metrics name them: get/list/watch/create/
+    update/patch/delete, and the resource plural with its subresource (pods/status)."""
+    parts = urlsplit(url)
+    segs = [s for s in parts.path.split("/") if s]
+    # /api/v1/... or /apis/<group>/<version>/...
+    rest = segs[2:] if segs[:1] == ["api"] else segs[3:]
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]  # a namespaced resource, not the Namespace object itself
+    resource = "/".join(rest[:1] + rest[2:3]) if rest else "?"
+    named = len(rest) >= 2
+    method = method.upper()
+    if method == "GET":
+        verb = (
+            "watch"
+            if parse_qs(parts.query).get("watch", [""])[0] in ("1", "true")
+            else ("get" if named else "list")
+        )
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method)
+    return verb, resource
+
+
+def _instrument(api_client: client.ApiClient, bucket: TokenBucket) -> client.ApiClient:
+    rest = api_client.rest_client
+    send = rest.request
+
+    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        verb, resource = request_kind(method, url)
+        if verb != "watch":
+            bucket.acquire()
+        metrics.API_REQUESTS.labels(verb, resource).inc()
+        return send(method, url, *args, **kwargs)
+
+    rest.request = request
+    return api_client
+
+
+def api_message(e: ApiException) -> str:
+    """The apiserver's own sentence (it names the resource and verb, e.g. a missing RBAC rule)."""
+    try:
+        return json.loads(e.body or "")["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"{e.status} {e.reason}"
 
 
 @functools.cache
 def api() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    bucket = TokenBucket(
+        float(os.environ.get("AIDC_API_QPS", DEFAULT_QPS)),
+        int(os.environ.get("AIDC_API_BURST", DEFAULT_BURST)),
+    )
     try:
         config.load_incluster_config()
-        return client.ApiClient()
+        api_client = client.ApiClient()
     except config.ConfigException:
-        return config.new_client_from_config()
+        api_client = config.new_client_from_config()
+    api_client.user_agent = "aidc-operator"
+    return _instrument(api_client, bucket)
 
 
 def core() -> client.CoreV1Api:
@@ -42,58 +128,64 @@ def get_cr(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-    custom().patch_namespaced_custom_object_status(
+def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """Merge-patches the status subresource; returns the object as stored (for the cache)."""
+    return custom().patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, plural, name, {"status": status}
     )
 
 
-def create(obj: dict[str, Any]) -> bool:
-    """Creates obj; an existing object of that name is left as it is (adoption). True if created."""
+def create(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """Creates obj; an existing object of that name is left as it is (adoption). Returns the object as
+    stored when created (the cache takes it at once), None when it already existed."""
     try:
-        _dynamic_create(obj)
-        return True
+        return sanitize(_dynamic_create(obj))
     except ApiException as e:
         if e.status == 409:
-            return False
+            return None
         raise
 
 
-def _dynamic_create(obj: dict[str, Any]) -> None:
+def _dynamic_create(obj: dict[str, Any]) -> Any:
     kind, ns = obj["kind"], obj["metadata"].get("namespace")
     if kind == "Pod":
-        core().create_namespaced_pod(ns, obj)
-    elif kind == "Service":
-        core().create_namespaced_service(ns, obj)
-    elif kind == "Secret":
-        core().create_namespaced_secret(ns, obj)
-    elif kind == "ServiceAccount":
-        core().create_namespaced_service_account(ns, obj)
-    elif kind == "Role":
-        client.RbacAuthorizationV1Api(api()).create_namespaced_role(ns, obj)
-    elif kind == "RoleBinding":
-        client.RbacAuthorizationV1Api(api()).create_namespaced_role_binding(ns, obj)
-    elif kind == "NetworkPolicy":
-        client.NetworkingV1Api(api()).create_namespaced_network_policy(ns, obj)
-    elif kind == "Deployment":
-        client.AppsV1Api(api()).create_namespaced_deployment(ns, obj)
-    elif kind == "HorizontalPodAutoscaler":
-        client.AutoscalingV2Api(api()).create_namespaced_horizontal_pod_autoscaler(ns, obj)
-    else:
-        raise ValueError(f"no create for kind {kind}")
+        return core().create_namespaced_pod(ns, obj)
+    if kind == "Service":
+        return core().create_namespaced_service(ns, obj)
+    if kind == "Secret":
+        return core().create_namespaced_secret(ns, obj)
+    if kind == "ServiceAccount":
+        return core().create_namespaced_service_account(ns, obj)
+    if kind == "Role":
+        return client.RbacAuthorizationV1Api(api()).create_namespaced_role(ns, obj)
+    if kind == "RoleBinding":
+        return client.RbacAuthorizationV1Api(api()).create_namespaced_role_binding(ns, obj)
+    if kind == "NetworkPolicy":
+        return client.NetworkingV1Api(api()).create_namespaced_network_policy(ns, obj)
+    if kind == "Deployment":
+        return client.AppsV1Api(api()).create_namespaced_deployment(ns, obj)
+    if kind == "HorizontalPodAutoscaler":
+        return client.AutoscalingV2Api(api()).create_namespaced_horizontal_pod_autoscaler(ns, obj)
+    raise ValueError(f"no create for kind {kind}")
 
 
-def delete_pod(namespace: str, name: str, force: bool) -> None:
+def delete_pod(namespace: str, name: str, force: bool) -> dict[str, Any] | None:
+    """Deletes a pod (grace 0 when forced); returns it as stored while it terminates, else None."""
     try:
-        core().delete_namespaced_pod(
-            name,
-            namespace,
-            grace_period_seconds=0 if force else None,
-            propagation_policy="Background",
+        result = sanitize(
+            core().delete_namespaced_pod(
+                name,
+                namespace,
+                grace_period_seconds=0 if force else None,
+                propagation_policy="Background",
+            )
         )
     except ApiException as e:
         if e.status != 404:
             raise
+        return None
+    terminating = isinstance(result, dict) and (result.get("metadata") or {}).get("deletionTimestamp")
+    return result if terminating else None
 
 
 def read_secret(namespace: str, name: str) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,16 @@ from .api.trainingjob import CheckpointRef, FailureRecord, Progress, TrainingJob
 from .builders import trainingjob as build
 from .builders.common import LABEL_ATTEMPT, LABEL_RANK, Owner
 from .conditions import set_condition
-from .recovery import LostPod, NodeHealth, assess, health_of, healthy_nodes, lost_pods, must_force_delete
+from .recovery import LostPod, NodeHealth, health_of, healthy_nodes, lost_pods, must_force_delete
 from .restart_policy import backoff_seconds, describe, retryable, terminated
 
 ANNOTATION_PROGRESS = "aidc.dev/progress"
 ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
 FINISHED = ("Succeeded", "Failed")
-RESYNC_SECONDS = 5.0
+# A pass runs when something it reads changes (watch events); this safety resync is the only pass a
+# quiet job gets (the controller adds jitter so a thousand jobs never resync together).
+RESYNC_SECONDS = 300.0
+PREREQ_RETRY_SECONDS = 5.0  # a missing Secret/PVC is not watched: look again soon
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class _Planner:
         spec: TrainingJobSpec,
         status: TrainingJobStatus,
         pods: list[dict[str, Any]],
-        health: dict[str, NodeHealth],
+        health: Mapping[str, NodeHealth],
         prereq: Prerequisites,
         now: dt.datetime,
     ) -> None:
@@ -206,7 +210,7 @@ class _Planner:
             self.condition(self.prereq.condition, False, self.prereq.reason, self.prereq.message)
             if st.phase is None:
                 st.phase = "Pending"
-            self.plan.requeue_after = 5
+            self.plan.requeue_after = PREREQ_RETRY_SECONDS
             return self.plan
         if self.prereq.condition != "Ready":
             self.condition(self.prereq.condition, True, self.prereq.reason or "Ready", self.prereq.message)
@@ -266,6 +270,10 @@ class _Planner:
             self.set_phase("Running", "Running", f"all {len(current)} pod(s) of attempt {st.attempt} running")
         elif st.phase not in ("Restarting",):
             st.phase = "Pending"
+        if spec.active_deadline_seconds and st.start_time:
+            # Nothing else would wake a quiet job when its deadline passes.
+            left = spec.active_deadline_seconds - (self.now - _parse_ts(st.start_time)).total_seconds()
+            self.plan.requeue_after = min(self.plan.requeue_after, max(1.0, left + 1))
         return self.plan
 
     def gang_size(self, current: list[dict[str, Any]]) -> int:
@@ -430,7 +438,7 @@ class _Planner:
     def schedule_ttl(self) -> None:
         ttl, done = self.spec.ttl_seconds_after_finished, _parse_ts(self.status.completion_time)
         if ttl is None or done is None:
-            self.plan.requeue_after = 60
+            self.plan.requeue_after = RESYNC_SECONDS
             return
         left = (done + dt.timedelta(seconds=ttl) - self.now).total_seconds()
         if left <= 0:
@@ -448,7 +456,7 @@ class _Planner:
         self.condition("Suspended", True, "Suspended", "spec.suspend is true; pods deleted")
         self.condition("Running", False, "Suspended")
         self.set_phase("Suspended", "Suspended", "TrainingJob suspended; pods deleted, status kept")
-        self.plan.requeue_after = 60
+        self.plan.requeue_after = RESYNC_SECONDS
         return self.plan
 
     def lift_progress(self, current: list[dict[str, Any]]) -> None:
@@ -473,13 +481,13 @@ def plan(
     body: dict[str, Any],
     spec: TrainingJobSpec,
     pods: list[dict[str, Any]],
-    nodes: dict[str, dict[str, Any]],
+    health: Mapping[str, NodeHealth],
     now: dt.datetime,
     prereq: Prerequisites = Prerequisites(),
-    leases: dict[str, dict[str, Any]] | None = None,
 ) -> Plan:
     """The next step for one TrainingJob (body: the object as read, for identity and last status;
-    nodes and leases: by node name)."""
+    health: by node name, a missing name being a deleted node; the cache serves it lazily, so a pass
+    looks only at the nodes it asks about)."""
     try:
         status = TrainingJobStatus.model_validate(body.get("status") or {})
     except ValueError:
@@ -491,7 +499,7 @@ def plan(
         spec,
         status,
         pods,
-        assess(nodes, leases or {}, now),
+        health,
         prereq,
         now,
     ).run()

@@ -13,6 +13,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from . import handlers  # noqa: F401 - registers the handlers
+from .runtime import CONFIG
 
 PREFIX = "aidc.dev"
 _webhook: dict[str, Any] = {}  # set by cli(): where the admission webhook server listens, if anywhere
@@ -121,6 +122,18 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--webhook-addr", default=os.environ.get("AIDC_WEBHOOK_ADDR", "0.0.0.0"))
     ap.add_argument("--webhook-cert", help="PEM serving certificate (reloaded when the file changes)")
     ap.add_argument("--webhook-key", help="PEM private key of the serving certificate")
+    ap.add_argument(
+        "--api-qps",
+        type=float,
+        default=float(os.environ.get("AIDC_API_QPS", "50")),
+        help="steady requests per second to the apiserver (client-side limit; 0: none)",
+    )
+    ap.add_argument(
+        "--api-burst",
+        type=int,
+        default=int(os.environ.get("AIDC_API_BURST", "100")),
+        help="requests allowed at once above --api-qps",
+    )
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
     args = ap.parse_args(argv)
@@ -134,6 +147,9 @@ def cli(argv: list[str] | None = None) -> None:
             addr=args.webhook_addr, port=args.webhook_port, cert=args.webhook_cert, key=args.webhook_key
         )
     _namespaces.extend(args.namespace)
+    CONFIG.namespaces = list(args.namespace)
+    # Read by kubeio.api() when it builds the one client every request goes through.
+    os.environ["AIDC_API_QPS"], os.environ["AIDC_API_BURST"] = str(args.api_qps), str(args.api_burst)
     # kopf's formatter prefixes messages about an object with [namespace/name]; json for log pipelines.
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_prefix=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # probes every few seconds

@@ -39,6 +39,20 @@ ADMISSIONS = Counter(
     ["webhook", "allowed"],
 )
 
+API_REQUESTS = Counter(
+    "aidc_api_requests", "Requests the operator sent to the apiserver", ["verb", "resource"]
+)
+WATCH_EVENTS = Counter("aidc_watch_events", "Watch events the cache took in", ["resource"])
+CACHE_OBJECTS = Gauge("aidc_cache_objects", "Objects held in the watch-fed cache", ["resource"])
+QUEUE_DEPTH = Gauge("aidc_workqueue_depth", "Objects waiting for a reconcile pass", ["resource"])
+QUEUE_WAIT = Histogram(
+    "aidc_workqueue_wait_seconds",
+    "From an object being queued to its pass starting",
+    ["resource"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+PASSES = Counter("aidc_reconcile_passes", "Reconcile passes run", ["resource"])
+
 _PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 
 

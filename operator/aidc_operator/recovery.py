@@ -5,8 +5,10 @@ and the reconciler only gathers objects and applies the verdict. A node is lost 
 - it is gone or being deleted,
 - its Ready condition is False or Unknown, or it carries the node.kubernetes.io/unreachable or
   not-ready taint (the node lifecycle controller's verdict, after --node-monitor-grace-period), or
-- its kubelet's Lease has expired: not renewed within its own leaseDurationSeconds. This is the
-  kubelet's liveness contract itself, and it is noticed before the controller's grace period
+- its kubelet's Lease has lapsed: its renewTime has not changed for longer than its own
+  leaseDurationSeconds, timed on the operator's own monotonic clock from when it last *saw* the renewal
+  (LeaseClock), so clock skew between the operator and the kubelets cannot fake or hide a loss. This is
+  the kubelet's liveness contract itself, and it is noticed before the controller's grace period
   (default 50 s) runs out, which is what makes recovery fast.
 A pod is lost when its node is lost or it has a DisruptionTarget condition (preemption, eviction,
 taint manager, graceful node shutdown).
@@ -14,8 +16,7 @@ taint manager, graceful node shutdown).
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,27 +30,38 @@ class NodeHealth:
     reason: str = ""
 
 
-def _parse(ts: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+class LeaseClock:
+    """When each node's Lease was last seen renewed, on the observer's monotonic clock. A Lease whose
+    renewTime stops changing lapses leaseDurationSeconds after the last change was *observed*; the
+    wall-clock renewTime is compared only with itself, never with the operator's clock. A Lease first
+    seen (operator start) counts as renewed then, so a restart delays, never invents, a verdict."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str | None, float, float]] = {}  # name → (renewTime, duration, at)
+
+    def observe(self, name: str, lease: dict[str, Any] | None, now: float) -> None:
+        if lease is None:
+            self._seen.pop(name, None)
+            return
+        spec = lease.get("spec") or {}
+        renewed, duration = spec.get("renewTime"), float(spec.get("leaseDurationSeconds") or 0)
+        last = self._seen.get(name)
+        if last is None or last[0] != renewed:
+            self._seen[name] = (renewed, duration, now)
+        elif last[1] != duration:
+            self._seen[name] = (renewed, duration, last[2])
+
+    def lapsed(self, name: str, now: float) -> bool:
+        seen = self._seen.get(name)
+        if seen is None or not seen[1] or seen[0] is None:
+            return False  # no lease (an old kubelet, or not created yet): rely on the node's conditions
+        return now - seen[2] > seen[1]
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
-def lease_expired(lease: dict[str, Any] | None, now: dt.datetime) -> bool:
-    if not lease:
-        return False  # no lease (an old kubelet, or not created yet): rely on the node's conditions
-    spec = lease.get("spec") or {}
-    renewed = _parse(spec.get("renewTime"))
-    duration = spec.get("leaseDurationSeconds")
-    if renewed is None or not duration:
-        return False
-    return (now - renewed).total_seconds() > duration
-
-
-def node_health(
-    node: dict[str, Any] | None,
-    name: str,
-    lease: dict[str, Any] | None = None,
-    now: dt.datetime | None = None,
-) -> NodeHealth:
+def node_health(node: dict[str, Any] | None, name: str, lease_lapsed: bool = False) -> NodeHealth:
     if node is None:
         return NodeHealth(name, False, "NodeDeleted")
     if node.get("metadata", {}).get("deletionTimestamp"):
@@ -64,16 +76,15 @@ def node_health(
             return NodeHealth(
                 name, False, "NodeUnreachable" if "unreachable" in taint["key"] else "NodeNotReady"
             )
-    if now is not None and lease_expired(lease, now):
+    if lease_lapsed:
         return NodeHealth(name, False, "NodeLeaseExpired")
     return NodeHealth(name, True)
 
 
-def assess(
-    nodes: Mapping[str, dict[str, Any]], leases: Mapping[str, dict[str, Any]], now: dt.datetime
-) -> dict[str, NodeHealth]:
-    """Health of every node that exists (a name missing from the result is a deleted node)."""
-    return {name: node_health(node, name, leases.get(name), now) for name, node in nodes.items()}
+def assess(nodes: Mapping[str, dict[str, Any]], lapsed: Collection[str] = ()) -> dict[str, NodeHealth]:
+    """Health of every node that exists (a name missing from the result is a deleted node); lapsed: the
+    nodes whose Lease a LeaseClock finds lapsed."""
+    return {name: node_health(node, name, name in lapsed) for name, node in nodes.items()}
 
 
 def health_of(health: Mapping[str, NodeHealth], name: str) -> NodeHealth:

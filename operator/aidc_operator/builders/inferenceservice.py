@@ -22,6 +22,7 @@ from ..api.trainingjob import TrainingJobSpec
 from .common import (
     LABEL_ISVC,
     LABEL_ROLE,
+    MANAGED_BY,
     Owner,
     container_security_context,
     merge_env,
@@ -296,7 +297,8 @@ def deployment(
         pod_spec["priorityClassName"] = tmpl.priority_class_name
     if tmpl.image_pull_secrets:
         pod_spec["imagePullSecrets"] = list(tmpl.image_pull_secrets)
-    pod_meta: dict[str, Any] = {"labels": {**tmpl.labels, **labels}}
+    # managed-by on the pods too: the operator's pod watch selects on it (server-side filtering).
+    pod_meta: dict[str, Any] = {"labels": {**tmpl.labels, **MANAGED_BY, **labels}}
     if tmpl.annotations:
         pod_meta["annotations"] = dict(tmpl.annotations)
     dep_spec: dict[str, Any] = {

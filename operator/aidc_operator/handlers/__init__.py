@@ -1,3 +1,3 @@
 """kopf handlers; importing this package registers them."""
 
-from . import inferenceservice, trainingjob  # noqa: F401
+from . import inferenceservice, trainingjob, wiring  # noqa: F401

@@ -1,12 +1,14 @@
-"""Thin kopf wiring for InferenceServices: one reconcile loop (a kopf daemon) per service, woken by its
-Deployments' events and by TrainingJob changes in its namespace, resyncing every few seconds. Each pass
-resolves the model source, server-side-applies the Deployment(s), Service and HPA the builders render,
-and writes status — level-based and idempotent, so a restarted operator simply adopts what exists."""
+"""InferenceService passes, woken by their pods' and children's watch events and by changes of the
+TrainingJob they serve. Each pass resolves the model source from the store, server-side-applies the
+Deployment(s), Service and HPA the builders render — only when what they render changed (a hash of it
+rides on each child) — and writes status when it differs: level-based and idempotent, so a restarted
+operator simply adopts what exists, and a quiet service costs no request between safety resyncs."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,21 +23,23 @@ from ..api import GROUP, VERSION
 from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ModelSpec
 from ..builders import inferenceservice as build
 from ..builders.common import LABEL_ISVC, LABEL_ROLE, Owner
+from ..cache import INFERENCESERVICE, TRAININGJOB
 from ..conditions import get_condition, set_condition
-from .loop import Outcome, ReconcileLoops, api_message
+from ..kubeio import api_message
+from ..runtime import CONFIG, STORE
+from .loop import Controller, Outcome
 from .validation import describe_validation_error
 
 PLURAL = "inferenceservices"
 PROBED_PODS = 5  # servers asked per pass: enough to explain, cheap at any scale
 PROXY_TIMEOUT_SECONDS = 2
-RESYNC_SECONDS = 30.0
-WAITING_RESYNC_SECONDS = 10.0  # model source missing: look again soon (TrainingJob events also wake us)
+RESYNC_SECONDS = 300.0  # events wake a pass; this is only the safety net
+WAITING_RESYNC_SECONDS = 30.0  # model source missing: TrainingJob events wake us; this is a fallback
 INITIAL_SCALE_MANAGER = "aidc-operator-initial-scale"
+APPLIED_HASH = "aidc.dev/applied-hash"  # on each child: a digest of what we last applied
 # Waiting reasons that are just a pod starting, not a problem worth showing.
 _STARTING = {"ContainerCreating", "PodInitializing"}
 log = logging.getLogger("aidc.inferenceservice")
-LOOPS = ReconcileLoops("InferenceService")
-wake = LOOPS.wake
 
 
 @dataclass
@@ -65,7 +69,7 @@ def _resolve(namespace: str, model: ModelSpec) -> Resolution:
             build.resolve_storage(model), "StorageConfigured", "serving checkpoints from model.storage"
         )
     job_name = model.from_training_job
-    job = kubeio.get_cr("trainingjobs", namespace, job_name or "")
+    job = STORE.get(TRAININGJOB, namespace, job_name or "")
     if job is None:
         return Resolution(None, "TrainingJobNotFound", f"TrainingJob {job_name!r} not found; waiting for it")
     try:
@@ -87,18 +91,34 @@ def _invalid(body: dict[str, Any], message: str) -> Outcome:
     st = InferenceServiceStatus.model_validate(old)
     already = get_condition(st.conditions, "Invalid")
     if already and already.status == "True" and already.observed_generation == generation:
-        return Outcome(RESYNC_SECONDS * 10)
+        return Outcome(RESYNC_SECONDS)
     set_condition(st.conditions, "Invalid", "True", "InvalidSpec", message, _now(), generation)
     st.phase, st.observed_generation = "Failed", generation
     meta = body["metadata"]
-    kubeio.patch_status(PLURAL, meta["namespace"], meta["name"], st.model_dump(by_alias=True, mode="json"))
-    return Outcome(RESYNC_SECONDS * 10, [Event("Warning", "InvalidSpec", message)])
+    status = st.model_dump(by_alias=True, mode="json")
+    STORE.upsert(INFERENCESERVICE, kubeio.patch_status(PLURAL, meta["namespace"], meta["name"], status))
+    return Outcome(RESYNC_SECONDS, [Event("Warning", "InvalidSpec", message)], body)
+
+
+def applied_hash(desired: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(desired, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _apply(
     desired: dict[str, Any], before: dict[str, Any] | None, what: str, events: list[Event]
 ) -> dict[str, Any]:
+    """Server-side apply, skipped when the child already carries the digest of exactly this rendering
+    (an edit of the child by hand is then left alone until the spec changes)."""
+    digest = applied_hash(desired)
+    if before is not None and (before["metadata"].get("annotations") or {}).get(APPLIED_HASH) == digest:
+        return before
+    meta = desired["metadata"]
+    desired = {
+        **desired,
+        "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), APPLIED_HASH: digest}},
+    }
     after = kubeio.apply(desired)
+    STORE.upsert(desired["kind"], after)
     name = desired["metadata"]["name"]
     if before is None:
         events.append(Event("Normal", "Created", f"created {what} {name}"))
@@ -121,12 +141,12 @@ def _ready(dep: dict[str, Any] | None) -> int:
 
 def _pod_trouble(namespace: str, name: str) -> str | None:
     """Why the service's pods are not starting (ImagePullBackOff, CrashLoopBackOff …), if they say."""
-    pods = kubeio.core().list_namespaced_pod(namespace, label_selector=f"{LABEL_ISVC}={name}").items
-    for pod in pods:
-        for cs in pod.status.container_statuses or []:
-            waiting = cs.state.waiting if cs.state else None
-            if waiting and waiting.reason and waiting.reason not in _STARTING:
-                return f"pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''}".strip(": ")
+    for pod in STORE.pods_with(LABEL_ISVC, namespace, name):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason and reason not in _STARTING:
+                return f"pod {pod['metadata']['name']}: {reason}: {waiting.get('message') or ''}".strip(": ")
     return None
 
 
@@ -162,13 +182,16 @@ def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> Se
     versions: set[str] = set()
     not_ready: str | None = None
     core = kubeio.core()
-    pods = core.list_namespaced_pod(
-        namespace, label_selector=f"{LABEL_ISVC}={name},{LABEL_ROLE}={build.PRIMARY}"
-    )
-    for pod in pods.items[:PROBED_PODS]:
-        if pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
-            continue
-        target = f"{scheme}:{pod.metadata.name}:{spec.port}"
+    pods = [
+        p
+        for p in STORE.pods_with(LABEL_ISVC, namespace, name)
+        if (p["metadata"].get("labels") or {}).get(LABEL_ROLE) == build.PRIMARY
+        and (p.get("status") or {}).get("phase") == "Running"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"])[:PROBED_PODS]:
+        pod_name = pod["metadata"]["name"]
+        target = f"{scheme}:{pod_name}:{spec.port}"
         try:
             # Raw bytes: for a 'str' response the client parses the JSON and hands back its repr.
             resp = core.connect_get_namespaced_pod_proxy_with_path(
@@ -183,7 +206,7 @@ def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> Se
         except ApiException as e:
             reason = server_reason(e.body)
             if reason and not_ready is None:
-                not_ready = f"pod {pod.metadata.name}: {reason}"
+                not_ready = f"pod {pod_name}: {reason}"
         except Exception:
             continue
     return ServerReport(frozenset(versions), not_ready)
@@ -199,7 +222,7 @@ def _apply_children(
     """Deployment(s), HPA and Service as rendered. (primary, canary, canary replicas wanted)."""
     namespace, name = owner.namespace, owner.name
     canary_name = build.deployment_name(name, build.CANARY)
-    primary_dep = kubeio.read("Deployment", namespace, name)
+    primary_dep = STORE.get("Deployment", namespace, name)
     if primary.model is not None:
         # No replicas in what we apply: the HPA owns them. A new Deployment starts at replicas.min.
         created = primary_dep is None
@@ -208,17 +231,17 @@ def _apply_children(
         )
         if created:
             kubeio.scale_deployment(namespace, name, spec.replicas.min, INITIAL_SCALE_MANAGER)
-            primary_dep["spec"]["replicas"] = spec.replicas.min
+            primary_dep = {**primary_dep, "spec": {**primary_dep["spec"], "replicas": spec.replicas.min}}
     if primary_dep is not None:
         _apply(
             build.autoscaler(owner, spec),
-            kubeio.read("HorizontalPodAutoscaler", namespace, name),
+            STORE.get("HorizontalPodAutoscaler", namespace, name),
             "HorizontalPodAutoscaler",
             events,
         )
-    _apply(build.service(owner, spec), kubeio.read("Service", namespace, name), "Service", events)
+    _apply(build.service(owner, spec), STORE.get("Service", namespace, name), "Service", events)
 
-    canary_dep = kubeio.read("Deployment", namespace, canary_name)
+    canary_dep = STORE.get("Deployment", namespace, canary_name)
     canary_wanted = 0
     if spec.canary is None:
         if canary_dep is not None:
@@ -245,7 +268,7 @@ def _rejected(e: ApiException) -> bool:
 
 def reconcile_once(namespace: str, name: str) -> Outcome | None:
     """One level-based pass. None: the service is gone (stop looping)."""
-    body = kubeio.get_cr(PLURAL, namespace, name)
+    body = STORE.get(INFERENCESERVICE, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         with contextlib.suppress(KeyError):
             metrics.ISVC_READY.remove(namespace, name)
@@ -295,10 +318,20 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     events += transition_events(old, st)
     new_status = st.model_dump(by_alias=True, mode="json")
     if new_status != {k: (body.get("status") or {}).get(k) for k in new_status}:
-        kubeio.patch_status(PLURAL, namespace, name, new_status)
+        STORE.upsert(INFERENCESERVICE, kubeio.patch_status(PLURAL, namespace, name, new_status))
     metrics.ISVC_READY.labels(namespace, name).set(st.ready_replicas)
     waiting = primary.model is None or (canary is not None and canary.model is None)
-    return Outcome(WAITING_RESYNC_SECONDS if waiting else RESYNC_SECONDS, events)
+    return Outcome(
+        WAITING_RESYNC_SECONDS if waiting else _version_recheck(spec, primary, report), events, body
+    )
+
+
+def _version_recheck(spec: InferenceServiceSpec, primary: Resolution, report: ServerReport) -> float:
+    """Servers hot-swap a new checkpoint within model.watchSeconds of the job reporting it, with no event
+    to tell us: while what they serve lags the job's newest checkpoint, ask again after that."""
+    step = (((primary.job or {}).get("status") or {}).get("lastCheckpoint") or {}).get("step")
+    lagging = report.versions and step is not None and str(step) not in report.versions
+    return float(spec.model.watch_seconds) + 1 if lagging and spec.model.watch_seconds else RESYNC_SECONDS
 
 
 def plan_status(
@@ -406,24 +439,34 @@ def transition_events(old: InferenceServiceStatus, new: InferenceServiceStatus) 
     return events
 
 
+def services_serving(namespace: str, job: str) -> list[str]:
+    """The InferenceServices in the namespace whose primary or canary serves this TrainingJob."""
+    names = []
+    for isvc in STORE.list(INFERENCESERVICE, namespace):
+        spec = isvc.get("spec") or {}
+        models = [spec.get("model") or {}, (spec.get("canary") or {}).get("model") or {}]
+        if any(m.get("fromTrainingJob") == job for m in models):
+            names.append(isvc["metadata"]["name"])
+    return names
+
+
+SERVICES = Controller("InferenceService", reconcile_once, CONFIG.service_workers)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
-async def inferenceservice_loop(
-    name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any
-) -> None:
-    await LOOPS.run(namespace, name, body, stopped, reconcile_once)
+async def inferenceservice_served(name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """Passes run for this service while kopf keeps this daemon (see handlers/loop.py)."""
+    SERVICES.activate((namespace, name))
+    try:
+        await stopped.wait()
+    finally:
+        SERVICES.deactivate((namespace, name))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def inferenceservice_changed(name: str, namespace: str, **_: Any) -> None:
-    wake(namespace, name)  # spec edits roll out now, not at the next resync
-
-
-@kopf.on.event("apps", "v1", "deployments", labels={LABEL_ISVC: kopf.PRESENT})
-def serving_deployment_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
-    wake(namespace, labels[LABEL_ISVC])
-
-
-@kopf.on.event(GROUP, VERSION, "trainingjobs")
-def trainingjob_changed_for_serving(namespace: str, **_: Any) -> None:
-    # A TrainingJob appearing, or reporting a new checkpoint, may resolve or re-version a service.
-    wake(namespace)
+async def inferenceservice_event(event: kopf.RawEvent, **_: Any) -> None:
+    obj = event["object"]
+    if event["type"] == "DELETED":
+        STORE.delete(INFERENCESERVICE, obj)
+    else:
+        STORE.upsert(INFERENCESERVICE, obj)

@@ -1,22 +1,31 @@
-"""The reconcile loop both kinds share: one kopf daemon per object runs a level-based pass (in a
-thread: the Kubernetes client is synchronous), posts the pass's Events, and sleeps until the pass's
-requeue time or until a watch event wakes it. A restarted operator simply starts the loops again."""
+"""The reconcile machinery both kinds share, shaped like a controller-runtime controller: a work queue of
+object keys fed by watch events, a fixed pool of workers running level-based passes (in threads: the
+Kubernetes client is synchronous), Events posted after each pass, and a timed pass when a pass asks.
+
+kopf runs one tiny daemon per object (activate/deactivate below). It reconciles nothing: it tells the
+controller which objects this replica serves, so peering (a standby replica pauses its daemons) and
+deletion stop the passes exactly as kopf stops daemons."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
+import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 
-from .. import metrics
+from .. import events, metrics
+from ..cache import Key
+from ..kubeio import api_message
+from ..workqueue import WorkQueue
+
+JITTER_FROM = 60.0  # requeues this long or longer are spread out, so resyncs never come in a wave
+MAX_ERROR_BACKOFF = 300.0
 
 
 class EventLike(Protocol):
@@ -27,70 +36,119 @@ class EventLike(Protocol):
 
 @dataclass
 class Outcome:
-    """What one pass asks of the loop: when to run again, and what to tell the user."""
+    """What one pass asks of the controller: when to run again, and what to tell the user (about
+    `subject`, the object as the pass read it)."""
 
     requeue_after: float
     events: list[Any] = field(default_factory=list)
+    subject: dict[str, Any] | None = None
 
 
-def api_message(e: ApiException) -> str:
-    """The apiserver's own sentence (it names the resource and verb, e.g. a missing RBAC rule)."""
-    try:
-        return json.loads(e.body or "")["message"]
-    except (ValueError, KeyError, TypeError):
-        return f"{e.status} {e.reason}"
+Reconcile = Callable[[str, str], Outcome | None]
 
 
-class ReconcileLoops:
-    """The running loops of one kind, by (namespace, name), so watch handlers can wake them."""
+def jittered(delay: float) -> float:
+    return delay * random.uniform(1.0, 1.2) if delay >= JITTER_FROM else delay
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.log = logging.getLogger(f"aidc.{kind.lower()}")
-        self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
 
-    def wake(self, namespace: str | None = None, name: str | None = None) -> None:
-        """Run now: one object's loop, every loop in a namespace (name None), or all (both None)."""
-        for (ns, obj), event in list(self._wakeups.items()):
-            if (namespace is None or ns == namespace) and (name is None or obj == name):
-                event.set()
+class Controller:
+    """One kind's queue and workers. reconcile(namespace, name) -> Outcome, or None when the object is
+    gone (then on_gone(namespace, name))."""
 
-    async def run(
+    def __init__(
         self,
-        namespace: str,
-        name: str,
-        body: kopf.Body,
-        stopped: kopf.DaemonStopped,
-        reconcile: Callable[[str, str], Outcome | None],
+        kind: str,
+        reconcile: Reconcile,
+        workers: int = 4,
         on_gone: Callable[[str, str], None] | None = None,
     ) -> None:
-        key = (namespace, name)
-        wakeup = self._wakeups.setdefault(key, asyncio.Event())
+        self.kind, self.reconcile, self.workers, self.on_gone = kind, reconcile, workers, on_gone
+        self.log = logging.getLogger(f"aidc.{kind.lower()}")
+        self.active: set[Key] = set()
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self._errors: dict[Key, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # feeding the queue ------------------------------------------------------------
+    def activate(self, key: Key) -> None:
+        self.active.add(key)
+        self.wake(key)
+
+    def deactivate(self, key: Key) -> None:
+        self.active.discard(key)
+        self.queue.forget(key)
+
+    def wake(self, key: Key) -> None:
+        """Run a pass for key soon (loop thread only)."""
+        if key in self.active:
+            self.queue.add(key)
+            metrics.QUEUE_DEPTH.labels(self.kind).set(len(self.queue))
+
+    def wake_threadsafe(self, key: Key) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.wake, key)
+
+    # running ----------------------------------------------------------------------
+    def start(self, synced: asyncio.Event) -> None:
+        """Workers begin once the cache has synced: a pass must never mistake a cache still filling for
+        a world without pods."""
+        self._loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"reconcile-{self.kind.lower()}")
+        self._tasks = [asyncio.create_task(self.queue.run_timer())]
+        self._tasks += [asyncio.create_task(self._worker(executor, synced)) for _ in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _worker(self, executor: ThreadPoolExecutor, synced: asyncio.Event) -> None:
+        await synced.wait()
+        loop = asyncio.get_running_loop()
+        while True:
+            key, waited = await self.queue.get()
+            metrics.QUEUE_DEPTH.labels(self.kind).set(len(self.queue))
+            try:
+                if key in self.active:
+                    metrics.QUEUE_WAIT.labels(self.kind).observe(waited)
+                    delay = await loop.run_in_executor(executor, self._pass, key)
+                    if delay is not None and key in self.active:
+                        self.queue.schedule(key, delay)
+            finally:
+                self.queue.done(key)
+
+    def _pass(self, key: Key) -> float | None:
+        """One pass and its Events (worker thread). Returns when to look again (None: gone)."""
+        namespace, name = key
+        started = time.monotonic()
+        metrics.PASSES.labels(self.kind).inc()
         try:
-            while not stopped:
-                wakeup.clear()
-                started = time.monotonic()
-                try:
-                    outcome = await asyncio.to_thread(reconcile, namespace, name)
-                except ApiException as e:
-                    self.log.warning(
-                        "reconcile %s/%s: API error %s: %s; retrying",
-                        namespace,
-                        name,
-                        e.status,
-                        api_message(e),
-                    )
-                    metrics.RECONCILE_ERRORS.labels(self.kind).inc()
-                    outcome = Outcome(5)
-                finally:
-                    metrics.RECONCILE_SECONDS.labels(self.kind).observe(time.monotonic() - started)
-                if outcome is None:  # the object is gone
-                    if on_gone:
-                        on_gone(namespace, name)
-                    return
-                for ev in outcome.events:
-                    kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), timeout=outcome.requeue_after)
+            outcome = self.reconcile(namespace, name)
+        except Exception as e:  # an API hiccup or a bug: log, back off, never crash the operator
+            errors = self._errors[key] = self._errors.get(key, 0) + 1
+            delay = min(MAX_ERROR_BACKOFF, 2.0 ** min(errors, 10))
+            metrics.RECONCILE_ERRORS.labels(self.kind).inc()
+            if isinstance(e, ApiException):
+                self.log.warning(
+                    "reconcile %s/%s: API error %s: %s; retrying in %.0fs",
+                    namespace,
+                    name,
+                    e.status,
+                    api_message(e),
+                    delay,
+                )
+            else:
+                self.log.exception("reconcile %s/%s failed; retrying in %.0fs", namespace, name, delay)
+            return delay
         finally:
-            self._wakeups.pop(key, None)
+            metrics.RECONCILE_SECONDS.labels(self.kind).observe(time.monotonic() - started)
+        self._errors.pop(key, None)
+        if outcome is None:
+            if self.on_gone:
+                self.on_gone(namespace, name)
+            return None
+        if outcome.subject is not None:
+            for ev in outcome.events:
+                events.post(outcome.subject, ev.type, ev.reason, ev.message)
+        return jittered(outcome.requeue_after)

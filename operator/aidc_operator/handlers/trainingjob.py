@@ -1,12 +1,14 @@
-"""Thin kopf wiring for TrainingJobs: one reconcile loop (a kopf daemon) per job, woken by its pods'
-and by nodes' events, resyncing every few seconds. Each pass reads the world, asks lifecycle.plan()
-what to do, applies it and writes status — level-based, so a restarted operator simply converges."""
+"""TrainingJob passes: read the job, its pods, its children and its nodes' health from the watch-fed
+store, ask lifecycle.plan() what to do, write only what differs — level-based, so a restarted operator
+simply converges. A steady Running job costs no API request: nothing here lists, children are created
+only when the store lacks them, and ticking status figures are written at a coarse cadence."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -19,16 +21,23 @@ from ..api import GROUP, VERSION
 from ..api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from ..builders import trainingjob as build
 from ..builders.common import LABEL_JOB, Owner
+from ..cache import TRAININGJOB
 from ..conditions import set_condition
 from ..keys import check_kek_secret, check_key_secret, key_secret
-from .loop import Outcome, ReconcileLoops
+from ..runtime import CONFIG, STORE
+from .loop import Controller, Outcome
 from .validation import describe_validation_error
 
 PLURAL = "trainingjobs"
-NODE_LEASE_NAMESPACE = "kube-node-lease"  # kubelets renew one Lease per node here
+# Figures that move on their own (GPU time, the trainer's step): written at most this often, or with a
+# meaningful change, never as the side effect of every pass.
+TICKING = ("gpuSeconds", "progress")
+STATUS_CADENCE_SECONDS = 30.0
 log = logging.getLogger("aidc.trainingjob")
-LOOPS = ReconcileLoops("TrainingJob")
-wake = LOOPS.wake
+_status_written: dict[tuple[str, str], float] = {}  # job → monotonic time of our last status write
+# The last key Secret we read or wrote, by (namespace, name): Secrets are not watched (no list/watch
+# RBAC on Secrets), so a running job's rotation check reads this instead of the apiserver.
+_key_secrets: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def _now() -> dt.datetime:
@@ -44,7 +53,7 @@ def _invalid(body: dict[str, Any], message: str) -> Outcome:
         for c in status.get("conditions") or []
     )
     if already:
-        return Outcome(300)
+        return Outcome(lifecycle.RESYNC_SECONDS)
     st = TrainingJobStatus.model_validate(status) if status else TrainingJobStatus()
     set_condition(
         st.conditions,
@@ -58,17 +67,58 @@ def _invalid(body: dict[str, Any], message: str) -> Outcome:
     st.phase = st.phase or "Pending"
     st.observed_generation = generation
     meta = body["metadata"]
-    kubeio.patch_status(PLURAL, meta["namespace"], meta["name"], st.model_dump(by_alias=True, mode="json"))
-    return Outcome(300, [lifecycle.Event("Warning", "InvalidSpec", message)])
+    stored = kubeio.patch_status(
+        PLURAL, meta["namespace"], meta["name"], st.model_dump(by_alias=True, mode="json")
+    )
+    STORE.upsert(TRAININGJOB, stored)
+    return Outcome(lifecycle.RESYNC_SECONDS, [lifecycle.Event("Warning", "InvalidSpec", message)], body)
 
 
-def _ensure_key(owner: Owner, spec: TrainingJobSpec, body: dict[str, Any]) -> lifecycle.Prerequisites:
+def _read_key_secret(namespace: str, name: str) -> dict[str, Any] | None:
+    secret = kubeio.read_secret(namespace, name)
+    _remember_secret(namespace, name, secret)
+    return secret
+
+
+def _remember_secret(namespace: str, name: str, secret: Any) -> dict[str, Any] | None:
+    if secret is None:
+        _key_secrets.pop((namespace, name), None)
+        return None
+    _key_secrets[(namespace, name)] = stored = kubeio.sanitize(secret)
+    return stored
+
+
+def _key_work_due(secret: dict[str, Any], spec: TrainingJobSpec, body: dict[str, Any]) -> bool:
+    """Would the key check change anything (a rotation due or requested, old key ids to prune)?"""
+    enc = spec.checkpoint.encryption
+    request = (body["metadata"].get("annotations") or {}).get(keys.ANNOTATION_ROTATE)
+    last = (body.get("status") or {}).get("lastCheckpoint")
+    return bool(
+        keys.rotation_due(secret, enc.rotate_after, request, _now()) or keys.prunable_key_ids(secret, last)
+    )
+
+
+def _ensure_key(
+    owner: Owner, spec: TrainingJobSpec, body: dict[str, Any], gang_running: bool = False
+) -> lifecycle.Prerequisites:
     """The key Secret exists (made once by us, or the user's is valid), the KEK (if any) unwraps it, and
-    an operator-managed key is rotated when due. Every decision is an Event; no key byte is ever in one."""
+    an operator-managed key is rotated when due. Every decision is an Event; no key byte is ever in one.
+    While a gang runs, its key was checked when it started (the trainer reads keys at start), so only an
+    owned key's rotation or pruning can be due, judged from the Secret as last read: no request."""
     enc = spec.checkpoint.encryption
     name = build.key_secret_name(owner, spec)
     if name is None:
         return lifecycle.Prerequisites()
+    ns = owner.namespace
+    if gang_running:
+        if enc.key_secret_ref is not None:
+            return lifecycle.Prerequisites()
+        known = _key_secrets.get((ns, name)) or _read_key_secret(ns, name)
+        check = check_key_secret(known, name, wrapped=enc.kek_secret_ref is not None)
+        if known is not None and check.ok and not _key_work_due(known, spec, body):
+            return lifecycle.Prerequisites(
+                True, "CheckpointKeyReady", "KeyReady", check.message, check.key_id
+            )
     events: list[lifecycle.Event] = []
 
     def waiting(reason: str, message: str) -> lifecycle.Prerequisites:
@@ -76,16 +126,19 @@ def _ensure_key(owner: Owner, spec: TrainingJobSpec, body: dict[str, Any]) -> li
 
     kek = None
     if enc.kek_secret_ref:
-        kek_secret = kubeio.read_secret(owner.namespace, enc.kek_secret_ref.name)
+        kek_secret = kubeio.read_secret(ns, enc.kek_secret_ref.name)
         check = check_kek_secret(kek_secret, enc.kek_secret_ref.name)
         if not check.ok:
             return waiting(check.reason, check.message)
         kek = base64.b64decode(kek_secret["data"]["kek"])  # type: ignore[index]
-    secret = kubeio.read_secret(owner.namespace, name)
+    secret = _read_key_secret(ns, name)
     if secret is None and enc.key_secret_ref is None:
         retain = enc.key_retention == "Retain"
-        kubeio.create(key_secret(owner, name, retain=retain, now=_now(), kek=kek))
-        secret = kubeio.read_secret(owner.namespace, name)
+        secret = _remember_secret(
+            ns, name, kubeio.create(key_secret(owner, name, retain=retain, now=_now(), kek=kek))
+        )
+        if secret is None:  # made meanwhile by someone else: read theirs
+            secret = _read_key_secret(ns, name)
         events.append(
             lifecycle.Event(
                 "Normal",
@@ -124,8 +177,10 @@ def _ensure_key(owner: Owner, spec: TrainingJobSpec, body: dict[str, Any]) -> li
         why = keys.rotation_due(secret, enc.rotate_after, request, _now())
         stale = keys.prunable_key_ids(secret, (body.get("status") or {}).get("lastCheckpoint"))
         if stale and not why:
-            kubeio.core().patch_namespaced_secret(
-                name, owner.namespace, {"data": {f"key-{k}": None for k in stale}}
+            _remember_secret(
+                ns,
+                name,
+                kubeio.core().patch_namespaced_secret(name, ns, {"data": {f"key-{k}": None for k in stale}}),
             )
             events.append(
                 lifecycle.Event(
@@ -136,7 +191,7 @@ def _ensure_key(owner: Owner, spec: TrainingJobSpec, body: dict[str, Any]) -> li
             )
         if why:
             key_id, patch = keys.rotation_patch(secret, _now(), request, kek)
-            kubeio.core().patch_namespaced_secret(name, owner.namespace, patch)
+            _remember_secret(ns, name, kubeio.core().patch_namespaced_secret(name, ns, patch))
             events.append(
                 lifecycle.Event(
                     "Normal",
@@ -173,21 +228,26 @@ def _ensure_volume(owner: Owner, spec: TrainingJobSpec) -> lifecycle.Prerequisit
 
 
 def _ensure_children(owner: Owner, spec: TrainingJobSpec, attempt: int) -> None:
-    """Service, NetworkPolicy and the trainer's ServiceAccount/Role, created once and adopted after."""
-    kubeio.create(build.headless_service(owner, spec))
-    kubeio.create(build.network_policy(owner, spec))
+    """Service, NetworkPolicy and the trainer's ServiceAccount/Role: created when the store lacks them
+    (adopted when they exist), the Role patched only when its rules differ from what it should say."""
     pod_names = [build.pod_name(owner.name, attempt, r) for r in range(spec.nodes)]
-    for obj in build.trainer_rbac(owner, pod_names):
-        if not kubeio.create(obj) and obj["kind"] == "Role":
+    wanted = [build.headless_service(owner, spec), build.network_policy(owner, spec)]
+    for obj in wanted + build.trainer_rbac(owner, pod_names):
+        have = STORE.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
+        if have is None:
+            if created := kubeio.create(obj):
+                STORE.upsert(obj["kind"], created)
+        elif obj["kind"] == "Role" and have.get("rules") != obj["rules"]:
             # The Role names the current attempt's pods; keep it pointing at them.
-            client.RbacAuthorizationV1Api(kubeio.api()).patch_namespaced_role(
+            patched = client.RbacAuthorizationV1Api(kubeio.api()).patch_namespaced_role(
                 obj["metadata"]["name"], owner.namespace, {"rules": obj["rules"]}
             )
+            STORE.upsert("Role", kubeio.sanitize(patched))
 
 
 def reconcile_once(namespace: str, name: str) -> Outcome | None:
-    """One level-based pass. None: the job is gone (stop looping)."""
-    body = kubeio.get_cr(PLURAL, namespace, name)
+    """One level-based pass. None: the job is gone (stop)."""
+    body = STORE.get(TRAININGJOB, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     try:
@@ -195,65 +255,84 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     except ValidationError as e:
         return _invalid(body, describe_validation_error(e))
     owner = Owner.of(body)
-    attempt = (body.get("status") or {}).get("attempt", 0)
+    status = body.get("status") or {}
+    attempt = status.get("attempt", 0)
     prereq = lifecycle.Prerequisites()
-    finished = (body.get("status") or {}).get("phase") in lifecycle.FINISHED
+    finished = status.get("phase") in lifecycle.FINISHED
     if not finished and not spec.suspend:
         _ensure_children(owner, spec, attempt)
-        prereq = _ensure_volume(owner, spec) or _ensure_key(owner, spec, body)
-    pods = [
-        kubeio.sanitize(p)
-        for p in kubeio.core().list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={name}").items
-    ]
-    nodes = {n["metadata"]["name"]: n for n in (kubeio.sanitize(x) for x in kubeio.core().list_node().items)}
-    leases = {
-        lease["metadata"]["name"]: lease
-        for lease in (
-            kubeio.sanitize(x)
-            for x in client.CoordinationV1Api(kubeio.api()).list_namespaced_lease(NODE_LEASE_NAMESPACE).items
-        )
-    }
-    plan = lifecycle.plan(body, spec, pods, nodes, _now(), prereq, leases)
+        # A running gang creates no pod (a missing one restarts the gang), so what pods need before they
+        # start is checked only when they may start.
+        running = status.get("phase") == "Running"
+        prereq = (None if running else _ensure_volume(owner, spec)) or _ensure_key(owner, spec, body, running)
+    pods = STORE.pods_with(LABEL_JOB, namespace, name)
+    plan = lifecycle.plan(body, spec, pods, STORE.health(), _now(), prereq)
 
     for deletion in plan.delete:
-        kubeio.delete_pod(namespace, deletion.name, deletion.force)
+        if terminating := kubeio.delete_pod(namespace, deletion.name, deletion.force):
+            STORE.upsert("Pod", terminating)
     for pod in plan.create:
-        kubeio.create(pod)
+        if created := kubeio.create(pod):
+            STORE.upsert("Pod", created)
+    requeue = plan.requeue_after
     new_status = plan.status.model_dump(by_alias=True, mode="json")
-    if new_status != _comparable(body.get("status") or {}, new_status):
-        kubeio.patch_status(PLURAL, namespace, name, new_status)
+    write, wait = status_write_due(
+        status, new_status, _status_written.get((namespace, name)), time.monotonic()
+    )
+    if write:
+        STORE.upsert(TRAININGJOB, kubeio.patch_status(PLURAL, namespace, name, new_status))
+        _status_written[(namespace, name)] = time.monotonic()
+    elif wait is not None:
+        requeue = min(requeue, wait)
     metrics.observe_trainingjob(body, plan)
     if plan.delete_job:
         kubeio.custom().delete_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
         )
-    return Outcome(plan.requeue_after, plan.events)
+    return Outcome(requeue, plan.events, body)
 
 
-def _comparable(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """The old status restricted to the keys we write, so fields we never set don't force a patch."""
-    return {k: old.get(k) for k in new}
+def status_write_due(
+    old: dict[str, Any], new: dict[str, Any], last_write: float | None, now: float
+) -> tuple[bool, float | None]:
+    """(write now?, else seconds until a ticking figure is due). Any change beyond the ticking figures is
+    written at once; a change of progress alone waits for the cadence; gpuSeconds alone rides along
+    with the next write or the safety resync (it changes every second a GPU job runs)."""
+    changed = {k for k in new if new[k] != old.get(k)}
+    if not changed:
+        return False, None
+    if changed - set(TICKING):
+        return True, None
+    left = STATUS_CADENCE_SECONDS - (now - last_write) if last_write is not None else 0.0
+    if left <= 0:
+        return True, None
+    return False, (left if "progress" in changed else None)
+
+
+def forget(namespace: str, name: str) -> None:
+    _status_written.pop((namespace, name), None)
+    metrics.forget_trainingjob(namespace, name)
+
+
+JOBS = Controller("TrainingJob", reconcile_once, CONFIG.job_workers, forget)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
-async def trainingjob_loop(
-    name: str, namespace: str, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any
-) -> None:
-    await LOOPS.run(namespace, name, body, stopped, reconcile_once, metrics.forget_trainingjob)
-
-
-@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def pod_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
-    wake(namespace, labels[LABEL_JOB])
-
-
-@kopf.on.event("", "v1", "nodes")
-def node_changed(**_: Any) -> None:
-    # Any node change may matter to any job (a lost node, or a failed one Ready again): wake them all.
-    wake()
+async def trainingjob_served(name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """Passes run for this job while kopf keeps this daemon: not while a peer is active, not after
+    deletion began."""
+    JOBS.activate((namespace, name))
+    try:
+        await stopped.wait()
+    finally:
+        JOBS.deactivate((namespace, name))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def trainingjob_changed(name: str, namespace: str, **_: Any) -> None:
-    # Spec edits (suspend, resume, nodes …) take effect now, not at the next resync.
-    wake(namespace, name)
+async def trainingjob_event(event: kopf.RawEvent, **_: Any) -> None:
+    """kopf's watch of TrainingJobs feeds the store (the router wakes the job and its servers)."""
+    obj = event["object"]
+    if event["type"] == "DELETED":
+        STORE.delete(TRAININGJOB, obj)
+    else:
+        STORE.upsert(TRAININGJOB, obj)

@@ -7,7 +7,9 @@ import datetime as dt
 from aidc_operator.api.trainingjob import TrainingJobSpec
 from aidc_operator.builders import trainingjob as build
 from aidc_operator.builders.common import Owner
-from aidc_operator.lifecycle import Prerequisites, plan
+from aidc_operator.lifecycle import Prerequisites
+from aidc_operator.lifecycle import plan as plan_with_health
+from aidc_operator.recovery import assess
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 OWNER = Owner("TrainingJob", "job", "ns", "uid-1")
@@ -30,6 +32,13 @@ def node(name: str, ready: str = "True") -> dict:
 
 
 NODES = {f"n{i}": node(f"n{i}") for i in range(4)}
+
+
+def plan(
+    body: dict, spec: TrainingJobSpec, pods: list[dict], nodes: dict, now: dt.datetime, *args: Prerequisites
+):
+    """The planner as the cache feeds it: node health assessed from the nodes shown."""
+    return plan_with_health(body, spec, pods, assess(nodes), now, *args)
 
 
 def running(spec: TrainingJobSpec, attempt: int, nodes: list[str]) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from aidc_operator.recovery import assess, lease_expired, lost_pods, must_force_delete, node_health
+from aidc_operator.recovery import LeaseClock, assess, lost_pods, must_force_delete, node_health
 from aidc_operator.restart_policy import PodExit, backoff_seconds, retryable, terminated, worker_exit_code
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
@@ -40,16 +40,28 @@ def test_node_verdicts() -> None:
     assert node_health(node("a", taints=["nvidia.com/gpu"]), "a").healthy
 
 
-def test_expired_lease_is_noticed_before_the_controller_marks_the_node() -> None:
-    assert not lease_expired(lease(10), NOW)
-    assert lease_expired(lease(41), NOW)
-    assert not lease_expired(None, NOW)  # no lease: fall back to conditions
-    h = node_health(node("a"), "a", lease(45), NOW)
+def test_a_lease_lapses_on_the_observers_clock_not_by_comparing_wall_clocks() -> None:
+    clock = LeaseClock()
+    # The kubelet's clock is an hour behind the operator's: its renewTime looks ancient, yet it renews.
+    skewed = lease(3600, duration=40)
+    clock.observe("a", skewed, now=1000.0)
+    assert not clock.lapsed("a", 1039.0)
+    assert clock.lapsed("a", 1041.0)  # not seen renewed for 41 s > 40 s
+    renewed = lease(3590, duration=40)
+    clock.observe("a", renewed, now=1041.5)
+    assert not clock.lapsed("a", 1080.0)
+    # The same renewTime seen again (a resync, another field changing) is not a renewal.
+    clock.observe("a", renewed, now=1070.0)
+    assert clock.lapsed("a", 1082.0)
+    assert not clock.lapsed("unknown", 1e9)  # no lease: fall back to conditions
+    clock.observe("a", None, now=1100.0)  # Lease deleted
+    assert not clock.lapsed("a", 1e9)
+    h = node_health(node("a"), "a", lease_lapsed=True)
     assert not h.healthy and h.reason == "NodeLeaseExpired"
 
 
 def test_lost_pods_and_force_deletion() -> None:
-    health = assess({"a": node("a"), "b": node("b", "Unknown")}, {}, NOW)
+    health = assess({"a": node("a"), "b": node("b", "Unknown")})
     pods = [
         pod("p0", "a"),
         pod("p1", "b"),
