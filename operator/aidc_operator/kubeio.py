@@ -119,15 +119,6 @@ def sanitize(obj: Any) -> Any:
     return api().sanitize_for_serialization(obj)
 
 
-def get_cr(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        return custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-
-
 def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
     """Merge-patches the status subresource; returns the object as stored (for the cache)."""
     return custom().patch_namespaced_custom_object_status(
@@ -221,23 +212,6 @@ def apply(obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, 
     else:
         raise ValueError(f"no apply for kind {kind}")
     return sanitize(result)
-
-
-def read(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-    """A Deployment, Service or HorizontalPodAutoscaler as stored, or None."""
-    readers = {
-        "Deployment": lambda: client.AppsV1Api(api()).read_namespaced_deployment(name, namespace),
-        "Service": lambda: core().read_namespaced_service(name, namespace),
-        "HorizontalPodAutoscaler": lambda: client.AutoscalingV2Api(
-            api()
-        ).read_namespaced_horizontal_pod_autoscaler(name, namespace),
-    }
-    try:
-        return sanitize(readers[kind]())
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
 
 
 def delete_deployment(namespace: str, name: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
 FINISHED = ("Succeeded", "Failed")
 # A pass runs when something it reads changes (watch events); this safety resync is the only pass a
 # quiet job gets (the controller adds jitter so a thousand jobs never resync together).
-RESYNC_SECONDS = 300.0
+RESYNC_SECONDS = float(os.environ.get("AIDC_RESYNC_SECONDS", "300"))
 PREREQ_RETRY_SECONDS = 5.0  # a missing Secret/PVC is not watched: look again soon
 
 

@@ -52,6 +52,9 @@ class WorkQueue(Generic[K]):
         due = self.clock() + max(0.0, delay)
         self._due[key] = due
         heapq.heappush(self._heap, (due, next(self._seq), key))
+        if len(self._heap) > 2 * len(self._due) + 64:  # superseded entries: rebuild from the live ones
+            self._heap = [(d, next(self._seq), k) for k, d in self._due.items()]
+            heapq.heapify(self._heap)
         self._timer_changed.set()
 
     def forget(self, key: K) -> None:

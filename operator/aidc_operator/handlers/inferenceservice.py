@@ -11,14 +11,13 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import kubeio, metrics
+from .. import kubeio, lifecycle, metrics
 from ..api import GROUP, VERSION
 from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ModelSpec
 from ..builders import inferenceservice as build
@@ -27,36 +26,29 @@ from ..cache import INFERENCESERVICE, TRAININGJOB
 from ..conditions import get_condition, set_condition
 from ..kubeio import api_message
 from ..runtime import CONFIG, STORE
+from ..serving_status import (
+    Event,
+    Resolution,
+    ServerReport,
+    plan_status,
+    ready_replicas,
+    server_reason,
+    transition_events,
+    version_recheck,
+)
 from .loop import Controller, Outcome
 from .validation import describe_validation_error
 
 PLURAL = "inferenceservices"
 PROBED_PODS = 5  # servers asked per pass: enough to explain, cheap at any scale
 PROXY_TIMEOUT_SECONDS = 2
-RESYNC_SECONDS = 300.0  # events wake a pass; this is only the safety net
+RESYNC_SECONDS = lifecycle.RESYNC_SECONDS  # events wake a pass; this is only the safety net
 WAITING_RESYNC_SECONDS = 30.0  # model source missing: TrainingJob events wake us; this is a fallback
 INITIAL_SCALE_MANAGER = "aidc-operator-initial-scale"
 APPLIED_HASH = "aidc.dev/applied-hash"  # on each child: a digest of what we last applied
 # Waiting reasons that are just a pod starting, not a problem worth showing.
 _STARTING = {"ContainerCreating", "PodInitializing"}
 log = logging.getLogger("aidc.inferenceservice")
-
-
-@dataclass
-class Event:
-    type: str
-    reason: str
-    message: str
-
-
-@dataclass
-class Resolution:
-    """A model source looked up: resolved (servable), or why not. job: the TrainingJob, when there is one."""
-
-    model: build.ResolvedModel | None
-    reason: str
-    message: str
-    job: dict[str, Any] | None = None
 
 
 def _now() -> str:
@@ -135,10 +127,6 @@ def _spec_of_interest(obj: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _ready(dep: dict[str, Any] | None) -> int:
-    return ((dep or {}).get("status") or {}).get("readyReplicas") or 0
-
-
 def _pod_trouble(namespace: str, name: str) -> str | None:
     """Why the service's pods are not starting (ImagePullBackOff, CrashLoopBackOff …), if they say."""
     for pod in STORE.pods_with(LABEL_ISVC, namespace, name):
@@ -148,28 +136,6 @@ def _pod_trouble(namespace: str, name: str) -> str | None:
             if reason and reason not in _STARTING:
                 return f"pod {pod['metadata']['name']}: {reason}: {waiting.get('message') or ''}".strip(": ")
     return None
-
-
-@dataclass(frozen=True)
-class ServerReport:
-    """What the primary's model servers say about themselves (GET through the apiserver's pod proxy)."""
-
-    versions: frozenset[str] = frozenset()  # checkpoint steps the ready servers serve
-    not_ready: str | None = None  # the first unready server's own reason
-
-
-def server_reason(body: str | bytes | None) -> str | None:
-    """The model server's own reason in an error answered through the pod proxy. None when the body is
-    the apiserver's own Status (the pod could not be reached, e.g. the server is still starting): that
-    says nothing about the model."""
-    try:
-        doc = json.loads(body or "{}")
-    except (ValueError, TypeError):
-        return None
-    if not isinstance(doc, dict) or doc.get("kind") == "Status":
-        return None
-    reason = doc.get("reason") or doc.get("error")
-    return str(reason) if reason else None
 
 
 def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> ServerReport:
@@ -299,7 +265,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         )
 
     old = InferenceServiceStatus.model_validate(body.get("status") or {})
-    trouble = None if _ready(primary_dep) else _pod_trouble(namespace, name)
+    trouble = None if ready_replicas(primary_dep) else _pod_trouble(namespace, name)
     report = _server_reports(namespace, name, spec) if primary_dep else ServerReport()
     st = plan_status(
         old,
@@ -322,121 +288,8 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     metrics.ISVC_READY.labels(namespace, name).set(st.ready_replicas)
     waiting = primary.model is None or (canary is not None and canary.model is None)
     return Outcome(
-        WAITING_RESYNC_SECONDS if waiting else _version_recheck(spec, primary, report), events, body
+        WAITING_RESYNC_SECONDS if waiting else version_recheck(spec, primary, report), events, body
     )
-
-
-def _version_recheck(spec: InferenceServiceSpec, primary: Resolution, report: ServerReport) -> float:
-    """Servers hot-swap a new checkpoint within model.watchSeconds of the job reporting it, with no event
-    to tell us: while what they serve lags the job's newest checkpoint, ask again after that."""
-    step = (((primary.job or {}).get("status") or {}).get("lastCheckpoint") or {}).get("step")
-    lagging = report.versions and step is not None and str(step) not in report.versions
-    return float(spec.model.watch_seconds) + 1 if lagging and spec.model.watch_seconds else RESYNC_SECONDS
-
-
-def plan_status(
-    old: InferenceServiceStatus,
-    owner: Owner,
-    spec: InferenceServiceSpec,
-    generation: int | None,
-    primary: Resolution,
-    canary: Resolution | None,
-    primary_dep: dict[str, Any] | None,
-    canary_dep: dict[str, Any] | None,
-    canary_wanted: int,
-    pod_trouble: str | None,
-    now: str,
-    report: ServerReport = ServerReport(),
-) -> InferenceServiceStatus:
-    """The status the observed world adds up to (pure)."""
-    st = old.model_copy(deep=True)
-    st.observed_generation = generation
-    st.url = build.url(owner, spec)
-    st.ready_replicas = _ready(primary_dep)
-    st.canary_ready_replicas = _ready(canary_dep) if spec.canary else 0
-    conds = st.conditions
-    if get_condition(conds, "Invalid"):
-        set_condition(conds, "Invalid", "False", "Valid", "spec is valid", now, generation)
-
-    resolved = "True" if primary.model is not None else "False"
-    set_condition(conds, "ModelResolved", resolved, primary.reason, primary.message, now, generation)
-
-    percent = spec.canary.traffic_percent if spec.canary else 0
-    behind_service = st.ready_replicas if percent < 100 else 0
-    behind_service += st.canary_ready_replicas if percent > 0 else 0
-    if behind_service:
-        st.phase = "Ready"
-        n = behind_service
-        set_condition(
-            conds, "Ready", "True", "Serving", f"{n} ready replica(s) behind the Service", now, generation
-        )
-    else:
-        st.phase = "NotReady" if old.phase in ("Ready", "NotReady") else "Pending"
-        if primary.model is None and primary_dep is None:
-            reason, message = "ModelUnresolved", primary.message
-        elif pod_trouble:
-            reason, message = "PodsNotStarting", pod_trouble
-        elif report.not_ready:
-            reason, message = "ModelNotLoaded", report.not_ready
-        else:
-            reason = "NoReadyReplicas"
-            message = (
-                "no model-server replica is ready yet; a server stays unready while it has no checkpoint "
-                "that verifies and decrypts (GET /v2/health/ready on a pod gives its reason)"
-            )
-        set_condition(conds, "Ready", "False", reason, message, now, generation)
-
-    # What the ready servers say they serve (several during a hot swap). When none could be asked, the
-    # version they converge to: the newest checkpoint the TrainingJob reported (servers load the newest
-    # verified one and hot-swap within model.watchSeconds). Storage alone gives no version.
-    last = ((primary.job or {}).get("status") or {}).get("lastCheckpoint") or {}
-    if report.versions:
-        st.model_version = ",".join(sorted(report.versions, key=lambda v: (len(v), v)))
-    else:
-        st.model_version = str(last["step"]) if st.ready_replicas and "step" in last else None
-
-    if spec.canary is None:
-        st.conditions = [c for c in conds if c.type != "CanaryReady"]
-    elif canary is not None and canary.model is None:
-        set_condition(
-            conds, "CanaryReady", "False", canary.reason, f"canary: {canary.message}", now, generation
-        )
-    elif canary_wanted == 0:
-        set_condition(
-            conds, "CanaryReady", "True", "NoTrafficAsked", "0% asked: canary scaled to zero", now, generation
-        )
-    else:
-        ready = st.canary_ready_replicas
-        share = build.effective_canary_percent(st.ready_replicas, ready, percent)
-        message = (
-            f"{ready}/{canary_wanted} canary replicas ready; canary gets ~{share}% of connections "
-            f"(asked {percent}%: the split follows the ready-replica ratio)"
-        )
-        ok = "True" if ready >= canary_wanted else "False"
-        set_condition(
-            conds,
-            "CanaryReady",
-            ok,
-            "CanaryServing" if ok == "True" else "CanaryNotReady",
-            message,
-            now,
-            generation,
-        )
-    return st
-
-
-def transition_events(old: InferenceServiceStatus, new: InferenceServiceStatus) -> list[Event]:
-    """Events for conditions that changed status (or reason) since the last pass."""
-    events = []
-    for cond in new.conditions:
-        before = get_condition(old.conditions, cond.type)
-        if before and (before.status, before.reason) == (cond.status, cond.reason):
-            continue
-        if before is None and cond.type == "Invalid":
-            continue
-        good = (cond.status == "True") != (cond.type == "Invalid")
-        events.append(Event("Normal" if good else "Warning", cond.reason or cond.type, cond.message))
-    return events
 
 
 def services_serving(namespace: str, job: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aidc_operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from aidc_operator.builders import inferenceservice as build
 from aidc_operator.builders.common import Owner
-from aidc_operator.handlers.inferenceservice import (
+from aidc_operator.serving_status import (
     Resolution,
     ServerReport,
     plan_status,
