@@ -29,10 +29,10 @@ from .loop import Controller, Outcome
 from .validation import describe_validation_error
 
 PLURAL = "trainingjobs"
-# Figures that move on their own (GPU time, the trainer's step): written at most this often, or with a
-# meaningful change, never as the side effect of every pass.
-TICKING = ("gpuSeconds", "progress")
-STATUS_CADENCE_SECONDS = 30.0
+# Figures that move on their own, and how stale each may get before it alone is worth a write: the
+# trainer's progress every 30 s; GPU time (it changes every second a GPU job runs) with the safety
+# resync. Any other change writes at once and carries them along.
+TICKING = {"progress": 30.0, "gpuSeconds": lifecycle.RESYNC_SECONDS}
 log = logging.getLogger("aidc.trainingjob")
 _status_written: dict[tuple[str, str], float] = {}  # job → monotonic time of our last status write
 # The last key Secret we read or wrote, by (namespace, name): Secrets are not watched (no list/watch
@@ -131,14 +131,19 @@ def _ensure_key(
         if not check.ok:
             return waiting(check.reason, check.message)
         kek = base64.b64decode(kek_secret["data"]["kek"])  # type: ignore[index]
-    secret = _read_key_secret(ns, name)
-    if secret is None and enc.key_secret_ref is None:
+    owned, created = enc.key_secret_ref is None, None
+    # A job that never had a key (no status.currentKeyId) almost surely has no Secret yet: create
+    # first and read only if one exists (a retained key of an earlier job of that name): one request.
+    fresh = owned and not (body.get("status") or {}).get("currentKeyId")
+    secret = None if fresh else _read_key_secret(ns, name)
+    if secret is None and owned:
         retain = enc.key_retention == "Retain"
-        secret = _remember_secret(
+        created = secret = _remember_secret(
             ns, name, kubeio.create(key_secret(owner, name, retain=retain, now=_now(), kek=kek))
         )
-        if secret is None:  # made meanwhile by someone else: read theirs
+        if secret is None:  # it exists (made earlier, or meanwhile by someone else): read it
             secret = _read_key_secret(ns, name)
+    if created is not None:
         events.append(
             lifecycle.Event(
                 "Normal",
@@ -276,9 +281,8 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
             STORE.upsert("Pod", created)
     requeue = plan.requeue_after
     new_status = plan.status.model_dump(by_alias=True, mode="json")
-    write, wait = status_write_due(
-        status, new_status, _status_written.get((namespace, name)), time.monotonic()
-    )
+    last_write = _status_written.setdefault((namespace, name), time.monotonic())
+    write, wait = status_write_due(status, new_status, last_write, time.monotonic())
     if write:
         STORE.upsert(TRAININGJOB, kubeio.patch_status(PLURAL, namespace, name, new_status))
         _status_written[(namespace, name)] = time.monotonic()
@@ -293,20 +297,17 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
 
 
 def status_write_due(
-    old: dict[str, Any], new: dict[str, Any], last_write: float | None, now: float
+    old: dict[str, Any], new: dict[str, Any], last_write: float, now: float
 ) -> tuple[bool, float | None]:
-    """(write now?, else seconds until a ticking figure is due). Any change beyond the ticking figures is
-    written at once; a change of progress alone waits for the cadence; gpuSeconds alone rides along
-    with the next write or the safety resync (it changes every second a GPU job runs)."""
+    """(write now?, else seconds until a ticking figure is due for a write). last_write: our last status
+    write, or when we first saw the job (a restarted operator does not rewrite every job's figures)."""
     changed = {k for k in new if new[k] != old.get(k)}
     if not changed:
         return False, None
-    if changed - set(TICKING):
+    if changed - TICKING.keys():
         return True, None
-    left = STATUS_CADENCE_SECONDS - (now - last_write) if last_write is not None else 0.0
-    if left <= 0:
-        return True, None
-    return False, (left if "progress" in changed else None)
+    left = min(TICKING[k] for k in changed) - (now - last_write)
+    return (True, None) if left <= 0 else (False, left)
 
 
 def forget(namespace: str, name: str) -> None:

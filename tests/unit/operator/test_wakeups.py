@@ -7,6 +7,7 @@ import pytest
 from aidc_operator.cache import NODE, POD, TRAININGJOB
 from aidc_operator.handlers import wiring
 from aidc_operator.handlers.trainingjob import status_write_due
+from aidc_operator.lifecycle import RESYNC_SECONDS
 from aidc_operator.runtime import STORE
 
 
@@ -86,13 +87,15 @@ def test_namespace_patterns_choose_the_watches() -> None:
     assert accepts("t-one") and not accepts("t-skip") and not accepts("default")
 
 
-def test_status_is_written_on_real_change_and_ticking_figures_at_a_cadence() -> None:
+def test_status_is_written_on_real_change_and_ticking_figures_at_their_cadence() -> None:
     old = {"phase": "Running", "gpuSeconds": 10.0, "progress": {"step": 1}}
-    assert status_write_due(old, dict(old), None, 0.0) == (False, None)
+    assert status_write_due(old, dict(old), 0.0, 0.0) == (False, None)
     assert status_write_due(old, {**old, "phase": "Restarting"}, 100.0, 101.0) == (True, None)
-    # gpuSeconds alone: no write soon after the last one, and no timed pass just for it
-    assert status_write_due(old, {**old, "gpuSeconds": 12.0}, 100.0, 101.0) == (False, None)
-    # progress: written once the cadence has passed since our last write
+    # gpuSeconds alone waits for the safety resync's cadence (a woken pass does not write it)
+    assert status_write_due(old, {**old, "gpuSeconds": 12.0}, 100.0, 160.0) == (False, RESYNC_SECONDS - 60)
+    assert status_write_due(old, {**old, "gpuSeconds": 12.0}, 100.0, 100 + RESYNC_SECONDS) == (True, None)
+    # progress: written once 30 s have passed since our last write
     assert status_write_due(old, {**old, "progress": {"step": 2}}, 100.0, 110.0) == (False, 20.0)
     assert status_write_due(old, {**old, "progress": {"step": 2}}, 100.0, 131.0) == (True, None)
-    assert status_write_due(old, {**old, "progress": {"step": 2}}, None, 5.0) == (True, None)
+    both = {**old, "progress": {"step": 2}, "gpuSeconds": 11.0}
+    assert status_write_due(old, both, 100.0, 131.0) == (True, None)
