@@ -53,5 +53,61 @@ def node_failure() -> Path:
     return out
 
 
+def scale(path: Path | None = None) -> Path:
+    """bench/scale.py's results: aidc and Kubeflow's training-operator, one panel per cost, against N."""
+    data = json.loads((path or ROOT / "bench" / "results" / "scale.json").read_text())
+    runs = [r for r in data["runs"] if not r.get("error")]
+    panels = [
+        ("create", "all_running_s", "all 4N pods Running (s)"),
+        ("create", "job_latency_p99_s", "job create → all Running, p99 (s)"),
+        ("create", "cpu_s", "operator CPU while creating (s)"),
+        ("create", "requests", "API requests while creating"),
+        ("steady", "requests_per_s", "API requests/s, steady state"),
+        ("steady", "cpu_per_s", "operator CPU s/s, steady state"),
+        ("delete", "pods_gone_s", "delete all jobs → all pods gone (s)"),
+        ("overall", "vm_hwm_mb", "operator peak memory (MB)"),
+    ]
+    styles = [("aidc", "aidc", "#1f77b4", "o"), ("kubeflow", "Kubeflow training-operator", "#9e9e9e", "s")]
+    sizes = sorted({r["size"] for r in runs})
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6.4), dpi=120)
+    for ax, (section, key, title) in zip(axes.flat, panels, strict=True):
+        last: dict[str, tuple[int, float]] = {}
+        for op, label, color, marker in styles:
+            pts = sorted(
+                (r["size"], r[section][key])
+                for r in runs
+                if r["operator"] == op and isinstance((r.get(section) or {}).get(key), int | float)
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=marker, color=color, label=label, lw=1.5, ms=5)
+                last[op] = pts[-1]
+        if "aidc" in last and "kubeflow" in last and last["aidc"][0] == last["kubeflow"][0]:
+            n, a, k = last["aidc"][0], last["aidc"][1], last["kubeflow"][1]
+            if k:
+                title += f"\nN={n}: aidc = {a / k:.2f}x Kubeflow"
+        ax.set_title(title, fontsize=9)
+        if sizes and sizes[-1] >= 5 * sizes[0]:
+            ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("jobs (4 pods x 1 GPU each)", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(
+        f"Operators at scale: {data['fleet_nodes'] + data['per_node_nodes']} kwok GPU nodes x "
+        f"{data['gpus_per_node']} GPUs, {data['machine']} (lower is better)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    out = ROOT / "docs" / "img" / "scale.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
 if __name__ == "__main__":
     print(node_failure())
+    if (ROOT / "bench" / "results" / "scale.json").exists():
+        print(scale())

@@ -1,7 +1,11 @@
 """A real, local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
 and kwok (fake GPU nodes), all on loopback, built from Go modules by build.sh.
 
-    python hack/cluster/localcluster.py up|down|status|env [--state-dir DIR] [--nodes N] ...
+    python hack/cluster/localcluster.py up|down|status|env [--state-dir DIR] [--nodes N] [--fleet-nodes N] ...
+
+Two kinds of fake node: `--nodes` GPU nodes each with a kwok agent of its own (killing one is a node
+losing power; tests do that), and `--fleet-nodes` GPU nodes (fleet-node-i) that ONE kwok process
+manages, Leases on, for datacenter-scale benchmarks (hundreds or thousands of nodes).
 
 Importable too: the pytest plugin (tests/conftest.py) drives the same class. Every process is started in
 its own session with a pid file under the state dir; `down` stops only those pids (and only if their
@@ -24,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +46,9 @@ T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+FLEET = "kwok-fleet"  # the component (pid file, log) of the one kwok process managing every fleet node
+# Identities write_pki issues; identity_kubeconfig refuses these names so it never overwrites one.
+RESERVED_IDENTITIES = ("ca", "sa", "apiserver", "admin", "controller-manager", "scheduler", "kwok")
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 
@@ -234,6 +242,9 @@ class LocalCluster:
     bin_dir: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
     pod_net: str = "10.244"  # the first two octets of this cluster's pod addresses (kwok's --cidr)
+    fleet_nodes: int = 0  # fleet-node-i, all managed by one kwok process (component kwok-fleet)
+    fleet_lease_seconds: int = 40  # the fleet's node Lease duration (a real kubelet's default)
+    audit_users: tuple[str, ...] = ()  # log these users' requests to logs/audit.log (Metadata level)
 
     # paths ------------------------------------------------------------------
     @property
@@ -254,11 +265,29 @@ class LocalCluster:
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
 
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "logs" / "audit.log"
+
+    @property
+    def audit_policy(self) -> Path:
+        return self.state_dir / "audit-policy.yaml"
+
+    @property
+    def fleet_pod_cidr(self) -> str:
+        """kwok-fleet's --cidr. The per-node agents draw from {pod_net}.{i % 250}.1/24 and the local
+        kubelet probes {pod_net}.255.254, which leaves 1.5 k addresses of this cluster's 10.K/16: too few
+        for 1,000 nodes x 8 pods. So the fleet takes a /16 of the RFC 6598 shared space 100.64.0.0/10,
+        which no per-node range (always 10/8) can reach, chosen by K as pod_net is."""
+        return f"100.{64 + int(self.pod_net.split('.')[1]) % 64}.0.1/16"
+
     def _save(self) -> None:
         (self.state_dir / "cluster.json").write_text(json.dumps({
             "ports": self.ports, "bin_dir": str(self.bin_dir), "nodes": self.nodes,
             "gpus_per_node": self.gpus_per_node,
             "node_monitor_grace_period": self.node_monitor_grace_period, "pod_net": self.pod_net,
+            "fleet_nodes": self.fleet_nodes, "fleet_lease_seconds": self.fleet_lease_seconds,
+            "audit_users": list(self.audit_users),
         }, indent=1))
 
     @classmethod
@@ -268,6 +297,8 @@ class LocalCluster:
             state_dir=state_dir, nodes=meta["nodes"], gpus_per_node=meta["gpus_per_node"],
             node_monitor_grace_period=meta["node_monitor_grace_period"],
             bin_dir=Path(meta["bin_dir"]), ports=meta["ports"], pod_net=meta.get("pod_net", "10.244"),
+            fleet_nodes=meta.get("fleet_nodes", 0), fleet_lease_seconds=meta.get("fleet_lease_seconds", 40),
+            audit_users=tuple(meta.get("audit_users", ())),
         )
 
     # processes --------------------------------------------------------------
@@ -296,8 +327,12 @@ class LocalCluster:
     def node_names(self) -> list[str]:
         return [f"gpu-node-{i}" for i in range(self.nodes)]
 
+    def fleet_node_names(self) -> list[str]:
+        return [f"fleet-node-{i}" for i in range(self.fleet_nodes)]
+
     def components(self) -> list[str]:
-        return [*CONTROL_PLANE, *(f"kwok-{n}" for n in self.node_names())]
+        fleet = [FLEET] if self.fleet_nodes else []
+        return [*CONTROL_PLANE, *(f"kwok-{n}" for n in self.node_names()), *fleet]
 
     def _start(self, name: str, args: list[str]) -> None:
         self.start_process(name, [self._binary(self._binary_name(name)), *args])
@@ -319,7 +354,8 @@ class LocalCluster:
         self._pidfile(name).write_text(f"{proc.pid}\n{os.readlink(f'/proc/{proc.pid}/exe')}")
         return proc.pid
 
-    def _wait(self, what: str, check: Callable[[], Any], timeout: float, component: str | None = None) -> None:
+    def _wait(self, what: str, check: Callable[[], Any], timeout: float, component: str | None = None,
+              interval: float = 0.3) -> None:
         def alive_and_ready() -> Any:
             if component and not self._pid_alive(component):
                 tail = self.logfile(component).read_text(errors="replace")[-3000:]
@@ -327,7 +363,7 @@ class LocalCluster:
             return check()
 
         hint = f" (log: {self.logfile(component)})" if component else ""
-        poll(what + hint, alive_and_ready, timeout)
+        poll(what + hint, alive_and_ready, timeout, interval)
 
     def _https_ok(self, url: str, cert: str | None = None) -> bool:
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
@@ -376,6 +412,8 @@ class LocalCluster:
         self.kubeconfig.write_text(kubeconfig(self.server, self.pki, "admin"))
         for ident in ("controller-manager", "scheduler", "kwok"):
             (self.state_dir / f"{ident}.kubeconfig").write_text(kubeconfig(self.server, self.pki, ident))
+        if self.audit_users:
+            self._write_audit_policy()
         self._save()
         self._start_etcd()
         self._start_apiserver()
@@ -385,7 +423,8 @@ class LocalCluster:
         self._wait("the default ServiceAccount", lambda: self.kubectl(
             "get", "serviceaccount", "default", "-n", "default", check=False).strip() != "", 60,
             "kube-controller-manager")
-        log(f"up in {time.monotonic() - t0:.1f}s: {self.server}, {self.nodes} GPU nodes; "
+        fleet = f" + {self.fleet_nodes} fleet nodes" if self.fleet_nodes else ""
+        log(f"up in {time.monotonic() - t0:.1f}s: {self.server}, {self.nodes} GPU nodes{fleet}; "
             f"export KUBECONFIG={self.kubeconfig}")
         return self
 
@@ -425,6 +464,7 @@ class LocalCluster:
             # webhooks ...) stays on: tests see what a real cluster does.
             "--endpoint-reconciler-type=none",  # the 'kubernetes' Endpoints cannot point at loopback
             "--profiling=false", "--v=1",
+            *self._audit_flags(),
         ])
         self._wait("kube-apiserver /readyz", lambda: self._https_ok(f"{self.server}/readyz", "admin"),
                    90, "kube-apiserver")
@@ -457,6 +497,61 @@ class LocalCluster:
                        60, name)
         for node in self.node_names():
             self.start_node_agent(node)
+        if self.fleet_nodes:
+            self.start_fleet_agent()
+
+    def _write_audit_policy(self) -> None:
+        """Metadata-level events (who, verb, resource, when; no bodies) for audit_users' requests only,
+        one per stage after RequestReceived; everyone else's requests are not logged."""
+        users = json.dumps(list(self.audit_users))
+        self.audit_policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
+            f"- level: Metadata\n  users: {users}\n- level: None\n"
+        )
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit_users:
+            return []
+        return [
+            f"--audit-policy-file={self.audit_policy}", f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json", "--audit-log-mode=blocking",
+            # lumberjack rotates at 100 MB when maxsize is 0: make rotation practically never happen.
+            "--audit-log-maxsize=1000000", "--audit-log-maxbackup=0", "--audit-log-maxage=0",
+        ]
+
+    def start_fleet_agent(self) -> None:
+        """ONE kwok process for every fleet node (those annotated kwok.x-k8s.io/node=fleet): node status,
+        node Leases (fleet_lease_seconds) and the pods bound to them."""
+        assert self.bin_dir is not None
+        port = self.ports.setdefault(FLEET, free_port())
+        self._save()
+        self._start(FLEET, [
+            f"--kubeconfig={self.state_dir / 'kwok.kubeconfig'}",
+            f"--config={self.bin_dir / 'kwok-stages.yaml'}",
+            f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fleet",
+            f"--node-lease-duration-seconds={self.fleet_lease_seconds}",
+            f"--cidr={self.fleet_pod_cidr}",
+            f"--server-address=127.0.0.1:{port}",
+        ])
+        self._wait("kwok for the fleet nodes", lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200, 30, FLEET)
+
+    def identity_kubeconfig(self, user: str) -> Path:
+        """A kubeconfig for a client certificate CN=user, O=system:masters signed by the cluster CA, so a
+        process (an operator in a benchmark) acts as a cluster admin under a name of its own, which the
+        audit log and the apiserver's metrics can tell apart. Written to <state>/<user>.kubeconfig."""
+        if user in RESERVED_IDENTITIES or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9:._-]*", user):
+            raise ClusterError(f"{user!r} cannot be an identity name (reserved, or not [A-Za-z0-9:._-]+)")
+        ca_key = serialization.load_pem_private_key((self.pki / "ca.key").read_bytes(), password=None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        ca = x509.load_pem_x509_certificate((self.pki / "ca.crt").read_bytes())
+        key = new_key()
+        cert = issue_cert(x509_name(user, "system:masters"), key, ca.subject, ca_key)
+        (self.pki / f"{user}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (self.pki / f"{user}.key").write_bytes(pem_key(key))
+        path = self.state_dir / f"{user}.kubeconfig"
+        path.write_text(kubeconfig(self.server, self.pki, user))
+        return path
 
     def start_node_agent(self, node: str) -> None:
         """One kwok process per node, standing in for that node's kubelet: killing it is a node losing
@@ -495,33 +590,78 @@ class LocalCluster:
         return proc.stdout
 
     def node_manifest(self, i: int) -> dict:
+        return self._gpu_node(f"gpu-node-{i}", i, "fake", f"10.240.{i // 250}.{i % 250 + 1}")
+
+    def fleet_node_manifest(self, i: int) -> dict:
+        """fleet-node-i: the same shape as node_manifest, annotated for kwok-fleet."""
+        return self._gpu_node(f"fleet-node-{i}", i, "fleet", f"10.241.{i // 250}.{i % 250 + 1}")
+
+    def _gpu_node(self, name: str, i: int, kwok: str, address: str) -> dict:
         gpus = str(self.gpus_per_node)
         resources = {"cpu": "96", "memory": "1024Gi", "pods": "110", "nvidia.com/gpu": gpus,
                      "ephemeral-storage": "2Ti"}
         return {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {
-                "name": f"gpu-node-{i}",
-                "annotations": {KWOK_ANNOTATION: "fake"},
+                "name": name,
+                "annotations": {KWOK_ANNOTATION: kwok},
                 "labels": {
-                    "type": "kwok", "kubernetes.io/hostname": f"gpu-node-{i}", "kubernetes.io/os": "linux",
+                    "type": "kwok", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64", "nvidia.com/gpu.product": GPU_PRODUCT,
                     "nvidia.com/gpu.count": gpus, "topology.kubernetes.io/zone": f"zone-{'ab'[i % 2]}",
                 },
             },
             "status": {
                 "capacity": resources, "allocatable": resources,
-                "addresses": [{"type": "InternalIP", "address": f"10.240.{i // 250}.{i % 250 + 1}"},
-                              {"type": "Hostname", "address": f"gpu-node-{i}"}],
+                "addresses": [{"type": "InternalIP", "address": address},
+                              {"type": "Hostname", "address": name}],
             },
         }
 
     def ensure_nodes(self, timeout: float = 60) -> None:
         items = "\n".join(json.dumps(self.node_manifest(i)) for i in range(self.nodes))
         self.kubectl("apply", "-f", "-", input=items)
-        self._wait(f"{self.nodes} nodes Ready", lambda: self.ready_nodes() >= self.nodes, timeout)
+        if not self.fleet_nodes:
+            self._wait(f"{self.nodes} nodes Ready", lambda: self.ready_nodes() >= self.nodes, timeout)
+            return
+        self._create_fleet_nodes()
+        total = self.nodes + self.fleet_nodes
+        # kwok initialises the fleet one node after another; on 2 busy cores that is tens of nodes a second.
+        self._wait(f"{total} nodes Ready", lambda: self.ready_nodes() >= total,
+                   timeout + 0.5 * self.fleet_nodes, FLEET, interval=2)
+
+    def _create_fleet_nodes(self, chunk: int = 100, parallel: int = 4) -> None:
+        """Creates the fleet nodes that do not exist yet: a few `kubectl create` of a List at a time (no
+        last-applied annotation: every watcher of Nodes gets these objects with each heartbeat)."""
+        out = self.kubectl("get", "nodes", "-o", "jsonpath={.items[*].metadata.name}")
+        present = set(out.split())
+        todo = [self.fleet_node_manifest(i) for i in range(self.fleet_nodes)
+                if f"fleet-node-{i}" not in present]
+        running: list[subprocess.Popen[str]] = []
+        argv = [self._binary("kubectl"), f"--kubeconfig={self.kubeconfig}", "--request-timeout=60s",
+                "create", "-f", "-", "-o", "name"]
+
+        def reap(p: subprocess.Popen[str]) -> None:
+            _, err = p.communicate(timeout=600)
+            if p.returncode != 0 and "AlreadyExists" not in err:
+                raise ClusterError(f"creating fleet nodes failed: {err.strip()[-2000:]}")
+
+        for start in range(0, len(todo), chunk):
+            if len(running) >= parallel:
+                reap(running.pop(0))
+            with tempfile.TemporaryFile("w+") as items:  # the child keeps its own descriptor of it
+                json.dump({"apiVersion": "v1", "kind": "List", "items": todo[start:start + chunk]}, items)
+                items.seek(0)
+                running.append(subprocess.Popen(argv, stdin=items, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.PIPE, text=True))
+        for p in running:
+            reap(p)
 
     def ready_nodes(self) -> int:
+        if self.fleet_nodes:  # thousands of nodes: let kubectl pick out the one field instead of all JSON
+            ready = '{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}'
+            out = self.kubectl("get", "nodes", "--chunk-size=500", "-o", f"jsonpath={ready}")
+            return out.split().count("True")
         nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
         return sum(
             1 for n in nodes for c in n.get("status", {}).get("conditions", [])
@@ -550,8 +690,10 @@ class LocalCluster:
         for sub in ("etcd", "pki", "apiserver", "controller-manager", "pids", "pods"):
             shutil.rmtree(self.state_dir / sub, ignore_errors=True)
         for f in ("cluster.json", "kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig",
-                  "kwok.kubeconfig"):
+                  "kwok.kubeconfig", "audit-policy.yaml"):
             (self.state_dir / f).unlink(missing_ok=True)
+        for f in self.state_dir.glob("*.kubeconfig"):  # identity_kubeconfig's: their certificates are gone
+            f.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,13 +704,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=int(os.environ.get("AIDC_NODES", "4")))
     ap.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("AIDC_GPUS_PER_NODE", "8")))
     ap.add_argument("--node-monitor-grace-period", default=os.environ.get("AIDC_NODE_GRACE", "20s"))
+    ap.add_argument("--fleet-nodes", type=int, default=int(os.environ.get("AIDC_FLEET_NODES", "0")),
+                    help="more GPU nodes (fleet-node-i), all managed by one kwok process")
+    ap.add_argument("--fleet-lease-seconds", type=int, default=40, help="the fleet nodes' Lease duration")
     args = ap.parse_args(argv)
     state = args.state_dir.resolve()
     try:
         if args.command == "build":
             print(build_binaries())
         elif args.command == "up":
-            c = LocalCluster(state, args.nodes, args.gpus_per_node, args.node_monitor_grace_period).up()
+            c = LocalCluster(state, args.nodes, args.gpus_per_node, args.node_monitor_grace_period,
+                             fleet_nodes=args.fleet_nodes, fleet_lease_seconds=args.fleet_lease_seconds).up()
             print(c.kubeconfig)
         elif args.command == "down":
             if (state / "cluster.json").exists():

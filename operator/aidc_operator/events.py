@@ -46,8 +46,17 @@ def event_body(
 
 def post(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
     body = event_body(obj, type_, reason, message, dt.datetime.now(dt.UTC))
+    meta = obj["metadata"]
+    log.log(
+        logging.WARNING if type_ == "Warning" else logging.INFO,
+        "[%s/%s] %s: %s",
+        meta["namespace"],
+        meta["name"],
+        reason,
+        message,
+    )
     try:
-        kubeio.core().create_namespaced_event(body["metadata"]["namespace"], body)
+        kubeio.core().create_namespaced_event(body["metadata"]["namespace"], body, _preload_content=False)
     except ApiException as e:
         log.warning(
             "could not post event %s on %s: %s", reason, obj["metadata"]["name"], kubeio.api_message(e)

@@ -155,6 +155,9 @@ def cli(argv: list[str] | None = None) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # probes every few seconds
     if not args.verbose:
         logging.getLogger("kopf").setLevel(logging.INFO)
+        # kopf says "Handler ... succeeded" for every custom-resource event it feeds to the cache: at a
+        # thousand jobs that is most of the log and a good part of the CPU. Our Events are logged instead.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=os.environ.get("AIDC_METRICS_ADDR", "0.0.0.0"))
     kopf.run(

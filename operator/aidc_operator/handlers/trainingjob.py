@@ -245,9 +245,9 @@ def _ensure_children(owner: Owner, spec: TrainingJobSpec, attempt: int) -> None:
         elif obj["kind"] == "Role" and have.get("rules") != obj["rules"]:
             # The Role names the current attempt's pods; keep it pointing at them.
             patched = client.RbacAuthorizationV1Api(kubeio.api()).patch_namespaced_role(
-                obj["metadata"]["name"], owner.namespace, {"rules": obj["rules"]}
+                obj["metadata"]["name"], owner.namespace, {"rules": obj["rules"]}, _preload_content=False
             )
-            STORE.upsert("Role", kubeio.sanitize(patched))
+            STORE.upsert("Role", kubeio.raw(patched))
 
 
 def reconcile_once(namespace: str, name: str) -> Outcome | None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+from pathlib import Path
+
 import pytest
 from kubernetes import client
 
+from localcluster import LocalCluster
 from tests.kube import Kube, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -82,3 +88,70 @@ def test_admission_chain_is_on(kube: Kube, namespace: str) -> None:
     tolerations = {(t.key, t.toleration_seconds) for t in pod.spec.tolerations}
     assert ("node.kubernetes.io/unreachable", 300) in tolerations
     assert pod.spec.service_account_name == "default"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_fleet_nodes_share_one_kwok_with_node_leases(tmp_path: Path) -> None:
+    """The scale benchmarks' fleet: many GPU nodes, one kwok process, Leases renewed, pods addressed from
+    a range of their own; the per-node agents stay as they are."""
+    if os.environ.get("KUBECONFIG"):
+        pytest.skip("starts a local cluster of its own; KUBECONFIG names an external one")
+    c = LocalCluster(tmp_path / "fleet", nodes=1, fleet_nodes=20, fleet_lease_seconds=8)
+    try:
+        c.up()
+        agents = [name for name in c.running() if name.startswith("kwok-")]
+        assert agents == ["kwok-gpu-node-0", "kwok-fleet"]
+        fleet_pid = c.running()["kwok-fleet"]
+        assert fleet_pid
+
+        nodes = json.loads(c.kubectl("get", "nodes", "-o", "json"))["items"]
+        fleet = {n["metadata"]["name"]: n for n in nodes if n["metadata"]["name"].startswith("fleet-node-")}
+        assert sorted(fleet) == sorted(c.fleet_node_names())
+        for n in fleet.values():
+            assert n["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+            assert {x["type"]: x["status"] for x in n["status"]["conditions"]}["Ready"] == "True"
+
+        def leases() -> dict[str, dict]:
+            items = json.loads(c.kubectl("get", "leases", "-n", "kube-node-lease", "-o", "json"))["items"]
+            return {x["metadata"]["name"]: x["spec"] for x in items}
+
+        first = wait_for("node Leases", lambda: (got := leases()).keys() >= {*fleet, "gpu-node-0"} and got)
+        # kwok holds the Leases it renews under its own identity: one for the fleet, another per node.
+        assert len({first[name]["holderIdentity"] for name in fleet}) == 1
+        assert first["gpu-node-0"]["holderIdentity"] != first["fleet-node-0"]["holderIdentity"]
+        assert all(first[name]["leaseDurationSeconds"] == 8 for name in fleet)
+        wait_for(
+            "every fleet Lease renewed",
+            lambda: all(s["renewTime"] != first[n]["renewTime"] for n, s in leases().items() if n in fleet),
+            timeout=30,
+        )
+
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "on-fleet", "namespace": "default"},
+            "spec": {
+                "nodeSelector": {"kubernetes.io/hostname": "fleet-node-7"},
+                "containers": [{"name": "c", "image": "x", "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
+            },
+        }
+        c.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        ip = wait_for(
+            "pod Running on the fleet node",
+            lambda: (
+                (p := json.loads(c.kubectl("get", "pod", "on-fleet", "-o", "json")))["status"].get("phase")
+                == "Running"
+                and p["status"]["podIP"]
+            ),
+        )
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(c.fleet_pod_cidr, strict=False)
+        assert not ipaddress.ip_address(ip).is_loopback and not ip.startswith(f"{c.pod_net}.")
+    finally:
+        c.down()
+    assert _gone(fleet_pid), "down() left kwok-fleet running"
