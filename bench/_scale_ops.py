@@ -56,6 +56,14 @@ class Operator:
     def requests_counter(self, metrics_port: int) -> dict[str, float] | None:
         return prom_counter(f"http://127.0.0.1:{metrics_port}/metrics", *self.counter)
 
+    @staticmethod
+    def reports_running(job: dict[str, Any]) -> bool:
+        """Does the job's own status say it runs? (The operator has caught up with its pods.)"""
+        status = job.get("status") or {}
+        return status.get("phase") == "Running" or any(
+            c.get("type") == "Running" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+
 
 class Aidc(Operator):
     name, user = "aidc", "aidc-operator"

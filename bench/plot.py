@@ -53,10 +53,20 @@ def node_failure() -> Path:
     return out
 
 
+# The run with every size (run 1); bench/results/scale.json holds the latest run, which may have fewer.
+SCALE_CURVE = ROOT / "bench" / "results" / "scale-run1.json"
+
+
 def scale(path: Path | None = None) -> Path:
     """bench/scale.py's results: aidc and Kubeflow's training-operator, one panel per cost, against N."""
-    data = json.loads((path or ROOT / "bench" / "results" / "scale.json").read_text())
+    data = json.loads((path or SCALE_CURVE).read_text())
     runs = [r for r in data["runs"] if not r.get("error")]
+    latest_path = ROOT / "bench" / "results" / "scale.json"
+    latest = (
+        [r for r in json.loads(latest_path.read_text())["runs"] if not r.get("error")]
+        if (path is None and latest_path.exists())
+        else []
+    )
     panels = [
         ("create", "all_running_s", "all 4N pods Running (s)"),
         ("create", "job_latency_p99_s", "job create → all Running, p99 (s)"),
@@ -81,6 +91,23 @@ def scale(path: Path | None = None) -> Path:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=marker, color=color, label=label, lw=1.5, ms=5)
                 last[op] = pts[-1]
+        for op, label, color, marker in styles:  # the latest run's points, hollow, where it has them
+            pts = [
+                (r["size"], r[section][key])
+                for r in latest
+                if r["operator"] == op and isinstance((r.get(section) or {}).get(key), int | float)
+            ]
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker=marker,
+                    ls="",
+                    mfc="none",
+                    color=color,
+                    ms=8,
+                    label=f"{label}, latest run",
+                )
+                last[op] = max(pts)
         if "aidc" in last and "kubeflow" in last and last["aidc"][0] == last["kubeflow"][0]:
             n, a, k = last["aidc"][0], last["aidc"][1], last["kubeflow"][1]
             if k:
@@ -97,7 +124,8 @@ def scale(path: Path | None = None) -> Path:
     axes.flat[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(
         f"Operators at scale: {data['fleet_nodes'] + data['per_node_nodes']} kwok GPU nodes x "
-        f"{data['gpus_per_node']} GPUs, {data['machine']} (lower is better)",
+        f"{data['gpus_per_node']} GPUs, {data['machine']} (lower is better; lines: run 1, all sizes; "
+        "hollow: latest run; ratios: latest run at the largest N)",
         fontsize=11,
     )
     fig.tight_layout()
@@ -109,5 +137,5 @@ def scale(path: Path | None = None) -> Path:
 
 if __name__ == "__main__":
     print(node_failure())
-    if (ROOT / "bench" / "results" / "scale.json").exists():
+    if SCALE_CURVE.exists():
         print(scale())

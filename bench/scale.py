@@ -18,7 +18,8 @@ For each size N, aidc first, then Kubeflow, one operator at a time, in a fresh n
      defaults otherwise: checkpoint encryption on, so a key Secret per job); Kubeflow PyTorchJob
      1 Master + 3 Workers x 1 GPU. One label-selected pod watch records per job when all 4 pods
      existed and when all 4 were Running;
-  3. 10 s to settle, then a steady-state window: requests/s and CPU with nothing changing;
+  3. wait until every job's own status says Running (the operator has caught up), 10 s to settle,
+     then a steady-state window: requests/s and CPU with nothing changing;
   4. aidc only: SIGKILL the kwok agent of a per-node node hosting job pods (a node losing power),
      time each affected gang back to Running elsewhere, check no other job's pods changed;
   5. delete every job (one deletecollection), time until every pod is gone; stop the operator;
@@ -60,6 +61,7 @@ USERS = ("aidc-operator", "training-operator")
 METRICS = [
     ("create", "all_pods_created_s", "all 4N pods created (s)"),
     ("create", "all_running_s", "all 4N pods Running (s)"),
+    ("create", "status_running_s", "every job's status Running (s)"),
     ("create", "job_latency_p50_s", "job create->Running p50 (s)"),
     ("create", "job_latency_p99_s", "job create->Running p99 (s)"),
     ("create", "cpu_s", "operator CPU, creation (s)"),

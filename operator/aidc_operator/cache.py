@@ -207,7 +207,8 @@ class Store:
             self.upsert(kind, o)
 
     def _index(self, kind: str, key: Key, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
-        metrics.CACHE_OBJECTS.labels(kind).set(len(self._objects[kind]))
+        if (old is None) != (new is None):  # the count changed
+            metrics.CACHE_OBJECTS.labels(kind).set(len(self._objects[kind]))
         if kind != POD:
             return
         for obj, add in ((old, False), (new, True)):

@@ -78,6 +78,7 @@ class Informer(threading.Thread):
         self.accepts, self.on_synced = accepts, on_synced
         self.synced = threading.Event()
         self._stop = threading.Event()
+        self._events = metrics.WATCH_EVENTS.labels(resource.kind)  # one label lookup, not one per event
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,7 +133,7 @@ class Informer(threading.Thread):
                 version = (obj.get("metadata") or {}).get("resourceVersion") or version
                 if kind == "BOOKMARK" or not self._keep(obj):
                     continue
-                metrics.WATCH_EVENTS.labels(self.resource.kind).inc()
+                self._events.inc()
                 if kind == "DELETED":
                     self.store.delete(self.resource.kind, obj)
                 else:

@@ -20,8 +20,9 @@ from kubernetes.client.exceptions import ApiException
 from . import metrics
 from .api import GROUP, VERSION
 
-DEFAULT_QPS = 50.0
-DEFAULT_BURST = 100
+DEFAULT_QPS = 100.0
+DEFAULT_BURST = 200
+POOL_SIZE = 64
 
 
 class TokenBucket:
@@ -98,11 +99,15 @@ def api() -> client.ApiClient:
         float(os.environ.get("AIDC_API_QPS", DEFAULT_QPS)),
         int(os.environ.get("AIDC_API_BURST", DEFAULT_BURST)),
     )
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
-        api_client = client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        api_client = config.new_client_from_config()
+        config.load_kube_config(client_configuration=configuration)
+    # One pooled connection per informer watch plus one per worker: a smaller pool (the client's
+    # default is 5 per core) makes every pass open, TLS-handshake and drop a new connection.
+    configuration.connection_pool_maxsize = POOL_SIZE
+    api_client = client.ApiClient(configuration)
     api_client.user_agent = "aidc-operator"
     return _instrument(api_client, bucket)
 

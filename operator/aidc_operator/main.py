@@ -13,6 +13,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from . import handlers  # noqa: F401 - registers the handlers
+from .kubeio import DEFAULT_BURST, DEFAULT_QPS
 from .runtime import CONFIG
 
 PREFIX = "aidc.dev"
@@ -125,13 +126,13 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--api-qps",
         type=float,
-        default=float(os.environ.get("AIDC_API_QPS", "50")),
+        default=float(os.environ.get("AIDC_API_QPS", DEFAULT_QPS)),
         help="steady requests per second to the apiserver (client-side limit; 0: none)",
     )
     ap.add_argument(
         "--api-burst",
         type=int,
-        default=int(os.environ.get("AIDC_API_BURST", "100")),
+        default=int(os.environ.get("AIDC_API_BURST", DEFAULT_BURST)),
         help="requests allowed at once above --api-qps",
     )
     ap.add_argument("--verbose", action="store_true")

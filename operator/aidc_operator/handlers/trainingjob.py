@@ -20,7 +20,7 @@ from .. import keys, kubeio, lifecycle, metrics
 from ..api import GROUP, VERSION
 from ..api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from ..builders import trainingjob as build
-from ..builders.common import LABEL_JOB, Owner
+from ..builders.common import LABEL_ATTEMPT, LABEL_JOB, Owner
 from ..cache import TRAININGJOB
 from ..conditions import set_condition
 from ..keys import check_kek_secret, check_key_secret, key_secret
@@ -99,18 +99,18 @@ def _key_work_due(secret: dict[str, Any], spec: TrainingJobSpec, body: dict[str,
 
 
 def _ensure_key(
-    owner: Owner, spec: TrainingJobSpec, body: dict[str, Any], gang_running: bool = False
+    owner: Owner, spec: TrainingJobSpec, body: dict[str, Any], gang_started: bool = False
 ) -> lifecycle.Prerequisites:
     """The key Secret exists (made once by us, or the user's is valid), the KEK (if any) unwraps it, and
     an operator-managed key is rotated when due. Every decision is an Event; no key byte is ever in one.
-    While a gang runs, its key was checked when it started (the trainer reads keys at start), so only an
-    owned key's rotation or pruning can be due, judged from the Secret as last read: no request."""
+    Once a gang has started, its key was checked (the trainer reads keys at start), so only an owned
+    key's rotation or pruning can be due, judged from the Secret as last read: no request."""
     enc = spec.checkpoint.encryption
     name = build.key_secret_name(owner, spec)
     if name is None:
         return lifecycle.Prerequisites()
     ns = owner.namespace
-    if gang_running:
+    if gang_started:
         if enc.key_secret_ref is not None:
             return lifecycle.Prerequisites()
         known = _key_secrets.get((ns, name)) or _read_key_secret(ns, name)
@@ -264,13 +264,17 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     attempt = status.get("attempt", 0)
     prereq = lifecycle.Prerequisites()
     finished = status.get("phase") in lifecycle.FINISHED
+    pods = STORE.pods_with(LABEL_JOB, namespace, name)
     if not finished and not spec.suspend:
         _ensure_children(owner, spec, attempt)
-        # A running gang creates no pod (a missing one restarts the gang), so what pods need before they
-        # start is checked only when they may start.
-        running = status.get("phase") == "Running"
-        prereq = (None if running else _ensure_volume(owner, spec)) or _ensure_key(owner, spec, body, running)
-    pods = STORE.pods_with(LABEL_JOB, namespace, name)
+        # What pods need (volume, key) is checked when a gang is about to start: not again for every pod
+        # event while its pods start, nor while it runs (a missing pod then restarts the gang).
+        started = status.get("phase") == "Running" or any(
+            (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(attempt)
+            and not p["metadata"].get("deletionTimestamp")
+            for p in pods
+        )
+        prereq = (None if started else _ensure_volume(owner, spec)) or _ensure_key(owner, spec, body, started)
     plan = lifecycle.plan(body, spec, pods, STORE.health(), _now(), prereq)
 
     for deletion in plan.delete:
