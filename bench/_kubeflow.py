@@ -34,7 +34,6 @@ Flags: --enable-scheme=pytorchjob (only the PyTorchJob controller and scheme), -
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import ipaddress
 import json
 import os
@@ -47,9 +46,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+
+from localcluster import issue_cert, new_key, pem_key, x509_name
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "peers" / "build.sh"
 BINARY = "training-operator"
@@ -116,33 +115,19 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
 
 
 def _write_serving_cert(cert_dir: Path) -> None:
-    """A self-signed localhost pair for the webhook server, which nothing calls (see the module doc)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "training-operator.kubeflow.svc")])
-    now = dt.datetime.now(dt.UTC)
+    """A self-signed localhost pair for the webhook server, which nothing calls (see the module doc),
+    made with the local cluster's own certificate helpers."""
+    key = new_key()
+    name = x509_name("training-operator.kubeflow.svc")
     sans: list[x509.GeneralName] = [
         x509.DNSName("localhost"),
         x509.DNSName("training-operator.kubeflow.svc"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
     ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    cert = issue_cert(name, key, name, key, sans=sans, server=True)
     cert_dir.mkdir(parents=True, exist_ok=True)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     # The key first: the rotator takes tls.crt appearing as "mounted".
-    _write_atomically(cert_dir / "tls.key", key_pem, 0o600)
+    _write_atomically(cert_dir / "tls.key", pem_key(key), 0o600)
     _write_atomically(cert_dir / "tls.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 

@@ -180,6 +180,10 @@ class Store:
         self._notify(kind, old, obj)
         return True
 
+    def take(self, kind: str, event_type: str | None, obj: dict[str, Any]) -> bool:
+        """A watch event as kopf or an informer delivers it."""
+        return self.delete(kind, obj) if event_type == "DELETED" else self.upsert(kind, obj)
+
     def delete(self, kind: str, obj: dict[str, Any]) -> bool:
         key = key_of(obj)
         with self._lock:

@@ -134,10 +134,7 @@ class Informer(threading.Thread):
                 if kind == "BOOKMARK" or not self._keep(obj):
                     continue
                 self._events.inc()
-                if kind == "DELETED":
-                    self.store.delete(self.resource.kind, obj)
-                else:
-                    self.store.upsert(self.resource.kind, obj)
+                self.store.take(self.resource.kind, kind, obj)
         finally:
             resp.release_conn()
         return version

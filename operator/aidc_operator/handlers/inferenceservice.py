@@ -309,17 +309,9 @@ SERVICES = Controller("InferenceService", reconcile_once, CONFIG.service_workers
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
 async def inferenceservice_served(name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
     """Passes run for this service while kopf keeps this daemon (see handlers/loop.py)."""
-    SERVICES.activate((namespace, name))
-    try:
-        await stopped.wait()
-    finally:
-        SERVICES.deactivate((namespace, name))
+    await SERVICES.serve((namespace, name), stopped)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def inferenceservice_event(event: kopf.RawEvent, **_: Any) -> None:
-    obj = event["object"]
-    if event["type"] == "DELETED":
-        STORE.delete(INFERENCESERVICE, obj)
-    else:
-        STORE.upsert(INFERENCESERVICE, obj)
+    STORE.take(INFERENCESERVICE, event["type"], event["object"])

@@ -89,6 +89,14 @@ class Controller:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.wake, key)
 
+    async def serve(self, key: Key, stopped: Any) -> None:
+        """The body of a kind's kopf daemon: passes run for key until kopf stops the daemon."""
+        self.activate(key)
+        try:
+            await stopped.wait()
+        finally:
+            self.deactivate(key)
+
     # running ----------------------------------------------------------------------
     def start(self, synced: asyncio.Event) -> None:
         """Workers begin once the cache has synced: a pass must never mistake a cache still filling for

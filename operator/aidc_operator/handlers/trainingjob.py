@@ -326,18 +326,10 @@ JOBS = Controller("TrainingJob", reconcile_once, CONFIG.job_workers, forget)
 async def trainingjob_served(name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
     """Passes run for this job while kopf keeps this daemon: not while a peer is active, not after
     deletion began."""
-    JOBS.activate((namespace, name))
-    try:
-        await stopped.wait()
-    finally:
-        JOBS.deactivate((namespace, name))
+    await JOBS.serve((namespace, name), stopped)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def trainingjob_event(event: kopf.RawEvent, **_: Any) -> None:
     """kopf's watch of TrainingJobs feeds the store (the router wakes the job and its servers)."""
-    obj = event["object"]
-    if event["type"] == "DELETED":
-        STORE.delete(TRAININGJOB, obj)
-    else:
-        STORE.upsert(TRAININGJOB, obj)
+    STORE.take(TRAININGJOB, event["type"], event["object"])
