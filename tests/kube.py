@@ -5,6 +5,7 @@ Used by tests/conftest.py; kept apart so integration tests can import the helper
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -131,6 +132,11 @@ class Kube:
         index = int(name.rsplit("-", 1)[-1])
         self.kubectl("apply", "-f", "-", input=json.dumps(self._local().node_manifest(index)))
 
+    def _lease_renewed_after(self, name: str, since: dt.datetime) -> bool:
+        lease = self.coordination.read_namespaced_lease(name, "kube-node-lease")
+        renewed = lease.spec.renew_time
+        return renewed is not None and renewed > since
+
     def gpu_nodes(self) -> list[str]:
         return sorted(n.metadata.name for n in self.core.list_node(label_selector="type=kwok").items)
 
@@ -140,11 +146,21 @@ class Kube:
             return
         local = self.local
         present = set(self.gpu_nodes())
+        restored = []
         for name in local.node_names():
             if name not in present:
                 self.recreate_node(name)
             if not local.running().get(f"kwok-{name}"):
+                restored.append((name, dt.datetime.now(dt.UTC)))
                 self.restore_node(name)
+        # Ready and untainted is the node controller's verdict; the operator also reads the Lease, which
+        # a restarted agent renews a moment later. Until it does, the node still looks dead to the operator.
+        for name, since in restored:
+            wait_for(
+                f"{name}'s Lease renewed",
+                lambda n=name, t=since: self._lease_renewed_after(n, t),
+                timeout=timeout,
+            )
         wait_for(
             "all GPU nodes Ready and untainted",
             lambda: all(

@@ -245,7 +245,8 @@ class NodeHealthView(Mapping[str, NodeHealth]):
         node = self._store.get(NODE, "", name)
         if node is None:
             raise KeyError(name)
-        return node_health(node, name, self._store.leases.lapsed(name, self._now))
+        leases = self._store.leases
+        return node_health(node, name, leases.lapsed(name, self._now), leases.renewal(name, self._now))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._store.names(NODE))

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import gang_pods as gp
+from . import verdict
 from .api.trainingjob import CheckpointRef, FailureRecord, Progress, TrainingJobSpec, TrainingJobStatus
 from .builders import trainingjob as build
-from .builders.common import LABEL_ATTEMPT, LABEL_RANK, Owner
-from .conditions import set_condition
+from .builders.common import Owner
+from .conditions import get_condition, set_condition
 from .recovery import LostPod, NodeHealth, health_of, healthy_nodes, lost_pods, must_force_delete
-from .restart_policy import backoff_seconds, describe, retryable, terminated
+from .restart_policy import PodExit, backoff_seconds, describe, terminated
 
 ANNOTATION_PROGRESS = "aidc.dev/progress"
 ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
@@ -33,6 +34,8 @@ FINISHED = ("Succeeded", "Failed")
 # quiet job gets (the controller adds jitter so a thousand jobs never resync together).
 RESYNC_SECONDS = float(os.environ.get("AIDC_RESYNC_SECONDS", "300"))
 PREREQ_RETRY_SECONDS = 5.0  # a missing Secret/PVC is not watched: look again soon
+# Non-retryable exits by the trainer's code: the Failed condition's reason.
+FAIL_REASONS = {3: "CheckpointKeyError", 4: "InvalidConfig", 7: "NoValidCheckpoint"}
 
 
 @dataclass(frozen=True)
@@ -70,64 +73,6 @@ class Plan:
     delete_job: bool = False
 
 
-def _ts(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_ts(s: str | None) -> dt.datetime | None:
-    if not s:
-        return None
-    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-
-
-def _attempt(pod: dict[str, Any]) -> int:
-    try:
-        return int(pod["metadata"]["labels"][LABEL_ATTEMPT])
-    except (KeyError, ValueError):
-        return -1
-
-
-def _rank(pod: dict[str, Any]) -> int:
-    return int(pod["metadata"]["labels"].get(LABEL_RANK, "-1"))
-
-
-def _phase(pod: dict[str, Any]) -> str:
-    return pod.get("status", {}).get("phase") or "Pending"
-
-
-def _ready(pod: dict[str, Any]) -> bool:
-    return _phase(pod) == "Running" and any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in pod.get("status", {}).get("conditions") or []
-    )
-
-
-def _annotation_json(pod: dict[str, Any], key: str) -> dict[str, Any] | None:
-    raw = (pod["metadata"].get("annotations") or {}).get(key)
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None  # a garbled report is ignored, never fatal
-    return value if isinstance(value, dict) else None
-
-
-def _gpu_seconds(pods: list[dict[str, Any]], gpus: int, now: dt.datetime) -> float:
-    total = 0.0
-    for pod in pods:
-        start = _parse_ts(pod.get("status", {}).get("startTime"))
-        if not start or not gpus:
-            continue
-        end = now
-        for cs in pod.get("status", {}).get("containerStatuses") or []:
-            finished = _parse_ts(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt"))
-            if finished:
-                end = finished
-        total += max(0.0, (end - start).total_seconds()) * gpus
-    return total
-
-
 class _Planner:
     def __init__(
         self,
@@ -158,7 +103,7 @@ class _Planner:
             "True" if status else "False",
             reason,
             message,
-            _ts(self.now),
+            gp.ts(self.now),
             self.generation,
         )
 
@@ -184,7 +129,7 @@ class _Planner:
 
     def gpu_accounting(self, current: list[dict[str, Any]], close: bool = False) -> None:
         """gpuSeconds = finished attempts' total + the current attempt's, recomputed from its pods."""
-        live = _gpu_seconds(current, build.gpus(self.spec), self.now)
+        live = gp.gpu_seconds(current, build.gpus(self.spec), self.now)
         self.status.gpu_seconds = round(self.status.gpu_seconds_previous + live, 1)
         if close:
             self.status.gpu_seconds_previous = self.status.gpu_seconds
@@ -193,9 +138,11 @@ class _Planner:
     def run(self) -> Plan:
         st, spec = self.status, self.spec
         st.observed_generation = self.generation
+        if (invalid := get_condition(st.conditions, "Invalid")) and invalid.status == "True":
+            self.condition("Invalid", False, "Valid", "spec is valid")
         attempt = st.attempt
-        current = [p for p in self.pods if _attempt(p) == attempt]
-        old = [p for p in self.pods if _attempt(p) != attempt]
+        current = [p for p in self.pods if gp.attempt(p) == attempt]
+        old = [p for p in self.pods if gp.attempt(p) != attempt]
         self.lift_progress(current)
 
         if st.phase in FINISHED:
@@ -216,7 +163,7 @@ class _Planner:
         if self.prereq.condition != "Ready":
             self.condition(self.prereq.condition, True, self.prereq.reason or "Ready", self.prereq.message)
 
-        start = _parse_ts(st.start_time)
+        start = gp.parse_ts(st.start_time)
         if (
             spec.active_deadline_seconds
             and start
@@ -235,18 +182,18 @@ class _Planner:
         if self.handle_failures(current):
             return self.plan
         expected = self.gang_size(current)
-        if current and len(current) >= expected and all(_phase(p) == "Succeeded" for p in current):
+        if current and len(current) >= expected and all(gp.phase(p) == "Succeeded" for p in current):
             self.gpu_accounting(current, close=True)
             return self.succeed(current)
 
         st.excluded_nodes = [n for n in st.excluded_nodes if not health_of(self.health, n).healthy]
-        restart_after = _parse_ts(st.restart_after)
+        restart_after = gp.parse_ts(st.restart_after)
         if restart_after and self.now < restart_after:
             self.plan.requeue_after = max(0.5, (restart_after - self.now).total_seconds())
             return self.plan
         st.restart_after = None
 
-        have = {_rank(p) for p in current}
+        have = {gp.rank(p) for p in current}
         missing = [r for r in range(expected) if r not in have]
         for rank in missing:
             self.plan.create.append(build.pod(self.owner, spec, rank, st.attempt, st.excluded_nodes))
@@ -259,13 +206,14 @@ class _Planner:
             )
             self.condition("Created", True, "GangCreated", f"attempt {st.attempt}: {expected} pod(s)")
 
-        ready = sum(1 for p in current if _ready(p))
+        self.scheduling(current, expected)
+        ready = sum(1 for p in current if gp.ready(p))
         st.ready_nodes = ready
         st.nodes = f"{ready}/{expected}"
         self.gpu_accounting(current)
-        if current and not missing and all(_phase(p) == "Running" for p in current):
+        if current and not missing and all(gp.phase(p) == "Running" for p in current):
             if st.start_time is None:
-                st.start_time = _ts(self.now)
+                st.start_time = gp.ts(self.now)
             self.condition("Running", True, "AllPodsRunning", f"{len(current)} pod(s) running")
             self.condition("Restarting", False, "AllPodsRunning")
             self.set_phase("Running", "Running", f"all {len(current)} pod(s) of attempt {st.attempt} running")
@@ -273,9 +221,25 @@ class _Planner:
             st.phase = "Pending"
         if spec.active_deadline_seconds and st.start_time:
             # Nothing else would wake a quiet job when its deadline passes.
-            left = spec.active_deadline_seconds - (self.now - _parse_ts(st.start_time)).total_seconds()
+            left = spec.active_deadline_seconds - (self.now - gp.parse_ts(st.start_time)).total_seconds()
             self.plan.requeue_after = min(self.plan.requeue_after, max(1.0, left + 1))
         return self.plan
+
+    def scheduling(self, current: list[dict[str, Any]], expected: int) -> None:
+        """The scheduler's own words on the TrainingJob when pods of the gang cannot be placed (no node
+        has the GPUs, fewer nodes than spec.nodes …), cleared once every pod is placed."""
+        stuck = [(p["metadata"]["name"], c) for p in current if (c := gp.unschedulable(p))]
+        have = get_condition(self.status.conditions, "Unschedulable")
+        if stuck:
+            name, cond = stuck[0]
+            message = (
+                f"{len(stuck)} of {expected} pod(s) cannot be scheduled; {name}: {cond.get('message', '')}"
+            )
+            if have is None or have.status != "True":
+                self.event("Warning", "Unschedulable", message)
+            self.condition("Unschedulable", True, "Unschedulable", message)
+        elif have is not None and have.status == "True":
+            self.condition("Unschedulable", False, "Scheduled", "every pod of the gang is scheduled")
 
     def gang_size(self, current: list[dict[str, Any]]) -> int:
         """Pods in this attempt: spec.nodes, or for an elastic job, as many as there are healthy nodes
@@ -284,95 +248,132 @@ class _Planner:
         if not spec.elastic:
             return spec.nodes
         if current:
-            return max(_rank(p) for p in current) + 1
+            return max(gp.rank(p) for p in current) + 1
         usable = healthy_nodes(self.health) - set(self.status.excluded_nodes)
         return max(spec.elastic.min_nodes, min(spec.nodes, len(usable)))
 
     def handle_failures(self, current: list[dict[str, Any]]) -> bool:
         st, policy = self.status, self.spec.failure_policy
-        lost = lost_pods(current, self.health)
-        if st.phase == "Running":
-            # A pod of the running gang that someone else deleted is as lost as one on a dead node.
-            expected = self.gang_size(current)
-            have = {_rank(p) for p in current}
-            lost += [
-                LostPod(
-                    build.pod_name(self.owner.name, st.attempt, r),
-                    None,
-                    "PodDeleted",
-                    f"pod of rank {r} was deleted",
-                )
-                for r in range(expected)
-                if r not in have
-            ]
-            lost += [
-                LostPod(
-                    p["metadata"]["name"],
-                    p.get("spec", {}).get("nodeName"),
-                    "PodDeleted",
-                    f"pod {p['metadata']['name']} is being deleted",
-                )
-                for p in current
-                if p["metadata"].get("deletionTimestamp")
-                and not any(lp.pod == p["metadata"]["name"] for lp in lost)
-            ]
-        if lost:
-            first = lost[0]
-            record = FailureRecord(
-                reason=first.reason, message=first.message, node=first.node, time=_ts(self.now)
-            )
-            st.last_failure = record
-            if policy.node_failure == "Fail":
-                self.fail("NodeFailure", first.message, current)
-                return True
-            if st.node_failures >= policy.max_node_failures:
-                self.fail(
-                    "NodeFailureBudgetExceeded",
-                    f"{first.message}; maxNodeFailures={policy.max_node_failures} reached",
-                    current,
-                )
-                return True
-            st.node_failures += 1
-            for lp in lost:
-                if lp.node and lp.node not in st.excluded_nodes:
-                    st.excluded_nodes.append(lp.node)
-            self.event(
-                "Warning",
-                "NodeFailure",
-                f"{first.message}; restarting the gang on healthy nodes "
-                f"(node failure {st.node_failures}/{policy.max_node_failures})",
-            )
-            self.restart(current, delay=0)
-            return True
         exits = [e for e in (terminated(p) for p in current) if e]
-        if not exits:
-            return False
-        first = exits[0]
-        st.last_failure = FailureRecord(
-            reason=first.reason, message=describe(first), node=first.node, time=_ts(self.now)
+        held_since = gp.parse_ts(st.peer_lost_since)
+        held_for = (self.now - held_since).total_seconds() if held_since else None
+        v = verdict.judge(
+            current, exits, self.lost(current), self.health, policy.retryable_exit_codes, held_for
         )
-        if not retryable(first, policy.retryable_exit_codes):
-            self.fail(
-                "NonRetryableExit" if first.exit_code != 3 else "CheckpointKeyError", describe(first), current
-            )
+        if v.kind != "hold":
+            st.peer_lost_since = None
+        if v.kind == "none":
+            return False
+        if v.kind == "hold":
+            assert v.exit is not None
+            if held_since is None:
+                st.peer_lost_since = gp.ts(self.now)
+                self.event(
+                    "Normal",
+                    "PeerLost",
+                    f"{describe(v.exit)}; waiting up to {v.wait:.0f}s for the gang's nodes to be judged "
+                    "before counting it",
+                )
+            self.plan.requeue_after = max(0.5, min(1.0, v.wait))  # Lease renewals wake no job
             return True
+        if v.kind == "node":
+            self.node_failure(current, v.lost, exits)
+            return True
+        assert v.exit is not None
+        decisive = v.exit
+        st.last_failure = FailureRecord(
+            reason=decisive.cause or decisive.reason,
+            message=describe(decisive),
+            node=decisive.node,
+            time=gp.ts(self.now),
+        )
+        if v.kind == "fail":
+            reason = FAIL_REASONS.get(decisive.exit_code, "NonRetryableExit")
+            if reason == "NoValidCheckpoint":
+                self.condition(reason, True, reason, describe(decisive))
+            self.fail(reason, describe(decisive), current)
+            return True
+        message = describe(decisive)
+        if decisive.cause == "CheckpointSaveFailed" or decisive.exit_code == 6:
+            ckpt = st.last_checkpoint
+            message += f"; newest checkpoint: {f'step {ckpt.step}' if ckpt else 'none'}"
         if st.restarts >= policy.max_restarts:
             self.fail(
-                "BackoffLimitExceeded",
-                f"{describe(first)}; maxRestarts={policy.max_restarts} reached",
-                current,
+                "BackoffLimitExceeded", f"{message}; maxRestarts={policy.max_restarts} reached", current
             )
             return True
         st.restarts += 1
         delay = backoff_seconds(st.restarts, policy.backoff_seconds, policy.max_backoff_seconds)
+        st.last_failure.message = message
         self.event(
             "Warning",
             "PodFailed",
-            f"{describe(first)}; restarting the gang in {delay}s "
-            f"(restart {st.restarts}/{policy.max_restarts})",
+            f"{message}; restarting the gang in {delay}s (restart {st.restarts}/{policy.max_restarts})",
         )
         self.restart(current, delay=delay)
         return True
+
+    def lost(self, current: list[dict[str, Any]]) -> list[LostPod]:
+        """Pods of the gang that lost nodes took, and (while Running) pods someone else deleted."""
+        st = self.status
+        lost = lost_pods(current, self.health)
+        if st.phase != "Running":
+            return lost
+        expected = self.gang_size(current)
+        have = {gp.rank(p) for p in current}
+        lost += [
+            LostPod(
+                build.pod_name(self.owner.name, st.attempt, r),
+                None,
+                "PodDeleted",
+                f"pod of rank {r} was deleted",
+            )
+            for r in range(expected)
+            if r not in have
+        ]
+        named = {lp.pod for lp in lost}
+        lost += [
+            LostPod(
+                p["metadata"]["name"],
+                p.get("spec", {}).get("nodeName"),
+                "PodDeleted",
+                f"pod {p['metadata']['name']} is being deleted",
+            )
+            for p in current
+            if p["metadata"].get("deletionTimestamp") and p["metadata"]["name"] not in named
+        ]
+        return lost
+
+    def node_failure(self, current: list[dict[str, Any]], lost: list[LostPod], exits: list[PodExit]) -> None:
+        st, policy = self.status, self.spec.failure_policy
+        first = lost[0]
+        message = first.message
+        if exits:
+            message += f"; {len(exits)} rank(s) of the gang exited after it ({describe(exits[0])})"
+        st.last_failure = FailureRecord(
+            reason=first.reason, message=message, node=first.node, time=gp.ts(self.now)
+        )
+        if policy.node_failure == "Fail":
+            self.fail("NodeFailure", message, current)
+            return
+        if st.node_failures >= policy.max_node_failures:
+            self.fail(
+                "NodeFailureBudgetExceeded",
+                f"{message}; maxNodeFailures={policy.max_node_failures} reached",
+                current,
+            )
+            return
+        st.node_failures += 1
+        for lp in lost:
+            if lp.node and lp.node not in st.excluded_nodes:
+                st.excluded_nodes.append(lp.node)
+        self.event(
+            "Warning",
+            "NodeFailure",
+            f"{message}; restarting the gang on healthy nodes "
+            f"(node failure {st.node_failures}/{policy.max_node_failures})",
+        )
+        self.restart(current, delay=0)
 
     def restart(self, current: list[dict[str, Any]], delay: int) -> None:
         st = self.status
@@ -381,7 +382,7 @@ class _Planner:
         if delay:
             # Status times have 1 s resolution: round up so the backoff is never shorter than asked.
             at = self.now + dt.timedelta(seconds=delay)
-            st.restart_after = _ts(
+            st.restart_after = gp.ts(
                 at.replace(microsecond=0) + dt.timedelta(seconds=1 if at.microsecond else 0)
             )
         else:
@@ -404,8 +405,8 @@ class _Planner:
 
     def fail(self, reason: str, message: str, pods: list[dict[str, Any]]) -> Plan:
         st = self.status
-        self.gpu_accounting([p for p in pods if _attempt(p) == st.attempt], close=True)
-        st.completion_time = _ts(self.now)
+        self.gpu_accounting([p for p in pods if gp.attempt(p) == st.attempt], close=True)
+        st.completion_time = gp.ts(self.now)
         st.ready_nodes = 0
         self.condition("Running", False, reason, message)
         self.condition("Failed", True, reason, message)
@@ -415,7 +416,7 @@ class _Planner:
 
     def succeed(self, pods: list[dict[str, Any]]) -> Plan:
         st = self.status
-        st.completion_time = _ts(self.now)
+        st.completion_time = gp.ts(self.now)
         st.ready_nodes = 0
         self.condition("Running", False, "Completed")
         self.condition("Succeeded", True, "Completed", "all pods exited 0")
@@ -429,7 +430,7 @@ class _Planner:
         if policy == "All":
             self.delete_pods(pods)
         elif policy == "Running":
-            self.delete_pods([p for p in pods if _phase(p) in ("Pending", "Running")])
+            self.delete_pods([p for p in pods if gp.phase(p) in ("Pending", "Running")])
         self.schedule_ttl()
 
     def finished(self, pods: list[dict[str, Any]]) -> Plan:
@@ -437,7 +438,7 @@ class _Planner:
         return self.plan
 
     def schedule_ttl(self) -> None:
-        ttl, done = self.spec.ttl_seconds_after_finished, _parse_ts(self.status.completion_time)
+        ttl, done = self.spec.ttl_seconds_after_finished, gp.parse_ts(self.status.completion_time)
         if ttl is None or done is None:
             self.plan.requeue_after = RESYNC_SECONDS
             return
@@ -450,7 +451,7 @@ class _Planner:
 
     def suspend(self, pods: list[dict[str, Any]]) -> Plan:
         if self.status.phase != "Suspended":
-            self.gpu_accounting([p for p in pods if _attempt(p) == self.status.attempt], close=True)
+            self.gpu_accounting([p for p in pods if gp.attempt(p) == self.status.attempt], close=True)
         self.delete_pods(pods)
         self.status.ready_nodes = 0
         self.status.nodes = f"0/{self.spec.nodes}"
@@ -462,13 +463,13 @@ class _Planner:
 
     def lift_progress(self, current: list[dict[str, Any]]) -> None:
         """rank 0 reports through annotations on its own pod (docs/contracts.md)."""
-        for pod in sorted(self.pods, key=lambda p: (_attempt(p), -_rank(p))):
-            if _rank(pod) != 0:
+        for pod in sorted(self.pods, key=lambda p: (gp.attempt(p), -gp.rank(p))):
+            if gp.rank(pod) != 0:
                 continue
-            if (progress := _annotation_json(pod, ANNOTATION_PROGRESS)) is not None:
+            if (progress := gp.annotation_json(pod, ANNOTATION_PROGRESS)) is not None:
                 with contextlib.suppress(ValueError):
                     self.status.progress = Progress.model_validate(progress)
-            if (ckpt := _annotation_json(pod, ANNOTATION_CHECKPOINT)) is not None:
+            if (ckpt := gp.annotation_json(pod, ANNOTATION_CHECKPOINT)) is not None:
                 try:
                     ref = CheckpointRef.model_validate(ckpt)
                 except ValueError:

@@ -28,6 +28,8 @@ class NodeHealth:
     name: str
     healthy: bool
     reason: str = ""
+    renewed_ago: float | None = None  # seconds since the operator saw the node's Lease renew
+    lease_seconds: float | None = None  # the Lease's leaseDurationSeconds; None without a Lease
 
 
 class LeaseClock:
@@ -57,11 +59,30 @@ class LeaseClock:
             return False  # no lease (an old kubelet, or not created yet): rely on the node's conditions
         return now - seen[2] > seen[1]
 
+    def renewal(self, name: str, now: float) -> tuple[float, float] | None:
+        """(seconds since the last renewal was observed, leaseDurationSeconds), None without a Lease."""
+        seen = self._seen.get(name)
+        if seen is None or not seen[1] or seen[0] is None:
+            return None
+        return now - seen[2], seen[1]
+
     def __len__(self) -> int:
         return len(self._seen)
 
 
-def node_health(node: dict[str, Any] | None, name: str, lease_lapsed: bool = False) -> NodeHealth:
+def node_health(
+    node: dict[str, Any] | None,
+    name: str,
+    lease_lapsed: bool = False,
+    renewal: tuple[float, float] | None = None,
+) -> NodeHealth:
+    h = _verdict(node, name, lease_lapsed)
+    if renewal is None:
+        return h
+    return NodeHealth(h.name, h.healthy, h.reason, renewal[0], renewal[1])
+
+
+def _verdict(node: dict[str, Any] | None, name: str, lease_lapsed: bool) -> NodeHealth:
     if node is None:
         return NodeHealth(name, False, "NodeDeleted")
     if node.get("metadata", {}).get("deletionTimestamp"):

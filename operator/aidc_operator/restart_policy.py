@@ -1,17 +1,26 @@
-"""Exit-code classification and restart backoff for a gang.
+"""Exit classification and restart backoff for a gang.
 
-Retryable: killed by a signal (128+N, e.g. 137 = SIGKILL, the OOM killer's), reason OOMKilled, the
-trainer's "lost a peer" code 5, or a code the user listed. Everything else non-zero is a bug or a
-configuration error that a restart cannot fix, so the job fails at once with the code and the
-container's message (docs/contracts.md has the codes the trainer uses).
+Every exit of an attempt is classified and the most severe class decides (`Severity`):
+non-retryable > (a lost node, judged by the planner) > retryable > peer-lost.
 
-torchrun itself exits 1 whenever a worker fails; the worker's own code is in the root-cause report it
-prints last (`exitcode  : 3 (pid: …)`), which reaches us as the termination message
-(terminationMessagePolicy FallbackToLogsOnError). That code is the one classified.
+- non-retryable: a bug or a configuration error a restart cannot fix (the trainer's codes 3, 4, 7 and any
+  other non-zero code the user did not list);
+- retryable: killed by a signal (128+N, e.g. 137 = SIGKILL, the OOM killer's), reason OOMKilled/Evicted,
+  the trainer's 6 (its final checkpoint could not be published), or a code the user listed;
+- peer-lost: the trainer's 5, or a gloo/NCCL connection error from a script that is not ours. The rank
+  itself is healthy: another rank or its node went away. Such an exit is held until the gang's nodes
+  are judged (lifecycle), so a lost node is counted as a node failure and not as this rank's failure.
+
+The aidc trainer appends a JSON line per failing worker to the container's termination message
+(docs/contracts.md § Termination message): its cause and rank are read there, never from error text.
+For other trainers torchrun's root-cause report (`exitcode : 3 (pid: …)`, the termination message under
+FallbackToLogsOnError) gives the worker's own code instead of torchrun's 1.
 """
 
 from __future__ import annotations
 
+import enum
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +29,26 @@ TRAINER_CODES = {
     3: "checkpoint key missing or wrong",
     4: "invalid training configuration",
     5: "lost a peer rank",
+    6: "checkpoint could not be saved",
+    7: "no checkpoint verifies",
 }
-NON_RETRYABLE_TRAINER_CODES = {3, 4}
-RETRYABLE_TRAINER_CODES = {5}
+NON_RETRYABLE_TRAINER_CODES = {3, 4, 7}
+RETRYABLE_TRAINER_CODES = {6}
+PEER_LOST_CODE = 5
+# Words a collective library uses when the other end of a connection went away, for scripts that
+# are not the aidc trainer (which reports the cause itself).
+_PEER_LOST_TEXT = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|remote process exited"
+)
 _ROOT_CAUSE = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+_ROOT_RANK = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)", re.DOTALL)
+
+
+class Severity(enum.IntEnum):
+    PEER_LOST = 0
+    RETRYABLE = 1
+    NODE_LOST = 2  # decided by the planner from node health, never by an exit
+    NON_RETRYABLE = 3
 
 
 @dataclass(frozen=True)
@@ -33,6 +58,25 @@ class PodExit:
     exit_code: int
     reason: str
     message: str
+    cause: str | None = None  # the trainer's own word (PeerLost, NoValidCheckpoint …), when it gave one
+    rank: int | None = None
+    peer_lost: bool = False
+
+
+def trainer_reports(message: str) -> list[dict[str, Any]]:
+    """The trainer's structured exit reports in a termination message (one JSON object per line)."""
+    reports = []
+    for line in message.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and isinstance(report.get("exitCode"), int) and report.get("cause"):
+            reports.append(report)
+    return reports
 
 
 def worker_exit_code(container_code: int, message: str) -> int:
@@ -44,8 +88,36 @@ def worker_exit_code(container_code: int, message: str) -> int:
     return container_code
 
 
+def _report_text(report: dict[str, Any]) -> str:
+    text = str(report.get("message") or "")[:400]
+    files = report.get("checkpoints")
+    if isinstance(files, list) and files:
+        listed = "; ".join(f"{f.get('path')}: {f.get('reason')}" for f in files[:8] if isinstance(f, dict))
+        text = f"{text} [{listed}]" if text else listed
+    if report.get("peer"):
+        text += f" (peer: {report['peer']})"
+    return text
+
+
+def _from_reports(name: str, node: str | None, reason: str, reports: list[dict[str, Any]]) -> PodExit:
+    exits = [
+        PodExit(
+            name,
+            node,
+            int(r["exitCode"]),
+            reason,
+            _report_text(r),
+            str(r["cause"]),
+            r["rank"] if isinstance(r.get("rank"), int) else None,
+            int(r["exitCode"]) == PEER_LOST_CODE,
+        )
+        for r in reports
+    ]
+    return max(exits, key=lambda e: severity(e, []))
+
+
 def terminated(pod: dict[str, Any]) -> PodExit | None:
-    """The first container termination of a Failed pod (or a generic failure when none is recorded)."""
+    """How a Failed pod's trainer exited (a generic failure when no container exit is recorded)."""
     status = pod.get("status", {})
     if status.get("phase") != "Failed":
         return None
@@ -55,8 +127,13 @@ def terminated(pod: dict[str, Any]) -> PodExit | None:
         term = (cs.get("state") or {}).get("terminated")
         if term and term.get("exitCode", 0) != 0:
             msg = (term.get("message") or "").strip()
+            reason = term.get("reason") or "Error"
+            if reports := trainer_reports(msg):
+                return _from_reports(name, node, reason, reports)
             code = worker_exit_code(int(term["exitCode"]), msg)
-            return PodExit(name, node, code, term.get("reason") or "Error", _last_lines(msg))
+            rank = int(m.group(1)) if (m := _ROOT_RANK.search(msg)) else None
+            peer_lost = code == PEER_LOST_CODE or bool(_PEER_LOST_TEXT.search(msg))
+            return PodExit(name, node, code, reason, _last_lines(msg), None, rank, peer_lost)
     # Failed without a container exit: evicted, node shutdown, admission failure …
     return PodExit(
         name, node, 137, status.get("reason") or "PodFailed", (status.get("message") or "")[-1024:]
@@ -77,14 +154,31 @@ def retryable(exit: PodExit, extra_codes: list[int]) -> bool:
     return (
         exit.exit_code >= 128
         or exit.exit_code in RETRYABLE_TRAINER_CODES
+        or exit.exit_code == PEER_LOST_CODE
         or exit.reason in ("OOMKilled", "Evicted")
         or exit.exit_code in extra_codes
     )
 
 
+def severity(exit: PodExit, extra_codes: list[int], verdict_due: bool = False) -> Severity:
+    """The class of one exit. A peer-lost exit stays PEER_LOST until the verdict on the gang's nodes is
+    due (verdict_due); then, no node having been lost, its own code decides."""
+    if exit.peer_lost and not verdict_due:
+        return Severity.PEER_LOST
+    return Severity.RETRYABLE if retryable(exit, extra_codes) else Severity.NON_RETRYABLE
+
+
+def worst(exits: list[PodExit], extra_codes: list[int], verdict_due: bool = False) -> PodExit:
+    """The exit that decides the attempt: the most severe, the first seen among equals."""
+    return max(exits, key=lambda e: severity(e, extra_codes, verdict_due))
+
+
 def describe(exit: PodExit) -> str:
     meaning = TRAINER_CODES.get(exit.exit_code)
-    text = f"pod {exit.pod} exited with code {exit.exit_code} ({exit.reason}"
+    who = f"pod {exit.pod}" + (f" (rank {exit.rank})" if exit.rank is not None else "")
+    if exit.node:
+        who += f" on node {exit.node}"
+    text = f"{who} exited with code {exit.exit_code} ({exit.cause or exit.reason}"
     text += f": {meaning})" if meaning else ")"
     return f"{text}: {exit.message}" if exit.message else text
 

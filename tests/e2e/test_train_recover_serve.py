@@ -162,6 +162,15 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
     assert manifest["key_id"] == base64.b64decode(secret.data["current-key-id"]).decode()
 
     # Serve it: an InferenceService from the job, its pod run for real by the development kubelet.
+    # The job may finish before the node lifecycle controller has tainted the dead node (the operator
+    # judges it by its Lease, in seconds; the scheduler only by the taint): until then the scheduler may
+    # bind the model server to that node, where it would never run. Wait for the taint, as the scheduler does.
+    wait_for(
+        "the dead node tainted unreachable",
+        lambda: any(t.key == "node.kubernetes.io/unreachable" for t in kube.node(victim).spec.taints or []),
+        timeout=180,
+        interval=1,
+    )
     # Same name as the job, as users do: the job's Services must leave the name to this one.
     kube.create_cr("InferenceService", namespace, "e2e", {"model": {"fromTrainingJob": "e2e", "name": "mlp"}})
 
@@ -176,7 +185,14 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
                     return host
         return None
 
-    host = wait_for("a ready model server", ready_server, timeout=180, interval=1)
+    try:
+        host = wait_for("a ready model server", ready_server, timeout=180, interval=1)
+    except AssertionError:
+        where = {
+            p.metadata.name: (p.spec.node_name, p.status.phase)
+            for p in kube.pods(namespace, "aidc.dev/inferenceservice=e2e")
+        }
+        raise AssertionError(f"no ready model server; its pods (node, phase): {where}") from None
     meta = json.load(urllib.request.urlopen(f"http://{host}:8080/v2/models/mlp", timeout=5))
     assert str(steps) in meta["versions"]
     req = urllib.request.Request(

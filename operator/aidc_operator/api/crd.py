@@ -123,6 +123,20 @@ def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
     return schema
 
 
+def name_rule(kind: str, reserve: int) -> dict[str, str]:
+    """The object's name must fit the names derived from it (Service, pod hostnames: DNS-1035 labels of
+    at most 63 characters): rejected at admission, not discovered by the reconciler later."""
+    limit = 63 - reserve
+    return {
+        "rule": f"size(self.metadata.name) <= {limit} && "
+        "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "message": (
+            f"metadata.name: must be a DNS-1035 label of at most {limit} characters (lower-case letters, "
+            f"digits, '-', starting with a letter): the {kind}'s Service and pod hostnames use it"
+        ),
+    }
+
+
 def _crd(
     kind: str,
     plural: str,
@@ -132,6 +146,7 @@ def _crd(
     rules: dict[str, list[dict[str, str]]],
     columns: list[dict[str, Any]],
     description: str,
+    name_reserve: int,
 ) -> dict[str, Any]:
     spec_schema = structural_schema(spec)
     for path, path_rules in rules.items():
@@ -163,6 +178,7 @@ def _crd(
                         "openAPIV3Schema": {
                             "type": "object",
                             "description": description,
+                            "x-kubernetes-validations": [name_rule(kind, name_reserve)],
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
@@ -203,6 +219,7 @@ def trainingjob_crd() -> dict[str, Any]:
         ],
         "A gang of torch.distributed (torchrun) pods that trains a model, checkpoints it encrypted, "
         "and restarts from the last checkpoint when a pod or node fails.",
+        len("-1023"),  # pod hostnames: <name>-<rank>
     )
 
 
@@ -224,6 +241,7 @@ def inferenceservice_crd() -> dict[str, Any]:
         ],
         "Model-server pods (Deployment, Service, HorizontalPodAutoscaler) serving a model over the Open "
         "Inference Protocol v2, from storage or from a TrainingJob's newest checkpoint.",
+        len("-canary"),  # the canary Deployment and Service: <name>-canary
     )
 
 

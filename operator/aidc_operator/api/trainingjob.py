@@ -52,6 +52,10 @@ class CheckpointSpec(ApiModel):
     """Checkpoints to keep; older ones are pruned."""
     encryption: EncryptionSpec = Field(default_factory=EncryptionSpec)
     """Encryption at rest."""
+    on_no_valid_checkpoint: Literal["Fail", "StartFresh"] = "Fail"
+    """When checkpoints exist but none verifies: Fail (the trainer refuses to start and touches nothing;
+    condition NoValidCheckpoint names the files) or StartFresh (the damaged checkpoints are moved aside,
+    never deleted, and training starts from step 0)."""
 
 
 class FailurePolicy(ApiModel):
@@ -197,3 +201,6 @@ class TrainingJobStatus(ApiModel):
     """Nodes the gang avoids until they are Ready again."""
     current_key_id: str | None = None
     """Key id new checkpoints are encrypted with."""
+    peer_lost_since: str | None = None
+    """When a rank's exit that signals a lost peer was first seen: the exit is classified only once the
+    gang's nodes are judged (a Lease renewed since, or lapsed), at most a Lease duration later."""

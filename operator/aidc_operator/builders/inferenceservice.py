@@ -96,21 +96,14 @@ def resolve_training_job(job: dict[str, Any]) -> ResolvedModel:
 
 
 def spec_problems(spec: InferenceServiceSpec) -> list[str]:
-    """What the CRD schema cannot express (or an older installed CRD may not check), naming the field."""
+    """What the reconciler needs beyond the admission rules (admission.validate_inferenceservice, which
+    it applies too), naming the field."""
     problems = []
     if spec.replicas.min < 1:
         problems.append(
             "spec.replicas.min: must be >= 1 (a HorizontalPodAutoscaler scales to zero only with the "
             "HPAScaleToZero feature gate)"
         )
-    if spec.replicas.min > spec.replicas.max:
-        problems.append("spec.replicas.min: must be <= spec.replicas.max")
-    models = [("spec.model", spec.model)] + (
-        [("spec.canary.model", spec.canary.model)] if spec.canary else []
-    )
-    for field, model in models:
-        if (model.from_training_job is None) == (model.storage is None):
-            problems.append(f"{field}: set exactly one of fromTrainingJob and storage")
     if spec.canary and spec.canary.model.name and spec.canary.model.name != model_name_of(spec):
         problems.append(
             f"spec.canary.model.name: must be {model_name_of(spec)!r} (or unset): both Deployments serve "

@@ -25,6 +25,7 @@ GPU = "nvidia.com/gpu"
 # Variables the operator owns: a user value for these would break the gang's wiring, so ours win.
 RESERVED_ENV_PREFIXES = ("PET_", "MASTER_", "AIDC_")
 RESERVED_ENV = {"WORLD_SIZE", "RANK"}
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMessagePath
 
 
 def service_name(job: str) -> str:
@@ -113,6 +114,10 @@ def aidc_env(owner: Owner, spec: TrainingJobSpec, attempt: int) -> list[dict[str
         {"name": "AIDC_CHECKPOINT_DIR", "value": f"{CHECKPOINT_MOUNT}/{owner.name}"},
         {"name": "AIDC_CHECKPOINT_KEEP", "value": str(ckpt.keep)},
         {"name": "AIDC_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "AIDC_ON_NO_VALID_CHECKPOINT", "value": ckpt.on_no_valid_checkpoint},
+        # Workers append their structured exit report (cause, rank, peer) to the container's
+        # termination message: the restart policy reads causes there, not in log text.
+        {"name": "AIDC_TERMINATION_LOG", "value": TERMINATION_LOG},
     ]
     if ckpt.every_steps:
         env.append({"name": "AIDC_CHECKPOINT_EVERY_STEPS", "value": str(ckpt.every_steps)})
@@ -229,6 +234,7 @@ def pod(
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         # The message the restart policy puts in a Failed condition comes from here.
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     grace = tmpl.termination_grace_period_seconds

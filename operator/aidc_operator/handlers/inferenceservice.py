@@ -17,7 +17,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import kubeio, lifecycle, metrics
+from .. import admission, kubeio, lifecycle, metrics
 from ..api import GROUP, VERSION
 from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ModelSpec
 from ..builders import inferenceservice as build
@@ -243,7 +243,9 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
     except ValidationError as e:
         return _invalid(body, describe_validation_error(e))
-    problems = build.spec_problems(spec)
+    # The webhook's rules too (a cluster may run without the webhook), then the reconciler's own.
+    raw = admission.default_inferenceservice(name, body.get("spec") or {})
+    problems = admission.validate_inferenceservice(name, raw) + build.spec_problems(spec)
     if problems:
         return _invalid(body, "; ".join(problems))
 

@@ -16,7 +16,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import keys, kubeio, lifecycle, metrics
+from .. import admission, keys, kubeio, lifecycle, metrics
 from ..api import GROUP, VERSION
 from ..api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from ..builders import trainingjob as build
@@ -259,6 +259,10 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         spec = TrainingJobSpec.model_validate(body.get("spec") or {})
     except ValidationError as e:
         return _invalid(body, describe_validation_error(e))
+    # The webhook's rules, enforced here too: a cluster without the webhook gets the same answer.
+    raw = admission.default_trainingjob(body.get("spec") or {})
+    if problems := admission.validate_trainingjob(name, raw):
+        return _invalid(body, "; ".join(problems))
     owner = Owner.of(body)
     status = body.get("status") or {}
     attempt = status.get("attempt", 0)
