@@ -12,91 +12,15 @@ import json
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.helpers import events_of, hostpath_claim, status
 from tests.kube import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def kubelet(kube: Kube, namespace: str, operator) -> Iterator[Path]:
-    """The development kubelet for this test's namespace; yields the directory holding pod logs."""
-    if kube.local is None:
-        pytest.skip("needs the project's local cluster")
-    state = kube.local.state_dir
-    log = (state / "logs").joinpath(f"kubelet-{namespace}.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "hack" / "cluster" / "local_kubelet.py"),
-            "--state-dir",
-            str(state),
-            "--namespace",
-            namespace,
-        ],
-        env={**kube.env(), "PYTHONPATH": f"{ROOT / 'hack' / 'cluster'}:{ROOT / 'operator'}"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    yield state / "pods" / namespace
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def hostpath_claim(kube: Kube, namespace: str, name: str, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    kube.core.create_persistent_volume(
-        {
-            "metadata": {"name": f"{namespace}-{name}"},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "hostPath": {"path": str(path)},
-                "claimRef": {"namespace": namespace, "name": name},
-                "persistentVolumeReclaimPolicy": "Retain",
-            },
-        }
-    )
-    kube.core.create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "volumeName": f"{namespace}-{name}",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
-    wait_for(
-        "PVC bound",
-        lambda: kube.core.read_namespaced_persistent_volume_claim(name, namespace).status.phase == "Bound",
-    )
-
-
-def status(kube: Kube, ns: str, name: str) -> dict:
-    return kube.get_cr("trainingjobs", ns, name).get("status") or {}
-
-
-def events_of(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
@@ -223,9 +147,9 @@ def test_node_dies_mid_training_gang_moves_and_resumes_then_serves(
     )
 
 
-def train_into(directory: Path, steps: int) -> None:
+def train_into(directory: Path, steps: int, *extra: str) -> None:
     """The real trainer CLI, one local process: unencrypted checkpoints for a storage model."""
-    args = ["--steps", str(steps), "--eval-every", "0", "--parallel", "none", "--device", "cpu"]
+    args = ["--steps", str(steps), "--eval-every", "0", "--parallel", "none", "--device", "cpu", *extra]
     args += ["--metrics-port", "-1", "--checkpoint-dir", str(directory)]
     out = subprocess.run(
         [sys.executable, "-m", "aidc_trainer", *args],
@@ -282,7 +206,10 @@ def test_unready_server_tells_the_inferenceservice_why_then_serves_the_fixed_mod
     ready = next(c for c in live.status.conditions if c.type == "Ready")
     assert ready.status == "False"  # the probe's verdict, not kwok's
 
-    train_into(models, 12)  # the tampered step 5 is skipped on resume; step 12 verifies
+    # Every checkpoint there is damaged: the trainer refuses to overwrite them unless told to start
+    # fresh, which moves step 5 aside (never deletes it); step 12 verifies.
+    train_into(models, 12, "--on-no-valid-checkpoint", "StartFresh")
+    assert list(models.glob("damaged-*/step-000000005"))
     st = wait_for(
         "Ready on the fixed model",
         lambda: (
