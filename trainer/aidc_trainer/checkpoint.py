@@ -7,10 +7,14 @@ Layout under the checkpoint root::
         rank-<r>.bin      rank r's own state (RNG) for r > 0
         manifest.json     written last: step, world_size, key_id, files{size, sha256}, model, time, mac
     .tmp-step-000000100-<run>/   a save in progress; renamed to step-… only when complete
+    damaged-<UTC time>/          checkpoints that failed verification, moved aside (StartFresh)
 
 Each ``.bin`` is ``torch.save`` output, AES-256-GCM encrypted in chunks (aidc_trainer.crypto) when a
 key ring is given. The manifest's ``mac`` (HMAC-SHA256 under a key derived from the data key) makes
 the manifest itself tamper-evident, so a rewritten sha256 or model factory is caught.
+
+This module saves; reading and verifying live in ``checkpoint_format``, the collective resume
+decision in ``checkpoint_resume``. Both are re-exported here, the stable import path.
 
 Public API used by the model server: :func:`load_latest`, :func:`list_checkpoints`, :func:`verify`,
 :func:`build_model_from_manifest`, :class:`LoadedCheckpoint`.
@@ -20,305 +24,68 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import datetime as dt
 import hashlib
-import hmac
-import importlib
-import io
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aidc_trainer.crypto import DecryptingReader, EncryptingWriter, KeyRing, read_header
+from aidc_trainer import checkpoint_resume
+from aidc_trainer.checkpoint_format import (
+    FORMAT,
+    MANIFEST,
+    LoadedCheckpoint,
+    _manifest_mac,
+    _step_of,
+    build_model_from_manifest,
+    file_identity,
+    fsync_dir,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    peek_key_id,
+    rank_file,
+    read_manifest,
+    step_dir_name,
+    utc_now,
+    verify,
+)
+from aidc_trainer.crypto import EncryptingWriter, KeyRing
 from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
 
 __all__ = [
+    "FORMAT",
+    "MANIFEST",
     "CheckpointCorruptError",
     "Checkpointer",
     "LoadedCheckpoint",
     "MissingKeyError",
     "SaveResult",
     "WrongKeyError",
+    "_step_of",
     "build_model_from_manifest",
+    "file_identity",
     "list_checkpoints",
     "load_checkpoint",
     "load_latest",
+    "peek_key_id",
+    "rank_file",
+    "read_manifest",
     "save_checkpoint",
+    "step_dir_name",
+    "utc_now",
     "verify",
 ]
 
 log = logging.getLogger("aidc_trainer.checkpoint")
-
-FORMAT = "aidc-checkpoint/1"
-MANIFEST = "manifest.json"
-_STEP_RE = re.compile(r"^step-(\d{9,})$")
-_REQUIRED = ("step", "world_size", "key_id", "files", "model", "time")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:09d}"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank-{rank}.bin"
-
-
-def file_identity(step: int, name: str) -> str:
-    """Bound into every encrypted chunk: a file cannot be swapped with another rank's or step's."""
-    return f"{step_dir_name(step)}/{name}"
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A verified, decrypted checkpoint held in memory. ``state["model"]`` is the model state_dict."""
-
-    step: int
-    path: Path
-    manifest: dict[str, Any]
-    state: dict[str, Any]
-
-
-# --------------------------------------------------------------------------------------- listing
-
-
-def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
-    """Complete-looking checkpoint directories (``step-*``), oldest first. Not verified."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        m = _STEP_RE.match(entry.name)
-        if m and entry.is_dir():
-            found.append((int(m.group(1)), entry))
-    return [p for _, p in sorted(found)]
-
-
-def _step_of(path: Path) -> int:
-    m = _STEP_RE.match(path.name)
-    if not m:
-        raise CheckpointCorruptError(f"{path}: not a checkpoint directory name", "format", str(path))
-    return int(m.group(1))
-
-
-# ---------------------------------------------------------------------------------- verification
-
-
-def _canonical(manifest: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in manifest.items() if k != "mac"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _manifest_mac(key: bytes, manifest: dict[str, Any]) -> str:
-    mac_key = hmac.new(key, b"aidc manifest mac v1", hashlib.sha256).digest()
-    return hmac.new(mac_key, _canonical(manifest), hashlib.sha256).hexdigest()
-
-
-def read_manifest(path: str | os.PathLike[str], keyring: KeyRing | None) -> dict[str, Any]:
-    """Parse and authenticate ``manifest.json`` of the checkpoint at ``path``."""
-    path = Path(path)
-    mpath = path / MANIFEST
-    try:
-        raw = mpath.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointCorruptError(
-            f"{path}: incomplete checkpoint: no {MANIFEST}", "manifest", str(path)
-        ) from None
-    try:
-        manifest = json.loads(raw)
-        if not isinstance(manifest, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        raise CheckpointCorruptError(f"{mpath}: unreadable manifest ({e})", "manifest", str(path)) from None
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise CheckpointCorruptError(f"{mpath}: manifest lacks {missing}", "manifest", str(path))
-    if manifest["step"] != _step_of(path):
-        raise CheckpointCorruptError(
-            f"{mpath}: manifest step {manifest['step']} does not match directory {path.name}",
-            "manifest",
-            str(path),
-        )
-    key_id = manifest["key_id"]
-    if key_id is not None:
-        if keyring is None:
-            raise MissingKeyError(
-                f"{path}: checkpoint is encrypted with key id {key_id!r} but no key is configured", key_id
-            )
-        key = keyring.key(key_id)
-        if not hmac.compare_digest(str(manifest.get("mac", "")), _manifest_mac(key, manifest)):
-            _raise_wrong_key_or_tampered(path, manifest, key_id, keyring)
-    return manifest
-
-
-def _raise_wrong_key_or_tampered(path: Path, manifest: dict[str, Any], key_id: str, keyring: KeyRing) -> None:
-    # A MAC failure is either a wrong key or an edited manifest; a data file's key check tells which.
-    for name in manifest.get("files", {}):
-        try:
-            with open(path / name, "rb") as f:
-                DecryptingReader(f, keyring, None, str(path / name))
-        except WrongKeyError:
-            raise
-        except (OSError, CheckpointCorruptError, MissingKeyError):
-            continue
-        break
-    raise CheckpointCorruptError(
-        f"{path / MANIFEST}: manifest authentication failed (manifest modified after save)",
-        "manifest",
-        str(path),
-    )
-
-
-def _check_file_bytes(path: Path, name: str, data: bytes, meta: dict[str, Any]) -> None:
-    size = int(meta.get("size", -1))
-    if len(data) < size:
-        raise CheckpointCorruptError(
-            f"{path / name}: truncated: {len(data)} bytes, manifest says {size}",
-            "truncated",
-            str(path / name),
-        )
-    if len(data) != size:
-        raise CheckpointCorruptError(
-            f"{path / name}: size {len(data)} bytes, manifest says {size} (modified after save)",
-            "size",
-            str(path / name),
-        )
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise CheckpointCorruptError(
-            f"{path / name}: sha256 does not match the manifest (content modified after save)",
-            "sha256",
-            str(path / name),
-        )
-
-
-def _read_checked(path: Path, manifest: dict[str, Any], name: str) -> bytes:
-    meta = manifest["files"].get(name)
-    if meta is None:
-        raise CheckpointCorruptError(f"{path}: manifest does not list {name}", "missing-file", str(path))
-    try:
-        data = (path / name).read_bytes()
-    except FileNotFoundError:
-        raise CheckpointCorruptError(
-            f"{path / name}: file missing", "missing-file", str(path / name)
-        ) from None
-    _check_file_bytes(path, name, data, meta)
-    return data
-
-
-def _plaintext(
-    path: Path, manifest: dict[str, Any], name: str, data: bytes, keyring: KeyRing | None
-) -> bytes:
-    if manifest["key_id"] is None:
-        return data
-    assert keyring is not None  # read_manifest raised otherwise
-    reader = DecryptingReader(
-        io.BytesIO(data), keyring, file_identity(manifest["step"], name), str(path / name)
-    )
-    if reader.header.key_id != manifest["key_id"]:
-        raise CheckpointCorruptError(
-            f"{path / name}: encrypted with key id {reader.header.key_id!r}, "
-            f"manifest says {manifest['key_id']!r}",
-            "manifest",
-            str(path / name),
-        )
-    return reader.read_all()
-
-
-def verify(
-    path: str | os.PathLike[str], keyring: KeyRing | None = None, files: Iterable[str] | None = None
-) -> dict[str, Any]:
-    """Fully verify a checkpoint directory and return its manifest.
-
-    Checks the manifest (and its MAC when encrypted), every listed file's size and sha256, and,
-    when encrypted, authenticates every chunk (plaintext is discarded). Raises
-    :class:`CheckpointCorruptError` with a reason, or :class:`MissingKeyError`/:class:`WrongKeyError`.
-    """
-    path = Path(path)
-    manifest = read_manifest(path, keyring)
-    for name in files if files is not None else manifest["files"]:
-        data = _read_checked(path, manifest, name)
-        if manifest["key_id"] is not None:
-            assert keyring is not None
-            reader = DecryptingReader(
-                io.BytesIO(data), keyring, file_identity(manifest["step"], name), str(path / name)
-            )
-            for _ in reader.chunks():
-                pass
-    return manifest
-
-
-def _torch_load(plain: bytes) -> dict[str, Any]:
-    # weights_only: a checkpoint is data, never code (safe even for unencrypted checkpoints)
-    return torch.load(io.BytesIO(plain), map_location="cpu", weights_only=True)
-
-
-def load_checkpoint(path: str | os.PathLike[str], keyring: KeyRing | None, rank: int = 0) -> LoadedCheckpoint:
-    """Verify and load one checkpoint for ``rank``: rank-0's shared state plus the rank's own state.
-
-    Decrypts in memory only. ``state["rank"]`` is None when the checkpoint has no file for ``rank``
-    (the world grew).
-    """
-    path = Path(path)
-    manifest = read_manifest(path, keyring)
-    shared = _plaintext(path, manifest, rank_file(0), _read_checked(path, manifest, rank_file(0)), keyring)
-    state = _torch_load(shared)
-    if rank != 0:
-        name = rank_file(rank)
-        if name in manifest["files"]:
-            own = _torch_load(_plaintext(path, manifest, name, _read_checked(path, manifest, name), keyring))
-            state["rank"] = own.get("rank")
-        else:
-            state["rank"] = None
-    return LoadedCheckpoint(step=int(manifest["step"]), path=path, manifest=manifest, state=state)
-
-
-def load_latest(
-    root: str | os.PathLike[str], keyring: KeyRing | None, rank: int = 0
-) -> LoadedCheckpoint | None:
-    """Newest checkpoint under ``root`` that verifies, or None if there is none.
-
-    Corrupt, truncated or tampered checkpoints are logged with the reason and skipped. A missing or
-    wrong key raises :class:`MissingKeyError` (a configuration error: falling back to older
-    checkpoints would silently lose progress).
-    """
-    for path in reversed(list_checkpoints(root)):
-        try:
-            return load_checkpoint(path, keyring, rank)
-        except CheckpointCorruptError as e:
-            log.warning("skipping checkpoint %s: %s", path.name, e, extra={"reason": e.reason})
-    return None
-
-
-def build_model_from_manifest(manifest: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the network described by ``manifest["model"]`` ({"factory": "mod:fn", "config": {...}}).
-
-    Imports the factory module: only use manifests you trust (an encrypted checkpoint's manifest is
-    authenticated by its MAC).
-    """
-    spec = manifest.get("model") or {}
-    factory = spec.get("factory")
-    if not isinstance(factory, str) or ":" not in factory:
-        raise CheckpointCorruptError(
-            f"manifest model factory {factory!r} is not 'module:function'", "manifest"
-        )
-    module_name, _, attr = factory.partition(":")
-    fn: Callable[..., torch.nn.Module] = getattr(importlib.import_module(module_name), attr)
-    return fn(**(spec.get("config") or {}))
-
 
 # ----------------------------------------------------------------------------------------- saving
 
@@ -383,15 +150,6 @@ class _Snapshotter:
         return obj
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @dataclass
 class SaveResult:
     step: int
@@ -424,6 +182,9 @@ class Checkpointer:
     on_saved: Callable[[SaveResult], None] | None = None
     _inflight: concurrent.futures.Future[SaveResult] | None = field(default=None, init=False, repr=False)
     last: SaveResult | None = field(default=None, init=False)
+    # Saves that did not land (training carries on after a periodic one; the trainer decides).
+    failures: int = field(default=0, init=False)
+    last_failure: SaveResult | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -512,31 +273,53 @@ class Checkpointer:
         del payload
         results = self._gather(mine)
         failed = [r for r in results if not r["ok"]]
+        err: str | None = None
         if failed:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            err = "; ".join(f"{r['name']}: {r['error']}" for r in failed)
-            log.error("checkpoint step %d not saved (previous checkpoints kept): %s", step, err)
-            res = SaveResult(step, False, error=err, seconds=time.perf_counter() - t0)
-        elif self.rank == 0:
-            try:
-                final = self._publish(tmp, step, results, key_id, extra)
-                self._prune()
-                res = SaveResult(step, True, final, time.perf_counter() - t0, sum(r["size"] for r in results))
-            except Exception as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                log.error("checkpoint step %d not published (previous checkpoints kept): %s", step, e)
-                res = SaveResult(step, False, error=str(e), seconds=time.perf_counter() - t0)
+            err = _summarise(failed)
         else:
-            res = SaveResult(
-                step, True, self.root / step_dir_name(step), time.perf_counter() - t0, mine["size"]
+            if self.rank == 0:
+                try:
+                    self._publish(tmp, step, results, key_id, extra)
+                except Exception as e:  # EROFS, ENOSPC on the manifest, a failed rename or fsync…
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    err = f"publishing {step_dir_name(step)}: {type(e).__name__}: {e}"
+                else:
+                    try:
+                        self._prune()
+                    except OSError as e:  # the new checkpoint is in place; old ones stay a while
+                        log.warning("pruning old checkpoints failed: %s", e)
+            # Only rank 0 knows whether it published: tell the others, so every rank's result (and
+            # a final save's exit code) says the same.
+            err = self._agree(err)
+        if err is not None:
+            log.error(
+                "checkpoint step %d not saved (previous checkpoints kept): %s",
+                step,
+                err,
+                extra={"event": "checkpoint_failed", "step": step, "error": err},
             )
+            res = SaveResult(step, False, error=err, seconds=time.perf_counter() - t0)
+            self.failures, self.last_failure = self.failures + 1, res
+        else:
+            size = sum(r["size"] for r in results) if self.rank == 0 else mine["size"]
+            res = SaveResult(step, True, self.root / step_dir_name(step), time.perf_counter() - t0, size)
         if self.on_saved is not None:
             try:
                 self.on_saved(res)
             except Exception:
                 log.exception("on_saved callback failed")
         return res
+
+    def _agree(self, err: str | None) -> str | None:
+        if self.world_size <= 1:
+            return err
+        import torch.distributed as dist
+
+        box = [err]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
     def _gather(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
         if self.world_size <= 1:
@@ -570,12 +353,12 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(part, tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = self.root / step_dir_name(step)
         if final.exists():  # a stale or corrupt copy of this step from an earlier attempt
             _discard(final)
         os.rename(tmp, final)  # atomic: readers see all of the checkpoint or none of it
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return final
 
     def retained_key_ids(self) -> list[str]:
@@ -603,44 +386,23 @@ class Checkpointer:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ---- resume
-    def resume(self) -> LoadedCheckpoint | None:
-        """Collective: load the newest checkpoint every rank can verify and decrypt.
+    def resume(self, on_no_valid: str = "Fail") -> LoadedCheckpoint | None:
+        """Collective: see :func:`aidc_trainer.checkpoint_resume.resume`."""
+        return checkpoint_resume.resume(
+            self.root, self.keyring, self.rank, self.world_size, self.group, on_no_valid
+        )
 
-        Raises :class:`MissingKeyError` on every rank if any rank hits a key problem.
-        """
-        import torch.distributed as dist
 
-        distributed = self.world_size > 1 and dist.is_available() and dist.is_initialized()
-        steps = [_step_of(p) for p in list_checkpoints(self.root)]
-        if distributed:
-            box = [steps]
-            dist.broadcast_object_list(box, src=0, group=self.group)
-            steps = box[0]
-        for step in reversed(steps):
-            path = self.root / step_dir_name(step)
-            loaded, status, why = None, 2, ""
-            try:
-                loaded = load_checkpoint(path, self.keyring, self.rank)
-            except MissingKeyError as e:  # includes WrongKeyError
-                status, why = 0, str(e)
-            except (CheckpointCorruptError, OSError) as e:
-                status, why = 1, str(e)
-            except Exception as e:  # unpicklable / incompatible payload: treat as corrupt
-                status, why = 1, f"{type(e).__name__}: {e}"
-            agreed = status
-            if distributed:
-                t = torch.tensor([status], dtype=torch.int64)
-                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-                agreed = int(t.item())
-            if agreed == 2:
-                return loaded
-            if agreed == 0:
-                raise MissingKeyError(why or f"{path.name}: another rank could not obtain the checkpoint key")
-            if status != 2:
-                log.warning("skipping checkpoint %s: %s", path.name, why)
-            else:
-                log.warning("skipping checkpoint %s: another rank could not verify it", path.name)
-        return None
+def _summarise(failed: list[dict[str, Any]]) -> str:
+    """One entry per distinct error (every rank hits the same full or read-only volume)."""
+    by_error: dict[str, list[str]] = {}
+    for r in failed:
+        by_error.setdefault(r["error"], []).append(r["name"])
+    parts = []
+    for error, names in by_error.items():
+        who = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+        parts.append(f"{who}: {error}")
+    return "; ".join(parts)
 
 
 def _discard(path: Path) -> None:
@@ -669,9 +431,3 @@ def save_checkpoint(
         return ck.last
     finally:
         ck.close()
-
-
-def peek_key_id(path: str | os.PathLike[str]) -> str | None:
-    """Key id an encrypted checkpoint file names in its header (no key needed)."""
-    with open(path, "rb") as f:
-        return read_header(f, str(path)).key_id

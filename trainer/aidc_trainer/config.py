@@ -13,6 +13,7 @@ from aidc_trainer.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp", "none")
+ON_NO_VALID_CHECKPOINT = ("Fail", "StartFresh")  # spelled as spec.checkpoint.onNoValidCheckpoint
 
 # field name -> environment variable the operator renders (docs/contracts.md)
 ENV = {
@@ -20,6 +21,7 @@ ENV = {
     "checkpoint_every_steps": "AIDC_CHECKPOINT_EVERY_STEPS",
     "checkpoint_every_seconds": "AIDC_CHECKPOINT_EVERY_SECONDS",
     "checkpoint_keep": "AIDC_CHECKPOINT_KEEP",
+    "on_no_valid_checkpoint": "AIDC_ON_NO_VALID_CHECKPOINT",
     "key_dir": "AIDC_KEY_DIR",
     "kek_file": "AIDC_KEK_FILE",
     "metrics_port": "AIDC_METRICS_PORT",
@@ -67,6 +69,13 @@ class TrainConfig:
     key_dir: str | None = None
     kek_file: str | None = None
     resume: bool = field(default=True, metadata={"help": "resume from the newest valid checkpoint"})
+    on_no_valid_checkpoint: str = field(
+        default="Fail",
+        metadata={
+            "help": "checkpoints exist but none verifies: Fail (exit 7, touch nothing) | "
+            "StartFresh (move them to damaged-<time>/, start at step 0)"
+        },
+    )
     metrics_port: int = field(default=9400, metadata={"help": "Prometheus port on rank 0 (-1: off)"})
     progress_every_seconds: float = 10.0
     pg_timeout_seconds: float = 600.0
@@ -91,6 +100,8 @@ class TrainConfig:
         need(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         need(self.checkpoint_every_seconds >= 0, "checkpoint_every_seconds must be >= 0")
         need(self.checkpoint_keep >= 1, "checkpoint_keep must be >= 1")
+        onv = self.on_no_valid_checkpoint
+        need(onv in ON_NO_VALID_CHECKPOINT, f"on_no_valid_checkpoint must be Fail|StartFresh, got {onv!r}")
         need(self.kek_file is None or self.key_dir is not None, "kek_file needs key_dir")
 
     @property

@@ -36,3 +36,31 @@ class CheckpointCorruptError(Exception):
 
 class ConfigError(ValueError):
     """Invalid training configuration (trainer exit code 4)."""
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint the run depends on (the final one, or the stop checkpoint) was not published
+    (trainer exit code 6). ``reason`` is the underlying error, e.g. ``OSError: [Errno 28] …``."""
+
+    def __init__(self, step: int, reason: str, what: str = "final") -> None:
+        super().__init__(f"{what} checkpoint at step {step} was not saved: {reason}")
+        self.step, self.reason, self.what = step, reason, what
+
+
+class NoValidCheckpointError(Exception):
+    """Checkpoints exist but none verifies, and the policy is Fail (trainer exit code 7).
+
+    ``checkpoints`` lists ``(directory name, reason)`` for each one that failed verification.
+    """
+
+    def __init__(self, message: str, checkpoints: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.checkpoints = list(checkpoints)
+
+
+class Stopped(Exception):
+    """Training stopped by a signal; exit code is 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

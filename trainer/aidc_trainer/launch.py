@@ -1,8 +1,9 @@
 """``python -m aidc_trainer``: the torchrun-compatible entry point and its exit codes.
 
-Exit codes (docs/contracts.md): 0 finished, 3 wrong/missing key, 4 invalid config,
-5 lost a peer (a collective or the rendezvous failed: retryable), 128+N stopped by signal N,
-1 any other error.
+Exit codes (docs/contracts.md; aidc_trainer.termination maps them to causes): 0 finished,
+3 wrong/missing key, 4 invalid config, 5 lost a peer (retryable), 6 a final or stop checkpoint
+was not saved (retryable), 7 checkpoints exist but none verifies, 128+N stopped by signal N,
+1 any other error. A non-zero exit also appends one JSON line to ``$AIDC_TERMINATION_LOG``.
 """
 
 from __future__ import annotations
@@ -12,28 +13,8 @@ import os
 import sys
 from typing import NoReturn
 
-EXIT_OK, EXIT_ERROR, EXIT_KEY, EXIT_CONFIG, EXIT_PEER_LOST = 0, 1, 3, 4, 5
-# What gloo/NCCL/the c10d store say when another rank's process or node went away.
-PEER_LOST_HINTS = (
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
-    "Socket Timeout",
-    "NCCL communicator was aborted",
-    "remote process exited",
-    "Connection refused",
-    "timed out",
-)
-
-
-def _peer_lost(e: BaseException) -> bool:
-    import torch.distributed as dist
-
-    dist_error = getattr(dist, "DistError", None)
-    if dist_error is not None and isinstance(e, dist_error):
-        return True
-    return isinstance(e, RuntimeError) and any(h in str(e) for h in PEER_LOST_HINTS)
-
+from aidc_trainer.termination import EXIT_OK, Cause, Failure, classify, rank_from_env
+from aidc_trainer.termination import write as write_termination_message
 
 log = logging.getLogger("aidc_trainer")
 
@@ -43,34 +24,36 @@ def main(argv: list[str] | None = None) -> int:
 
     jsonlog.setup(int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ else 0)
     from aidc_trainer.config import load_config
-    from aidc_trainer.errors import ConfigError, MissingKeyError
 
     try:
         cfg = load_config(argv)
-        from aidc_trainer.trainer import Stopped, run
+        from aidc_trainer.trainer import run
 
         run(cfg)
         return EXIT_OK
-    except ConfigError as e:
-        log.error("invalid training config: %s", e, extra={"event": "exit", "exit_code": EXIT_CONFIG})
-        return EXIT_CONFIG
-    except MissingKeyError as e:  # includes WrongKeyError; message names the key id only
-        log.error(
-            "checkpoint key problem: %s",
-            e,
-            extra={"event": "exit", "exit_code": EXIT_KEY, "key_id": e.key_id},
-        )
-        return EXIT_KEY
-    except Stopped as e:
-        log.warning("stopped by signal %d", e.signum, extra={"event": "exit", "exit_code": 128 + e.signum})
-        return 128 + e.signum
     except Exception as e:
-        if _peer_lost(e):
-            # Another rank (or its node) died: this rank is healthy, a gang restart will fix it.
-            log.error("lost a peer: %s", e, extra={"event": "exit", "exit_code": EXIT_PEER_LOST})
-            return EXIT_PEER_LOST
-        log.exception("training failed", extra={"event": "exit", "exit_code": EXIT_ERROR})
-        return EXIT_ERROR
+        failure = classify(e)
+        _log_exit(failure, e)
+        write_termination_message(failure, rank_from_env())
+        return failure.exit_code
+
+
+def _log_exit(f: Failure, e: Exception) -> None:
+    extra = {"event": "exit", "exit_code": f.exit_code, "cause": str(f.cause)}
+    if f.cause is Cause.STOPPED:
+        log.warning("stopped by signal %d", f.exit_code - 128, extra=extra)
+    elif f.cause is Cause.ERROR:  # unexpected: the traceback is the useful part
+        log.exception("training failed", extra=extra)
+    elif f.cause is Cause.CHECKPOINT_KEY_ERROR:
+        log.error("%s", f.message, extra={**extra, "key_id": getattr(e, "key_id", None)})
+    elif f.cause is Cause.PEER_LOST:
+        # Another rank (or its node) died: this rank is healthy, a gang restart will fix it.
+        log.error("%s", f.message, extra={**extra, "peer": f.peer})
+    elif f.cause is Cause.NO_VALID_CHECKPOINT:
+        cks = [{"path": p, "reason": r} for p, r in f.checkpoints]
+        log.error("%s", f.message, extra={**extra, "checkpoints": cks})
+    else:
+        log.error("%s", f.message, extra=extra)
 
 
 def exit_process(code: int) -> NoReturn:

@@ -21,20 +21,13 @@ from aidc_trainer.checkpoint import Checkpointer, SaveResult
 from aidc_trainer.config import TrainConfig
 from aidc_trainer.crypto import KeyRing
 from aidc_trainer.data import ShardedBatches, eval_shard
+from aidc_trainer.errors import CheckpointSaveError, Stopped
 from aidc_trainer.evaluation import evaluate
 from aidc_trainer.metrics import Accounting, TrainMetrics
 from aidc_trainer.progress import ProgressReporter
 from aidc_trainer.recipe import Recipe
 
 log = logging.getLogger("aidc_trainer")
-
-
-class Stopped(Exception):
-    """Training stopped by a signal; exit code is 128 + signum."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
 
 
 @dataclass
@@ -116,6 +109,7 @@ class Trainer:
         self.metrics.gpu_seconds.set_function(self.accounting.gpu_seconds)
         self.metrics.energy_joules.set_function(lambda: self.accounting.energy_joules() or 0.0)
         self.start_step = 0
+        self._save_requested: int | None = None  # step of the last save asked for
 
     # ---------------------------------------------------------------------------------- parts
     @property
@@ -138,9 +132,10 @@ class Trainer:
     def _restore(self) -> None:
         if self.ckpt is None or not self.cfg.resume:
             return
+        # Decide first, clean up after: a refusal (no valid checkpoint) leaves the directory as found.
+        loaded = self.ckpt.resume(self.cfg.on_no_valid_checkpoint)
         if self.env.is_main:
             self.ckpt.cleanup_stale()
-        loaded = self.ckpt.resume()
         if loaded is None:
             log.info("no valid checkpoint: starting from step 0", extra={"event": "resume", "step": 0})
             return
@@ -201,6 +196,24 @@ class Trainer:
         stall = self.ckpt.save(step, self._shared_state(), D.rng_state(), extra, block=block)
         self.metrics.ckpt_stall_seconds.observe(stall)
         self._last_save_time, self._last_save_step = time.monotonic(), step
+        self._save_requested = step
+
+    def _last_checkpoint(self, step: int, extra: dict[str, Any], what: str) -> None:
+        """Save ``step`` unless just saved, and make sure it landed: a run whose final (or stop)
+        checkpoint is missing has lost work, so it must not look finished (exit 6, retryable)."""
+        assert self.ckpt is not None
+        if self._last_save_step != step:
+            self._save(step, block=True, extra=extra)
+        self.ckpt.close()  # waits for an asynchronous save of this step still in flight
+        res = self.ckpt.last
+        if self._save_requested != step:  # resumed at this step: that checkpoint is on disk
+            return
+        if res is None or res.step != step or not res.ok:
+            reason = res.error if res is not None and res.step == step else "the save never completed"
+            err = CheckpointSaveError(step, reason or "unknown error", what)
+            log.error("%s", err, extra={"event": "checkpoint_failed", "step": step, "what": what})
+            self._finish(step, done=False)
+            raise err
 
     def _evaluate(self, step: int) -> dict[str, float]:
         module = self.model.module if isinstance(self.model, DDP) else self.model
@@ -331,7 +344,7 @@ class Trainer:
                 ):
                     self._save(step, block=False, extra={"loss": self.last_loss})
             self._apply_control(step)  # the last step's sync: final loss, a late stop request
-        except Stopped:
+        except (Stopped, CheckpointSaveError):
             raise
         except Exception:
             if self._stop_signal:  # a peer left because it was signalled: not a script error
@@ -343,9 +356,7 @@ class Trainer:
         self._loop_seconds = time.perf_counter() - self._loop_t0
         eval_res = self._evaluate(step)
         if self.ckpt is not None:
-            if self._last_save_step != step:
-                self._save(step, block=True, extra={"loss": self.last_loss, "eval": eval_res})
-            self.ckpt.close()
+            self._last_checkpoint(step, {"loss": self.last_loss, "eval": eval_res}, "final")
         self._finish(step)
         return Result(step, self.last_loss, eval_res)
 
@@ -455,21 +466,19 @@ class Trainer:
             extra={"event": "stop", "step": step},
         )
         if self.ckpt is not None:
-            self.ckpt.wait()
-            if self._last_save_step != step:
-                self._save(step, block=True, extra={"stopped": True})
-            self.ckpt.close()
+            self._last_checkpoint(step, {"stopped": True}, "stop")
         self._finish(step)
         raise Stopped(self._stop_signal)
 
-    def _finish(self, step: int) -> None:
+    def _finish(self, step: int, done: bool = True) -> None:
         if self.progress is not None:
             self.progress.progress(step, self.cfg.steps, gpuSeconds=round(self.accounting.gpu_seconds(), 1))
             self.progress.close()
-        if self.env.is_main:
+        if self.env.is_main and done:
             extra: dict[str, Any] = {
                 "event": "done",
                 "step": step,
+                "failed_saves": self.ckpt.failures if self.ckpt is not None else 0,
                 "gpu_seconds": self.accounting.gpu_seconds(),
                 "steps_run": step - self.start_step,
                 "loop_seconds": getattr(self, "_loop_seconds", None),

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,13 @@ class Node:
         node_rank: int = 0,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        # prefix: a wrapper that execs the rest (e.g. unshare); preexec_fn: limits torchrun and its
+        # workers inherit (e.g. RLIMIT_FSIZE).
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "torch.distributed.run",
@@ -74,7 +79,12 @@ class Node:
         self.log = log
         self._fh = open(log, "ab")  # noqa: SIM115 - closed in wait/kill
         self.proc = subprocess.Popen(
-            cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env or trainer_env(), start_new_session=True
+            cmd,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=env or trainer_env(),
+            start_new_session=True,
+            preexec_fn=preexec_fn,
         )
 
     def workers(self) -> list[int]:
@@ -141,3 +151,25 @@ def wait_for(pred: Any, timeout: float, interval: float = 0.02) -> Any:
             return v
         time.sleep(interval)
     raise TimeoutError(f"condition not met within {timeout}s")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (relative path) -> sha256 of a file's bytes, or "dir"."""
+    import hashlib
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def termination_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines workers appended to their termination log (each one must parse whole)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n"), raw
+    lines = raw.decode().splitlines()
+    assert all(len(line.encode()) < 1024 for line in lines), lines
+    return [json.loads(line) for line in lines]
