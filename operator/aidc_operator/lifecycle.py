@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import gang_pods as gp
-from . import verdict
-from .api.trainingjob import CheckpointRef, FailureRecord, Progress, TrainingJobSpec, TrainingJobStatus
+from .api.trainingjob import CheckpointRef, Progress, TrainingJobSpec, TrainingJobStatus
 from .builders import trainingjob as build
 from .builders.common import Owner
 from .conditions import get_condition, set_condition
-from .recovery import LostPod, NodeHealth, health_of, healthy_nodes, lost_pods, must_force_delete
-from .restart_policy import PodExit, backoff_seconds, describe, terminated
+from .planner_failures import FailurePlanning
+from .recovery import NodeHealth, health_of, healthy_nodes, must_force_delete
 
 ANNOTATION_PROGRESS = "aidc.dev/progress"
 ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
@@ -34,8 +33,6 @@ FINISHED = ("Succeeded", "Failed")
 # quiet job gets (the controller adds jitter so a thousand jobs never resync together).
 RESYNC_SECONDS = float(os.environ.get("AIDC_RESYNC_SECONDS", "300"))
 PREREQ_RETRY_SECONDS = 5.0  # a missing Secret/PVC is not watched: look again soon
-# Non-retryable exits by the trainer's code: the Failed condition's reason.
-FAIL_REASONS = {3: "CheckpointKeyError", 4: "InvalidConfig", 7: "NoValidCheckpoint"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class Plan:
     delete_job: bool = False
 
 
-class _Planner:
+class _Planner(FailurePlanning):
     def __init__(
         self,
         owner: Owner,
@@ -198,6 +195,7 @@ class _Planner:
         for rank in missing:
             self.plan.create.append(build.pod(self.owner, spec, rank, st.attempt, st.excluded_nodes))
         if missing and not current:
+            st.start_time = st.start_time or gp.ts(self.now)
             self.event(
                 "Normal",
                 "CreatingGang",
@@ -206,14 +204,13 @@ class _Planner:
             )
             self.condition("Created", True, "GangCreated", f"attempt {st.attempt}: {expected} pod(s)")
 
-        self.scheduling(current, expected)
+        if self.scheduling(current, expected):
+            return self.plan
         ready = sum(1 for p in current if gp.ready(p))
         st.ready_nodes = ready
         st.nodes = f"{ready}/{expected}"
         self.gpu_accounting(current)
         if current and not missing and all(gp.phase(p) == "Running" for p in current):
-            if st.start_time is None:
-                st.start_time = gp.ts(self.now)
             self.condition("Running", True, "AllPodsRunning", f"{len(current)} pod(s) running")
             self.condition("Restarting", False, "AllPodsRunning")
             self.set_phase("Running", "Running", f"all {len(current)} pod(s) of attempt {st.attempt} running")
@@ -225,22 +222,6 @@ class _Planner:
             self.plan.requeue_after = min(self.plan.requeue_after, max(1.0, left + 1))
         return self.plan
 
-    def scheduling(self, current: list[dict[str, Any]], expected: int) -> None:
-        """The scheduler's own words on the TrainingJob when pods of the gang cannot be placed (no node
-        has the GPUs, fewer nodes than spec.nodes …), cleared once every pod is placed."""
-        stuck = [(p["metadata"]["name"], c) for p in current if (c := gp.unschedulable(p))]
-        have = get_condition(self.status.conditions, "Unschedulable")
-        if stuck:
-            name, cond = stuck[0]
-            message = (
-                f"{len(stuck)} of {expected} pod(s) cannot be scheduled; {name}: {cond.get('message', '')}"
-            )
-            if have is None or have.status != "True":
-                self.event("Warning", "Unschedulable", message)
-            self.condition("Unschedulable", True, "Unschedulable", message)
-        elif have is not None and have.status == "True":
-            self.condition("Unschedulable", False, "Scheduled", "every pod of the gang is scheduled")
-
     def gang_size(self, current: list[dict[str, Any]]) -> int:
         """Pods in this attempt: spec.nodes, or for an elastic job, as many as there are healthy nodes
         (not fewer than minNodes) when the attempt is created."""
@@ -251,129 +232,6 @@ class _Planner:
             return max(gp.rank(p) for p in current) + 1
         usable = healthy_nodes(self.health) - set(self.status.excluded_nodes)
         return max(spec.elastic.min_nodes, min(spec.nodes, len(usable)))
-
-    def handle_failures(self, current: list[dict[str, Any]]) -> bool:
-        st, policy = self.status, self.spec.failure_policy
-        exits = [e for e in (terminated(p) for p in current) if e]
-        held_since = gp.parse_ts(st.peer_lost_since)
-        held_for = (self.now - held_since).total_seconds() if held_since else None
-        v = verdict.judge(
-            current, exits, self.lost(current), self.health, policy.retryable_exit_codes, held_for
-        )
-        if v.kind != "hold":
-            st.peer_lost_since = None
-        if v.kind == "none":
-            return False
-        if v.kind == "hold":
-            assert v.exit is not None
-            if held_since is None:
-                st.peer_lost_since = gp.ts(self.now)
-                self.event(
-                    "Normal",
-                    "PeerLost",
-                    f"{describe(v.exit)}; waiting up to {v.wait:.0f}s for the gang's nodes to be judged "
-                    "before counting it",
-                )
-            self.plan.requeue_after = max(0.5, min(1.0, v.wait))  # Lease renewals wake no job
-            return True
-        if v.kind == "node":
-            self.node_failure(current, v.lost, exits)
-            return True
-        assert v.exit is not None
-        decisive = v.exit
-        st.last_failure = FailureRecord(
-            reason=decisive.cause or decisive.reason,
-            message=describe(decisive),
-            node=decisive.node,
-            time=gp.ts(self.now),
-        )
-        if v.kind == "fail":
-            reason = FAIL_REASONS.get(decisive.exit_code, "NonRetryableExit")
-            if reason == "NoValidCheckpoint":
-                self.condition(reason, True, reason, describe(decisive))
-            self.fail(reason, describe(decisive), current)
-            return True
-        message = describe(decisive)
-        if decisive.cause == "CheckpointSaveFailed" or decisive.exit_code == 6:
-            ckpt = st.last_checkpoint
-            message += f"; newest checkpoint: {f'step {ckpt.step}' if ckpt else 'none'}"
-        if st.restarts >= policy.max_restarts:
-            self.fail(
-                "BackoffLimitExceeded", f"{message}; maxRestarts={policy.max_restarts} reached", current
-            )
-            return True
-        st.restarts += 1
-        delay = backoff_seconds(st.restarts, policy.backoff_seconds, policy.max_backoff_seconds)
-        st.last_failure.message = message
-        self.event(
-            "Warning",
-            "PodFailed",
-            f"{message}; restarting the gang in {delay}s (restart {st.restarts}/{policy.max_restarts})",
-        )
-        self.restart(current, delay=delay)
-        return True
-
-    def lost(self, current: list[dict[str, Any]]) -> list[LostPod]:
-        """Pods of the gang that lost nodes took, and (while Running) pods someone else deleted."""
-        st = self.status
-        lost = lost_pods(current, self.health)
-        if st.phase != "Running":
-            return lost
-        expected = self.gang_size(current)
-        have = {gp.rank(p) for p in current}
-        lost += [
-            LostPod(
-                build.pod_name(self.owner.name, st.attempt, r),
-                None,
-                "PodDeleted",
-                f"pod of rank {r} was deleted",
-            )
-            for r in range(expected)
-            if r not in have
-        ]
-        named = {lp.pod for lp in lost}
-        lost += [
-            LostPod(
-                p["metadata"]["name"],
-                p.get("spec", {}).get("nodeName"),
-                "PodDeleted",
-                f"pod {p['metadata']['name']} is being deleted",
-            )
-            for p in current
-            if p["metadata"].get("deletionTimestamp") and p["metadata"]["name"] not in named
-        ]
-        return lost
-
-    def node_failure(self, current: list[dict[str, Any]], lost: list[LostPod], exits: list[PodExit]) -> None:
-        st, policy = self.status, self.spec.failure_policy
-        first = lost[0]
-        message = first.message
-        if exits:
-            message += f"; {len(exits)} rank(s) of the gang exited after it ({describe(exits[0])})"
-        st.last_failure = FailureRecord(
-            reason=first.reason, message=message, node=first.node, time=gp.ts(self.now)
-        )
-        if policy.node_failure == "Fail":
-            self.fail("NodeFailure", message, current)
-            return
-        if st.node_failures >= policy.max_node_failures:
-            self.fail(
-                "NodeFailureBudgetExceeded",
-                f"{message}; maxNodeFailures={policy.max_node_failures} reached",
-                current,
-            )
-            return
-        st.node_failures += 1
-        for lp in lost:
-            if lp.node and lp.node not in st.excluded_nodes:
-                st.excluded_nodes.append(lp.node)
-        self.event(
-            "Warning",
-            "NodeFailure",
-            f"{message}; restarting the gang on healthy nodes "
-            f"(node failure {st.node_failures}/{policy.max_node_failures})",
-        )
-        self.restart(current, delay=0)
 
     def restart(self, current: list[dict[str, Any]], delay: int) -> None:
         st = self.status

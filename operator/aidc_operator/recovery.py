@@ -136,7 +136,9 @@ def lost_pods(pods: list[dict[str, Any]], health: Mapping[str, NodeHealth]) -> l
             continue
         node = pod.get("spec", {}).get("nodeName")
         if why := disruption(pod):
-            lost.append(LostPod(name, node, "PodDisrupted", why))
+            # The scheduler made room for a higher-priority pod: nothing is wrong with the node.
+            reason = "Preempted" if why.startswith("PreemptionByScheduler") else "PodDisrupted"
+            lost.append(LostPod(name, node, reason, why))
             continue
         if not node:
             continue

@@ -76,6 +76,19 @@ class FailurePolicy(ApiModel):
     the job at once."""
 
 
+class SchedulingPolicy(ApiModel):
+    """All-or-nothing placement: a gang holds its GPUs only if every pod of it can be placed."""
+
+    timeout_seconds: int = Field(default=300, ge=0, le=86400)
+    """If not every pod of an attempt is scheduled within this, the partial gang is deleted (releasing
+    its GPUs) and tried again after backoffSeconds. 0: wait for the scheduler forever."""
+    backoff_seconds: int = Field(default=30, ge=0, le=86400)
+    """Delay before a gang that timed out is tried again."""
+    max_retries: int | None = Field(default=None, ge=0, le=100000)
+    """Scheduling timeouts allowed before the job fails (a budget of its own, not maxRestarts); unset:
+    keep trying."""
+
+
 class TrainingJobSpec(ApiModel):
     """Desired state of a TrainingJob."""
 
@@ -110,7 +123,10 @@ class TrainingJobSpec(ApiModel):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the job this long after it succeeded or failed."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
-    """Fail the job if it runs longer than this (counted from its first start)."""
+    """Fail the job if it takes longer than this, counted from when its first gang was created (Pending
+    included, as for a batch/v1 Job)."""
+    scheduling: SchedulingPolicy = Field(default_factory=SchedulingPolicy)
+    """All-or-nothing gang placement when no queueing system admits the job."""
     clean_pod_policy: Literal["None", "Running", "All"] = "Running"
     """Pods deleted when the job finishes: None, the ones still running, or all."""
 
@@ -157,7 +173,7 @@ class FailureRecord(ApiModel):
     """When it was seen (RFC 3339)."""
 
 
-Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Queued", "Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 
 
 class TrainingJobStatus(ApiModel):
@@ -177,6 +193,10 @@ class TrainingJobStatus(ApiModel):
     """Gang restarts for pod failures."""
     node_failures: int = 0
     """Gang restarts for lost nodes."""
+    preemptions: int = 0
+    """Gang restarts because the scheduler preempted a pod (neither a failure nor a restart)."""
+    scheduling_retries: int = 0
+    """Partial gangs deleted because not every pod was scheduled within spec.scheduling.timeoutSeconds."""
     ready_nodes: int = 0
     """Pods of the current attempt that are Running and Ready."""
     nodes: str | None = None
@@ -186,7 +206,7 @@ class TrainingJobStatus(ApiModel):
     progress: Progress | None = None
     """Training progress."""
     start_time: str | None = None
-    """When the job first started running."""
+    """When the job's first gang was created (activeDeadlineSeconds counts from here)."""
     completion_time: str | None = None
     """When the job succeeded or failed."""
     restart_after: str | None = None

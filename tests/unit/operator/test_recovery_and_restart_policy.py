@@ -82,7 +82,7 @@ def test_lost_pods_and_force_deletion() -> None:
         pod("p5", None, phase="Pending"),
     ]
     lost = {lp.pod: lp.reason for lp in lost_pods(pods, health)}
-    assert lost == {"p1": "NodeUnreachable", "p2": "NodeDeleted", "p4": "PodDisrupted"}
+    assert lost == {"p1": "NodeUnreachable", "p2": "NodeDeleted", "p4": "Preempted"}
     assert must_force_delete(pods[1], health) and not must_force_delete(pods[0], health)
 
 
