@@ -16,10 +16,15 @@ so this process watches pods bound to kwok nodes that carry an aidc label and, f
   Ready condition, so a Deployment counts a model server ready only once it really is;
 - mints a ServiceAccount token bound to the pod (TokenRequest) so in-pod API calls carry the pod's own
   identity and RBAC, as they would in a cluster;
-- runs the command (torchrun/python from this project's virtualenv), and when it exits writes the
-  kubelet's report — phase and terminated state with exit code and log tail — to the pod's status;
-- kills the process when the pod is deleted, or with SIGKILL when its node's kwok agent is gone (the
-  machine lost power).
+- runs the command (torchrun/python from this project's virtualenv) with marker variables that every
+  process of the pod inherits (proctree.py), and when it exits writes the kubelet's report — phase and
+  terminated state with exit code and termination message — to the pod's status (podstatus.py); the
+  container's terminationMessagePath is a file in the pod's directory;
+- when the pod is deleted, SIGTERMs every process of the pod and SIGKILLs what is left after the grace
+  period, or once the main process is gone (as a container's other processes die with its PID 1);
+- when its node's kwok agent is gone, treats the node as powered off: LocalCluster.stop_node_agent has
+  already killed the node's pod processes and addresses in one go (a power cut), and if the agent died
+  otherwise this does the same; either way nobody reports anything for those pods and they never restart.
 
     python hack/cluster/local_kubelet.py --state-dir .state/cluster [--namespace NS ...]
 """
@@ -27,25 +32,24 @@ so this process watches pods bound to kwok nodes that carry an aidc label and, f
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import datetime as dt
 import logging
 import os
 import re
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import podspec
+import podstatus
+import proctree
 from kubernetes import client, config
+
 from localcluster import ROOT, LocalCluster, pod_address_label
 
 log = logging.getLogger("local-kubelet")
@@ -70,11 +74,8 @@ class RunningPod:
     failures: int = 0  # consecutive failed probes
     next_probe: float = 0.0
     deleted_at: float | None = None
-
-
-def _timestamp() -> str:
-    """Now, as the kubelet writes times into pod status."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    message_policy: str = "File"  # the container's terminationMessagePolicy
+    markers: dict[str, str] = field(default_factory=dict)  # what every process of the pod carries
 
 
 class NotYet(Exception):
@@ -96,8 +97,10 @@ class Kubelet:
         self.label = pod_address_label(self.cluster.pod_net)
         self.pod_ips = self._can_add_addresses()
         if not self.pod_ips:
-            log.warning("cannot add addresses to lo (needs CAP_NET_ADMIN): pods get 127.1.x.y addresses, "
-                        "which the apiserver's pod proxy refuses")
+            log.warning(
+                "cannot add addresses to lo (needs CAP_NET_ADMIN): pods get 127.1.x.y addresses, "
+                "which the apiserver's pod proxy refuses"
+            )
 
     # addresses ------------------------------------------------------------
     def _ip(self, *args: str) -> bool:
@@ -158,102 +161,21 @@ class Kubelet:
             pods = [p for p in pods if p["metadata"]["namespace"] in self.namespaces]
         return pods
 
-    def secret_data(self, namespace: str, name: str) -> dict[str, bytes]:
-        secret = self.core.read_namespaced_secret(name, namespace)
-        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
-
-    def materialise_volumes(self, pod: dict[str, Any], pod_dir: Path) -> dict[str, Path]:
-        """Volume name → local directory."""
-        ns = pod["metadata"]["namespace"]
-        local: dict[str, Path] = {}
-        for vol in pod["spec"].get("volumes") or []:
-            name = vol["name"]
-            if "secret" in vol:
-                target = pod_dir / "volumes" / name
-                target.mkdir(parents=True, exist_ok=True)
-                data = self.secret_data(ns, vol["secret"]["secretName"])
-                items = vol["secret"].get("items")
-                mapping = {i["key"]: i["path"] for i in items} if items else {k: k for k in data}
-                for key, path in mapping.items():
-                    f = target / path
-                    f.write_bytes(data[key])
-                    f.chmod(0o400)
-                local[name] = target
-            elif "persistentVolumeClaim" in vol:
-                claim = self.core.read_namespaced_persistent_volume_claim(
-                    vol["persistentVolumeClaim"]["claimName"], ns
-                )
-                pv = self.core.read_persistent_volume(claim.spec.volume_name)
-                if not pv.spec.host_path:
-                    raise RuntimeError(f"PV {pv.metadata.name} is not a hostPath volume")
-                local[name] = Path(pv.spec.host_path.path)
-                local[name].mkdir(parents=True, exist_ok=True)
-            elif "hostPath" in vol:
-                local[name] = Path(vol["hostPath"]["path"])
-            else:  # emptyDir and anything else: a private directory
-                local[name] = pod_dir / "volumes" / name
-                local[name].mkdir(parents=True, exist_ok=True)
-        return local
-
-    def service_account_dir(self, pod: dict[str, Any], pod_dir: Path) -> Path:
-        ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-        sa = pod["spec"].get("serviceAccountName") or "default"
-        token = self.core.create_namespaced_service_account_token(
-            sa,
-            ns,
-            {
-                "spec": {
-                    "audiences": [],
-                    "expirationSeconds": 3600,
-                    "boundObjectRef": {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "name": name,
-                        "uid": pod["metadata"]["uid"],
-                    },
-                }
-            },
-        ).status.token
-        sa_dir = pod_dir / "serviceaccount"
-        sa_dir.mkdir(parents=True, exist_ok=True)
-        (sa_dir / "token").write_text(token)
-        (sa_dir / "ca.crt").write_bytes((self.cluster.pki / "ca.crt").read_bytes())
-        (sa_dir / "namespace").write_text(ns)
-        return sa_dir
-
     def environment(
         self,
         pod: dict[str, Any],
         container: dict[str, Any],
-        mounts: dict[str, Path],
+        files: dict[str, Path],
         pods: list[dict[str, Any]],
         address: str,
         sa_dir: Path,
     ) -> dict[str, str]:
-        meta = pod["metadata"]
-        env: dict[str, str] = {}
-        for var in container.get("env") or []:
-            if "value" in var:
-                value = var["value"]
-            elif ref := (var.get("valueFrom") or {}).get("fieldRef"):
-                value = {
-                    "metadata.name": meta["name"],
-                    "metadata.namespace": meta["namespace"],
-                    "status.podIP": address,
-                    "spec.nodeName": pod["spec"].get("nodeName", ""),
-                }.get(ref["fieldPath"], "")
-            elif ref := (var.get("valueFrom") or {}).get("secretKeyRef"):
-                value = self.secret_data(meta["namespace"], ref["name"])[ref["key"]].decode()
-            else:
-                continue
-            for mount_path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
-                if value == mount_path or value.startswith(mount_path + "/"):
-                    value = str(local) + value[len(mount_path) :]
-                    break
-            env[var["name"]] = self.resolve_dns(value, pods)
+        env = podspec.container_env(
+            self.core, pod, container, files, address, lambda v: self.resolve_dns(v, pods)
+        )
         return {
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "HOME": str(mounts.get("/tmp", self.root)),
+            "HOME": str(files.get("/tmp", self.root)),
             "PYTHONPATH": PYTHONPATH,
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
@@ -279,14 +201,22 @@ class Kubelet:
         pod_dir.mkdir(parents=True, exist_ok=True)
         uid_file.write_text(key)
         container = pod["spec"]["containers"][0]
-        volumes = self.materialise_volumes(pod, pod_dir)
+        volumes = podspec.materialise_volumes(self.core, pod, pod_dir)
         mounts = {
             m["mountPath"]: volumes[m["name"]]
             for m in container.get("volumeMounts") or []
             if m["name"] in volumes
         }
         address = self.address_of(pod)
-        env = self.environment(pod, container, mounts, pods, address, self.service_account_dir(pod, pod_dir))
+        # terminationMessagePath: a file of the pod's, its path in env values rewritten like a mount's.
+        termination_log = pod_dir / "termination-log"
+        termination_log.write_bytes(b"")
+        term_path = container.get("terminationMessagePath") or podstatus.DEFAULT_TERMINATION_PATH
+        files = {**mounts, term_path: termination_log}
+        sa_dir = podspec.service_account_dir(self.core, pod, pod_dir, self.cluster.pki / "ca.crt")
+        markers = proctree.markers(self.cluster.state_dir, pod["spec"]["nodeName"], key)
+        env = {**self.environment(pod, container, files, pods, address, sa_dir), **markers}
+        (pod_dir / "node").write_text(pod["spec"]["nodeName"])  # stop_node_agent finds the address by it
         self.claim(address)
         # torchrun binds its rendezvous store to MASTER_ADDR: give the node the address it resolves to.
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
@@ -295,16 +225,16 @@ class Kubelet:
         if argv and argv[0].endswith("torchrun"):
             argv.insert(1, f"--local-addr={address}")
         probe = container.get("readinessProbe") or {}
-        logfile = (pod_dir / "log").open("ab")
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=pod_dir,
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with (pod_dir / "log").open("ab") as logfile:  # the child keeps a descriptor of its own
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=pod_dir,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         (pod_dir / "address").write_text(address)
         self.running[key] = RunningPod(
             key,
@@ -317,6 +247,8 @@ class Kubelet:
             container["name"],
             probe=probe if "httpGet" in probe else None,
             ports={p["name"]: p["containerPort"] for p in container.get("ports") or [] if "name" in p},
+            message_policy=container.get("terminationMessagePolicy") or "File",
+            markers=markers,
         )
         if self.running[key].probe is not None:
             self.set_ready(self.running[key], False)  # a kubelet's verdict until the first probe passes
@@ -329,72 +261,24 @@ class Kubelet:
             " ".join(argv),
         )
 
-    def report_exit(self, rp: RunningPod, code: int) -> None:
-        """What a kubelet writes when the container exits (terminationMessagePolicy FallbackToLogsOnError)."""
-        now = _timestamp()
-        tail = (rp.dir / "log").read_bytes()[-2048:].decode(errors="replace") if code else ""
-        status = {
-            "status": {
-                "phase": "Succeeded" if code == 0 else "Failed",
-                "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now}],
-                "containerStatuses": [
-                    {
-                        "name": rp.container,
-                        "image": "local",
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {
-                            "terminated": {
-                                "exitCode": code,
-                                "reason": "Completed" if code == 0 else "Error",
-                                "message": tail,
-                                "finishedAt": now,
-                            }
-                        },
-                    }
-                ],
-            }
-        }
+    def report_exit(self, rp: RunningPod, returncode: int) -> None:
+        """What a kubelet writes when the container exits: phase, exit code, reason, termination message."""
+        code = podstatus.exit_code(returncode)
+        message = podstatus.termination_message(
+            rp.dir / "termination-log", rp.dir / "log", code, rp.message_policy
+        )
         with contextlib.suppress(client.ApiException):  # a pod deleted meanwhile needs no report
-            self.core.patch_namespaced_pod_status(rp.name, rp.namespace, status)
+            self.core.patch_namespaced_pod_status(
+                rp.name, rp.namespace, podstatus.terminated(rp.container, code, message)
+            )
         log.info("%s/%s exited with %s", rp.namespace, rp.name, code)
 
     # readiness ----------------------------------------------------------------
-    def probe_ok(self, rp: RunningPod) -> bool:
-        """One HTTP readiness probe, as a kubelet runs it: any 2xx/3xx is success; TLS not verified."""
-        get = rp.probe["httpGet"]  # type: ignore[index]
-        port = get["port"] if isinstance(get["port"], int) else rp.ports.get(get["port"], 0)
-        scheme = get.get("scheme", "HTTP").lower()
-        ctx = None
-        if scheme == "https":  # a kubelet does not verify a probe's certificate either
-            ctx = ssl.create_default_context()
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        url = f"{scheme}://{rp.address}:{port}{get.get('path', '/')}"
-        try:
-            with urllib.request.urlopen(url, timeout=rp.probe.get("timeoutSeconds", 1), context=ctx) as r:  # type: ignore[union-attr]
-                return 200 <= r.status < 400
-        except (OSError, urllib.error.URLError, ValueError):
-            return False
-
     def set_ready(self, rp: RunningPod, ready: bool) -> None:
-        """Write the verdict where the endpoint and deployment controllers read it."""
-        now = _timestamp()
-        value = "True" if ready else "False"
-        status = {
-            "status": {
-                "conditions": [
-                    {"type": t, "status": value, "lastTransitionTime": now}
-                    for t in ("Ready", "ContainersReady")
-                ],
-                "containerStatuses": [
-                    {"name": rp.container, "image": "local", "imageID": "", "ready": ready,
-                     "restartCount": 0, "started": True, "state": {"running": {"startedAt": now}}}
-                ],
-            }
-        }
         with contextlib.suppress(client.ApiException):
-            self.core.patch_namespaced_pod_status(rp.name, rp.namespace, status)
+            self.core.patch_namespaced_pod_status(
+                rp.name, rp.namespace, podstatus.readiness(rp.container, ready)
+            )
             rp.ready = ready
             log.info("%s/%s is %sready", rp.namespace, rp.name, "" if ready else "not ")
 
@@ -404,7 +288,7 @@ class Kubelet:
             if rp.probe is None or rp.deleted_at is not None or now < rp.next_probe:
                 continue
             rp.next_probe = now + rp.probe.get("periodSeconds", 10)
-            if self.probe_ok(rp):
+            if podstatus.probe_ok(rp.address, rp.probe, rp.ports):
                 rp.failures = 0
                 if rp.ready is not True:
                     self.set_ready(rp, True)
@@ -417,36 +301,51 @@ class Kubelet:
         self.release(self.running.pop(uid))
         self.finished.add(uid)
 
-    def kill(self, rp: RunningPod, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(rp.proc.pid, sig)
+    def signal_pod(self, rp: RunningPod, sig: int) -> None:
+        """sig to every process of the pod: torchrun starts its workers in sessions of their own."""
+        proctree.send(proctree.find(rp.markers), sig)
+
+    def kill_pod(self, rp: RunningPod) -> None:
+        """Every process of the pod dies at once (all stopped, then all killed); the main one is reaped."""
+        try:
+            proctree.power_cut(rp.markers)
+        except RuntimeError as e:
+            log.warning("%s/%s: %s", rp.namespace, rp.name, e)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rp.proc.wait(10)
+
+    def node_up(self, node: str) -> bool:
+        return self.cluster.running_extra(f"kwok-{node}") is not None
 
     def sync(self) -> None:
         pods = self.candidate_pods()
         by_uid = {p["metadata"]["uid"]: p for p in pods}
-        agents = self.cluster.running()
         for uid, rp in list(self.running.items()):
             pod = by_uid.get(uid)
             code = rp.proc.poll()
-            if agents.get(f"kwok-{rp.node}") is None:
-                # The node's machine is gone: its processes die with it, nobody reports anything.
-                self.kill(rp, signal.SIGKILL)
-                rp.proc.wait()
+            # The agent is asked after the poll: stop_node_agent kills it before the pod's processes, so
+            # an exit seen while the agent still runs is the pod's own, never the power cut's.
+            if not self.node_up(rp.node):
+                # The node lost power: its processes died with it (stop_node_agent killed them; this is
+                # for an agent that died otherwise). Nobody reports anything, nothing restarts.
+                self.kill_pod(rp)
                 self.forget(uid)
-                log.info("node %s is down: killed %s/%s", rp.node, rp.namespace, rp.name)
+                log.info("node %s is down: %s/%s is gone", rp.node, rp.namespace, rp.name)
             elif pod is None or pod["metadata"].get("deletionTimestamp"):
                 if rp.deleted_at is None:
                     rp.deleted_at = time.monotonic()
-                    self.kill(rp, signal.SIGTERM)
+                    self.signal_pod(rp, signal.SIGTERM)
                 grace = (pod or {}).get("spec", {}).get("terminationGracePeriodSeconds") or 30
-                if code is None and time.monotonic() - rp.deleted_at > grace:
-                    self.kill(rp, signal.SIGKILL)
-                if rp.proc.poll() is not None:
+                # What is left dies with the main process, as a container's processes die with its PID 1.
+                if code is not None or time.monotonic() - rp.deleted_at > grace:
+                    self.kill_pod(rp)
                     self.forget(uid)
             elif code is not None:
+                self.kill_pod(rp)
                 self.report_exit(rp, code)
                 self.forget(uid)
         self.probe_due()
+        agents = self.cluster.running()
         # Every pod here shares one network namespace: a new pod must not start while a deleted one is
         # still shutting down, or it could find that pod's ports (rendezvous, metrics) still bound —
         # something separate network namespaces make impossible in a real cluster.
@@ -492,10 +391,12 @@ class Kubelet:
                 log.warning("%s; retrying", e)
             time.sleep(interval)
         for rp in self.running.values():
-            self.kill(rp, signal.SIGTERM)
+            self.signal_pod(rp, signal.SIGTERM)
+        deadline = time.monotonic() + 10
         for rp in self.running.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
-                rp.proc.wait(10)
+                rp.proc.wait(max(0.1, deadline - time.monotonic()))
+            self.kill_pod(rp)
             self.release(rp)
 
 
