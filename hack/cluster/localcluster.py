@@ -37,12 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import proctree
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 T = TypeVar("T")
+# kueue.py imports this module by name; run as a script, that name must mean this module, not a copy.
+sys.modules.setdefault("localcluster", sys.modules[__name__])
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
@@ -51,6 +54,8 @@ FLEET = "kwok-fleet"  # the component (pid file, log) of the one kwok process ma
 RESERVED_IDENTITIES = ("ca", "sa", "apiserver", "admin", "controller-manager", "scheduler", "kwok")
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+GPU_POOL_LABEL = "aidc.dev/gpu-pool"  # Kueue ResourceFlavors (examples/kueue/) select nodes by it
+GPU_POOLS = {"h100": GPU_PRODUCT, "a100": "NVIDIA-A100-SXM4-80GB"}
 
 
 class ClusterError(RuntimeError):
@@ -245,6 +250,9 @@ class LocalCluster:
     fleet_nodes: int = 0  # fleet-node-i, all managed by one kwok process (component kwok-fleet)
     fleet_lease_seconds: int = 40  # the fleet's node Lease duration (a real kubelet's default)
     audit_users: tuple[str, ...] = ()  # log these users' requests to logs/audit.log (Metadata level)
+    # Kueue (kueue.py) as one more process; AIDC_KUEUE=0 or --no-kueue leaves it out.
+    kueue: bool = field(
+        default_factory=lambda: os.environ.get("AIDC_KUEUE", "1").lower() not in ("0", "false", "no"))
 
     # paths ------------------------------------------------------------------
     @property
@@ -287,7 +295,7 @@ class LocalCluster:
             "gpus_per_node": self.gpus_per_node,
             "node_monitor_grace_period": self.node_monitor_grace_period, "pod_net": self.pod_net,
             "fleet_nodes": self.fleet_nodes, "fleet_lease_seconds": self.fleet_lease_seconds,
-            "audit_users": list(self.audit_users),
+            "audit_users": list(self.audit_users), "kueue": self.kueue,
         }, indent=1))
 
     @classmethod
@@ -298,7 +306,7 @@ class LocalCluster:
             node_monitor_grace_period=meta["node_monitor_grace_period"],
             bin_dir=Path(meta["bin_dir"]), ports=meta["ports"], pod_net=meta.get("pod_net", "10.244"),
             fleet_nodes=meta.get("fleet_nodes", 0), fleet_lease_seconds=meta.get("fleet_lease_seconds", 40),
-            audit_users=tuple(meta.get("audit_users", ())),
+            audit_users=tuple(meta.get("audit_users", ())), kueue=meta.get("kueue", False),
         )
 
     # processes --------------------------------------------------------------
@@ -332,7 +340,8 @@ class LocalCluster:
 
     def components(self) -> list[str]:
         fleet = [FLEET] if self.fleet_nodes else []
-        return [*CONTROL_PLANE, *(f"kwok-{n}" for n in self.node_names()), *fleet]
+        kueue = ["kueue"] if self.kueue else []
+        return [*CONTROL_PLANE, *(f"kwok-{n}" for n in self.node_names()), *fleet, *kueue]
 
     def _start(self, name: str, args: list[str]) -> None:
         self.start_process(name, [self._binary(self._binary_name(name)), *args])
@@ -423,6 +432,10 @@ class LocalCluster:
         self._wait("the default ServiceAccount", lambda: self.kubectl(
             "get", "serviceaccount", "default", "-n", "default", check=False).strip() != "", 60,
             "kube-controller-manager")
+        if self.kueue:
+            import kueue  # here, not at the top: kueue.py imports this module
+
+            kueue.start(self)
         fleet = f" + {self.fleet_nodes} fleet nodes" if self.fleet_nodes else ""
         log(f"up in {time.monotonic() - t0:.1f}s: {self.server}, {self.nodes} GPU nodes{fleet}; "
             f"export KUBECONFIG={self.kubeconfig}")
@@ -572,12 +585,30 @@ class LocalCluster:
             f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200, 30, f"kwok-{node}")
 
     def stop_node_agent(self, node: str) -> None:
-        """SIGKILL the node's kwok: no goodbye, exactly like a machine that lost power."""
-        pid = self._pid_alive(f"kwok-{node}")
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            while self._pid_alive(f"kwok-{node}"):
-                time.sleep(0.05)
+        """The node loses power, all of it before this returns: every process of every pod the development
+        kubelet runs there is frozen, the node's kwok is SIGKILLed (no goodbye: its Lease lapses), the
+        frozen processes are SIGKILLed and the pods' addresses leave lo. No process of the node runs a
+        step after the cut, none exits gracefully, and the kubelet, finding the agent gone first, reports
+        nothing for those pods (proctree.py says how a pod's processes are found)."""
+
+        def kill_agent() -> None:
+            if pid := self._pid_alive(f"kwok-{node}"):
+                os.kill(pid, signal.SIGKILL)
+                while self._pid_alive(f"kwok-{node}"):
+                    time.sleep(0.01)
+
+        proctree.power_cut(proctree.markers(self.state_dir, node), meanwhile=kill_agent)
+        self._drop_pod_addresses(node)
+
+    def _drop_pod_addresses(self, node: str) -> None:
+        """Takes the addresses of the node's pods off lo (the kubelet records a pod's node and address in
+        its directory). An address kwok gave out again stays on this node: its pod is dead as well."""
+        for node_file in (self.state_dir / "pods").glob("*/*/node"):
+            with contextlib.suppress(OSError):
+                address = node_file.with_name("address").read_text().strip()
+                if node_file.read_text().strip() == node and address.startswith(f"{self.pod_net}."):
+                    subprocess.run(["ip", "-4", "addr", "del", f"{address}/32", "dev", "lo"],
+                                   capture_output=True)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         assert self.bin_dir is not None
@@ -598,6 +629,8 @@ class LocalCluster:
 
     def _gpu_node(self, name: str, i: int, kwok: str, address: str) -> dict:
         gpus = str(self.gpus_per_node)
+        # Pairs of nodes alternate h100, a100 (0,1 h100; 2,3 a100; ...): half of each pool in each zone.
+        pool = ("h100", "a100")[i // 2 % 2]
         resources = {"cpu": "96", "memory": "1024Gi", "pods": "110", "nvidia.com/gpu": gpus,
                      "ephemeral-storage": "2Ti"}
         return {
@@ -607,7 +640,8 @@ class LocalCluster:
                 "annotations": {KWOK_ANNOTATION: kwok},
                 "labels": {
                     "type": "kwok", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64", "nvidia.com/gpu.product": GPU_PRODUCT,
+                    "kubernetes.io/arch": "amd64",
+                    GPU_POOL_LABEL: pool, "nvidia.com/gpu.product": GPU_POOLS[pool],
                     "nvidia.com/gpu.count": gpus, "topology.kubernetes.io/zone": f"zone-{'ab'[i % 2]}",
                 },
             },
@@ -707,14 +741,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet-nodes", type=int, default=int(os.environ.get("AIDC_FLEET_NODES", "0")),
                     help="more GPU nodes (fleet-node-i), all managed by one kwok process")
     ap.add_argument("--fleet-lease-seconds", type=int, default=40, help="the fleet nodes' Lease duration")
+    ap.add_argument("--no-kueue", action="store_true", help="leave Kueue out (also AIDC_KUEUE=0)")
     args = ap.parse_args(argv)
     state = args.state_dir.resolve()
     try:
         if args.command == "build":
             print(build_binaries())
+            if not args.no_kueue and LocalCluster(state).kueue:
+                import kueue
+
+                kueue.build()
         elif args.command == "up":
             c = LocalCluster(state, args.nodes, args.gpus_per_node, args.node_monitor_grace_period,
-                             fleet_nodes=args.fleet_nodes, fleet_lease_seconds=args.fleet_lease_seconds).up()
+                             fleet_nodes=args.fleet_nodes, fleet_lease_seconds=args.fleet_lease_seconds,
+                             **({"kueue": False} if args.no_kueue else {})).up()
             print(c.kubeconfig)
         elif args.command == "down":
             if (state / "cluster.json").exists():
