@@ -174,7 +174,54 @@ def _dynamic_create(obj: dict[str, Any]) -> Any:
         return client.AutoscalingV2Api(api()).create_namespaced_horizontal_pod_autoscaler(
             ns, obj, _preload_content=False
         )
+    if kind == "Workload":
+        group, version = obj["apiVersion"].split("/")
+        return custom().create_namespaced_custom_object(
+            group, version, ns, "workloads", obj, _preload_content=False
+        )
     raise ValueError(f"no create for kind {kind}")
+
+
+def patch_workload_status(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge-patches a Kueue Workload's status; None when it is gone."""
+    try:
+        return raw(
+            custom().patch_namespaced_custom_object_status(
+                "kueue.x-k8s.io", "v1beta2", namespace, "workloads", name, patch, _preload_content=False
+            )
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def priority_value(kind: str, name: str) -> int | None:
+    """The value of a WorkloadPriorityClass or PriorityClass; None when it does not exist."""
+    try:
+        if kind == "PriorityClass":
+            return int(client.SchedulingV1Api(api()).read_priority_class(name).value)
+        wpc = custom().get_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "workloadpriorityclasses", name)
+        return int(wpc["value"])
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def serves(group_version: str) -> bool:
+    """Does the apiserver serve this API group version (one discovery request)?"""
+    method, url, headers, _, _ = api().param_serialize(
+        "GET",
+        f"/apis/{group_version}",
+        header_params={"Accept": "application/json"},
+        auth_settings=["BearerToken"],
+    )
+    resp = api().call_api(method, url, header_params=headers, _request_timeout=(10, 30))
+    resp.read()
+    if resp.status not in (200, 404):
+        raise ApiException(status=resp.status, reason=resp.reason)
+    return resp.status == 200
 
 
 def delete_pod(namespace: str, name: str, force: bool) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import datetime as dt
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import gang_pods as gp
 from .api.trainingjob import CheckpointRef, Progress, TrainingJobSpec, TrainingJobStatus
@@ -24,6 +24,8 @@ from .builders import trainingjob as build
 from .builders.common import Owner
 from .conditions import get_condition, set_condition
 from .planner_failures import FailurePlanning
+from .planner_queue import QueuePlanning
+from .queueing import Gate
 from .recovery import NodeHealth, health_of, healthy_nodes, must_force_delete
 
 ANNOTATION_PROGRESS = "aidc.dev/progress"
@@ -68,9 +70,11 @@ class Plan:
     events: list[Event] = field(default_factory=list)
     requeue_after: float = RESYNC_SECONDS
     delete_job: bool = False
+    create_workload: bool = False  # Kueue: the job's Workload is to be made
+    workload_write: Literal["requeue", "finished"] | None = None  # Kueue: the Workload status to write
 
 
-class _Planner(FailurePlanning):
+class _Planner(FailurePlanning, QueuePlanning):
     def __init__(
         self,
         owner: Owner,
@@ -81,10 +85,11 @@ class _Planner(FailurePlanning):
         health: Mapping[str, NodeHealth],
         prereq: Prerequisites,
         now: dt.datetime,
+        queue: Gate | None,
     ) -> None:
         self.owner, self.generation, self.spec, self.now = owner, generation, spec, now
         self.status = status.model_copy(deep=True)
-        self.pods, self.health, self.prereq = pods, health, prereq
+        self.pods, self.health, self.prereq, self.queue = pods, health, prereq, queue
         self.plan = Plan(self.status, events=list(prereq.events))
         if prereq.key_id:
             self.status.current_key_id = prereq.key_id
@@ -176,6 +181,8 @@ class _Planner(FailurePlanning):
             self.delete_pods(old)
             self.plan.requeue_after = 1
             return self.plan
+        if self.queue is not None and not self.admitted(current):
+            return self.plan
         if self.handle_failures(current):
             return self.plan
         expected = self.gang_size(current)
@@ -193,7 +200,9 @@ class _Planner(FailurePlanning):
         have = {gp.rank(p) for p in current}
         missing = [r for r in range(expected) if r not in have]
         for rank in missing:
-            self.plan.create.append(build.pod(self.owner, spec, rank, st.attempt, st.excluded_nodes))
+            self.plan.create.append(
+                build.pod(self.owner, spec, rank, st.attempt, st.excluded_nodes, self.queue_placement())
+            )
         if missing and not current:
             st.start_time = st.start_time or gp.ts(self.now)
             self.event(
@@ -284,6 +293,7 @@ class _Planner(FailurePlanning):
         return self.plan
 
     def cleanup(self, pods: list[dict[str, Any]]) -> None:
+        self.finish_workload()
         policy = self.spec.clean_pod_policy
         if policy == "All":
             self.delete_pods(pods)
@@ -344,10 +354,11 @@ def plan(
     health: Mapping[str, NodeHealth],
     now: dt.datetime,
     prereq: Prerequisites = Prerequisites(),
+    queue: Gate | None = None,
 ) -> Plan:
     """The next step for one TrainingJob (body: the object as read, for identity and last status;
     health: by node name, a missing name being a deleted node; the cache serves it lazily, so a pass
-    looks only at the nodes it asks about)."""
+    looks only at the nodes it asks about; queue: what Kueue allows, for a job in a Kueue queue)."""
     try:
         status = TrainingJobStatus.model_validate(body.get("status") or {})
     except ValueError:
@@ -362,4 +373,5 @@ def plan(
         health,
         prereq,
         now,
+        queue,
     ).run()

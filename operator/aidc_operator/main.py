@@ -135,6 +135,13 @@ def cli(argv: list[str] | None = None) -> None:
         default=int(os.environ.get("AIDC_API_BURST", DEFAULT_BURST)),
         help="requests allowed at once above --api-qps",
     )
+    ap.add_argument(
+        "--kueue",
+        choices=["auto", "on", "off"],
+        default=CONFIG.kueue,
+        help="queue TrainingJobs labelled kueue.x-k8s.io/queue-name through Kueue Workloads "
+        "(auto: when the cluster serves Kueue's API)",
+    )
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
     args = ap.parse_args(argv)
@@ -149,6 +156,7 @@ def cli(argv: list[str] | None = None) -> None:
         )
     _namespaces.extend(args.namespace)
     CONFIG.namespaces = list(args.namespace)
+    CONFIG.kueue = args.kueue
     # Read by kubeio.api() when it builds the one client every request goes through.
     os.environ["AIDC_API_QPS"], os.environ["AIDC_API_BURST"] = str(args.api_qps), str(args.api_burst)
     # kopf's formatter prefixes messages about an object with [namespace/name]; json for log pipelines.

@@ -16,6 +16,10 @@ class RunConfig:
     namespaces: list[str] = field(default_factory=list)  # --namespace patterns; empty: all namespaces
     job_workers: int = int(os.environ.get("AIDC_TRAININGJOB_WORKERS", "4"))
     service_workers: int = int(os.environ.get("AIDC_INFERENCESERVICE_WORKERS", "2"))
+    # Kueue integration: "auto" turns it on when the cluster serves Kueue's Workload API (checked at
+    # start-up); "on" insists, "off" ignores queue labels' queues (such jobs wait with a condition).
+    kueue: str = os.environ.get("AIDC_KUEUE", "auto")
+    kueue_served: bool = False  # what start-up found
 
 
 CONFIG = RunConfig()

@@ -55,6 +55,12 @@ RBAC rules for the namespaces the operator serves. docs/security.md lists each r
 tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i`.
 */}}
 {{- define "aidc.rules.namespaced" -}}
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, watch, create]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads/status]
+  verbs: [patch]
 - apiGroups: [aidc.dev]
   resources: [trainingjobs]
   verbs: [get, list, watch, patch, delete]
@@ -106,6 +112,17 @@ tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i
 - apiGroups: [""]
   resources: [nodes]
   verbs: [list, watch]
+{{- /* Kueue integration (used only when the cluster serves Kueue's API): the flavors an admitted gang
+       is placed with, and the priority class a Workload is given. */}}
+- apiGroups: [kueue.x-k8s.io]
+  resources: [resourceflavors]
+  verbs: [list, watch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloadpriorityclasses]
+  verbs: [get]
+- apiGroups: [scheduling.k8s.io]
+  resources: [priorityclasses]
+  verbs: [get]
 {{- if not .Values.watchNamespaces }}
 {{- /* Cluster-wide kopf watches CRDs to notice its resources changing; with a fixed list of
        namespaces the operator disables that scanning (main.py), so it needs no CRD access. */}}

@@ -14,7 +14,6 @@ LABEL_ATTEMPT = "aidc.dev/attempt"
 LABEL_ISVC = "aidc.dev/inferenceservice"
 LABEL_ROLE = "aidc.dev/role"
 # Labels copied from a job to its pods so queueing and policy systems (Kueue, Volcano) see them.
-PASSTHROUGH_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,6 @@ class Owner:
             "controller": controller,
             "blockOwnerDeletion": True,
         }
-
-    def passthrough_labels(self) -> dict[str, str]:
-        return {k: v for k, v in (self.labels or {}).items() if k in PASSTHROUGH_LABELS}
 
 
 def metadata(owner: Owner, name: str, labels: dict[str, str], **extra: Any) -> dict[str, Any]:

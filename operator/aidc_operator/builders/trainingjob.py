@@ -205,12 +205,19 @@ def resources(spec: TrainingJobSpec) -> dict[str, Any]:
 
 
 def pod(
-    owner: Owner, spec: TrainingJobSpec, rank: int, attempt: int, excluded_nodes: list[str] | None = None
+    owner: Owner,
+    spec: TrainingJobSpec,
+    rank: int,
+    attempt: int,
+    excluded_nodes: list[str] | None = None,
+    placement: tuple[dict[str, str], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
+    """Rank `rank` of attempt `attempt`. placement: (node labels, tolerations) of the flavor Kueue
+    admitted the gang to, added to the user's own."""
     tmpl = spec.pod_template
+    # Kueue's labels stay on the TrainingJob: its Workload queues the gang as one (queueing.py).
     labels = {
         **tmpl.labels,
-        **owner.passthrough_labels(),
         LABEL_JOB: owner.name,
         LABEL_RANK: str(rank),
         LABEL_ATTEMPT: str(attempt),
@@ -258,6 +265,12 @@ def pod(
         pod_spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
     if tmpl.tolerations:
         pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *tmpl.tolerations]
+    if placement is not None:
+        labels_, tolerations = placement
+        if labels_:
+            pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **labels_}
+        if tolerations:
+            pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *tolerations]
     if tmpl.priority_class_name:
         pod_spec["priorityClassName"] = tmpl.priority_class_name
     if tmpl.image_pull_secrets:

@@ -25,6 +25,7 @@ from ..cache import TRAININGJOB
 from ..conditions import set_condition
 from ..keys import check_kek_secret, check_key_secret, key_secret
 from ..runtime import CONFIG, STORE
+from . import kueue
 from .loop import Controller, Outcome
 from .validation import describe_validation_error
 
@@ -279,7 +280,8 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
             for p in pods
         )
         prereq = (None if started else _ensure_volume(owner, spec)) or _ensure_key(owner, spec, body, started)
-    plan = lifecycle.plan(body, spec, pods, STORE.health(), _now(), prereq)
+    queue = kueue.gate(owner, body)
+    plan = lifecycle.plan(body, spec, pods, STORE.health(), _now(), prereq, queue)
 
     for deletion in plan.delete:
         if terminating := kubeio.delete_pod(namespace, deletion.name, deletion.force):
@@ -287,6 +289,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     for pod in plan.create:
         if created := kubeio.create(pod):
             STORE.upsert("Pod", created)
+    events = plan.events + (kueue.write(owner, spec, body, plan) if queue is not None else [])
     requeue = plan.requeue_after
     new_status = plan.status.model_dump(by_alias=True, mode="json")
     last_write = _status_written.setdefault((namespace, name), time.monotonic())
@@ -301,7 +304,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         kubeio.custom().delete_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
         )
-    return Outcome(requeue, plan.events, body)
+    return Outcome(requeue, events, body)
 
 
 def status_write_due(

@@ -9,7 +9,8 @@ through kopf. Each change wakes only the objects it concerns:
   and the jobs that avoid it (status.excludedNodes: they stop avoiding it once it is healthy);
 - a Lease that stops (or resumes) being renewed → the same jobs (the watchdog below: a lapse is the
   *absence* of events, so it is noticed by time, once a second, over the nodes our jobs concern);
-- a TrainingJob → itself and the InferenceServices that serve it.
+- a TrainingJob → itself and the InferenceServices that serve it;
+- with Kueue, a Workload we made → its job (by the same aidc label as a pod).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import kopf
 
-from .. import metrics
+from .. import kubeio, metrics, queueing
 from ..builders.common import LABEL_ISVC, LABEL_JOB, MANAGED_BY
 from ..cache import INFERENCESERVICE, LEASE, NODE, POD, TRAININGJOB
 from ..informer import Informer, Resource
@@ -46,6 +47,12 @@ OWNED = (
 )
 NODES = Resource(NODE, "v1", "nodes", namespaced=False)
 LEASES = Resource(LEASE, "coordination.k8s.io/v1", "leases")
+# With Kueue: the Workloads we made (a change wakes its job by its aidc label) and the ResourceFlavors
+# whose node labels an admitted gang is placed with.
+KUEUE = (
+    Resource(queueing.WORKLOAD, queueing.API_VERSION, "workloads", selector=_SELECTOR),
+    Resource(queueing.FLAVOR, queueing.API_VERSION, "resourceflavors", namespaced=False),
+)
 
 
 def namespace_filter(patterns: list[str]) -> tuple[list[str | None], Any]:
@@ -137,6 +144,11 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
     scopes, accepts = namespace_filter(CONFIG.namespaces)
     informers = [Informer(r, STORE, ns, accepts) for r in OWNED for ns in scopes]
     informers += [Informer(NODES, STORE), Informer(LEASES, STORE, NODE_LEASE_NAMESPACE)]
+    CONFIG.kueue_served = CONFIG.kueue == "on" or (
+        CONFIG.kueue == "auto" and await loop.run_in_executor(None, kubeio.serves, queueing.API_VERSION)
+    )
+    if CONFIG.kueue_served:
+        informers += [Informer(KUEUE[0], STORE, ns, accepts) for ns in scopes] + [Informer(KUEUE[1], STORE)]
 
     def on_synced() -> None:
         if all(i.synced.is_set() for i in informers):
@@ -152,7 +164,8 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
     _running.update(informers=informers, watchdog=asyncio.create_task(lease_watchdog()))
     logger.info(
         f"watching {len(informers)} resource scopes; passes start once the cache has synced "
-        f"({CONFIG.job_workers} TrainingJob and {CONFIG.service_workers} InferenceService workers)"
+        f"({CONFIG.job_workers} TrainingJob and {CONFIG.service_workers} InferenceService workers; "
+        f"Kueue integration {'on' if CONFIG.kueue_served else 'off'})"
     )
 
 

@@ -157,10 +157,15 @@ def test_generated_serving_certificate_is_signed_by_the_ca_bundle(helm: str) -> 
             assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
 
 
-def test_namespaced_mode_grants_nothing_cluster_wide_but_reading_nodes(helm: str) -> None:
+def test_namespaced_mode_grants_nothing_cluster_wide_but_reading_nodes_and_kueue_classes(helm: str) -> None:
     objs = objects(render(helm, "--set=watchNamespaces={team-a,team-b}"))
     (cluster_role,) = find(objs, "ClusterRole")
-    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+    assert cluster_role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["kueue.x-k8s.io"], "resources": ["resourceflavors"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloadpriorityclasses"], "verbs": ["get"]},
+        {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "verbs": ["get"]},
+    ], "cluster-scoped and read only: nodes, and what a queued job's Workload is made with"
     roles = sorted(r["metadata"]["namespace"] for r in find(objs, "Role"))
     assert roles == ["kube-node-lease", "team-a", "team-b"]
     assert sorted(p["metadata"]["namespace"] for p in find(objs, "KopfPeering")) == ["team-a", "team-b"]

@@ -45,6 +45,8 @@ RESOURCES = {
     "deployment": ("apps", "deployments"),
     "horizontal_pod_autoscaler": ("autoscaling", "horizontalpodautoscalers"),
     "lease": ("coordination.k8s.io", "leases"),
+    "priority_class": ("scheduling.k8s.io", "priorityclasses"),
+    "workload": ("kueue.x-k8s.io", "workloads"),  # kubeio.patch_workload_status
 }
 
 
@@ -70,10 +72,10 @@ def calls_in_code() -> set[tuple[str, str, str]]:
 
 def watches_in_code() -> set[tuple[str, str, str]]:
     """(group, resource, verb) for the list+watch of every informer the operator starts."""
-    from aidc_operator.handlers.wiring import LEASES, NODES, OWNED
+    from aidc_operator.handlers.wiring import KUEUE, LEASES, NODES, OWNED
 
     found = set()
-    for r in (*OWNED, NODES, LEASES):
+    for r in (*OWNED, NODES, LEASES, *KUEUE):
         group = r.group_version.rpartition("/")[0]
         found |= {(group, r.plural, "list"), (group, r.plural, "watch")}
     return found

@@ -27,7 +27,7 @@ def test_gang_has_one_pod_per_rank_with_stable_dns_identity() -> None:
         assert labels[LABEL_JOB] == "mnist"
         assert labels[LABEL_RANK] == str(rank)
         assert labels[LABEL_ATTEMPT] == "2"
-        assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert "kueue.x-k8s.io/queue-name" not in labels, "the Workload queues the gang, not each pod"
         ref = pod["metadata"]["ownerReferences"][0]
         assert (ref["kind"], ref["uid"], ref["controller"]) == ("TrainingJob", "uid-123", True)
         assert pod["spec"]["restartPolicy"] == "Never"
