@@ -115,3 +115,26 @@ def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[O
     op = OperatorProcess(crds, tmp_path_factory.mktemp("operator") / "operator.log", ["t-*"]).start()
     yield op
     op.stop()
+
+
+@pytest.fixture
+def dev_kubelet(kube: Kube, namespace: str) -> Iterator[Path]:
+    """The development kubelet (hack/cluster/local_kubelet.py) for this test's namespace: runs its
+    aidc-labelled pods as local processes; yields the directory of their pod dirs."""
+    if kube.local is None:
+        pytest.skip("needs the project's local cluster")
+    state = kube.local.state_dir
+    log = (state / "logs").joinpath(f"kubelet-{namespace}.log").open("ab")
+    kubelet = str(ROOT / "hack" / "cluster" / "local_kubelet.py")
+    proc = subprocess.Popen(
+        [sys.executable, kubelet, "--state-dir", str(state), "--namespace", namespace],
+        env={**kube.env(), "PYTHONPATH": f"{ROOT / 'hack' / 'cluster'}:{ROOT / 'operator'}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield state / "pods" / namespace
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
