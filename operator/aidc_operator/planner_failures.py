@@ -70,23 +70,22 @@ class FailurePlanning:
             self.node_failure(current, v.lost, exits)
             return True
         assert v.exit is not None
-        decisive = v.exit
+        decisive, message = v.exit, describe(v.exit)
+        if v.kind == "retry" and decisive.exit_code == 6:  # the trainer's checkpoint was not saved
+            ckpt = st.last_checkpoint
+            message += f"; newest checkpoint: {f'step {ckpt.step}' if ckpt else 'none'}"
         st.last_failure = FailureRecord(
             reason=decisive.cause or decisive.reason,
-            message=describe(decisive),
+            message=message,
             node=decisive.node,
             time=gp.ts(self.now),
         )
         if v.kind == "fail":
             reason = FAIL_REASONS.get(decisive.exit_code, "NonRetryableExit")
             if reason == "NoValidCheckpoint":
-                self.condition(reason, True, reason, describe(decisive))
-            self.fail(reason, describe(decisive), current)
+                self.condition(reason, True, reason, message)
+            self.fail(reason, message, current)
             return True
-        message = describe(decisive)
-        if decisive.cause == "CheckpointSaveFailed" or decisive.exit_code == 6:
-            ckpt = st.last_checkpoint
-            message += f"; newest checkpoint: {f'step {ckpt.step}' if ckpt else 'none'}"
         if st.restarts >= policy.max_restarts:
             self.fail(
                 "BackoffLimitExceeded", f"{message}; maxRestarts={policy.max_restarts} reached", current
@@ -94,7 +93,6 @@ class FailurePlanning:
             return True
         st.restarts += 1
         delay = backoff_seconds(st.restarts, policy.backoff_seconds, policy.max_backoff_seconds)
-        st.last_failure.message = message
         self.event(
             "Warning",
             "PodFailed",
