@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
 from .api import InferenceServiceSpec, TrainingJobSpec
+from .builders import inferenceservice as isvc_build
 from .builders.trainingjob import RESERVED_ENV, RESERVED_ENV_PREFIXES
 from .handlers.validation import describe_validation_error
 
@@ -119,8 +121,8 @@ def validate_trainingjob(name: str, spec: Any) -> list[str]:
             problems.append(
                 f"spec.resources.{where}[{GPU}]: set by the operator from spec.gpusPerNode; set that instead"
             )
-    problems += _env_problems("spec.env", tj.env)
-    problems += _env_problems("spec.podTemplate.env", tj.pod_template.env)
+    problems += _env_problems("spec.env", tj.env, _trainer_reserved)
+    problems += _env_problems("spec.podTemplate.env", tj.pod_template.env, _trainer_reserved)
     problems += _label_problems("spec.podTemplate.labels", tj.pod_template.labels)
     if tj.master_port == TRAINER_METRICS_PORT:
         problems.append(
@@ -165,8 +167,10 @@ def validate_inferenceservice(name: str, spec: Any) -> list[str]:
         section = isvc.resources.get(where)
         if isinstance(section, dict) and GPU in section:
             problems.append(f"spec.resources.{where}[{GPU}]: set by the operator from spec.gpus; set that")
-    problems += _env_problems("spec.env", isvc.env)
-    problems += _env_problems("spec.podTemplate.env", isvc.pod_template.env)
+    problems += _env_problems("spec.env", isvc.env, isvc_build.RESERVED_ENV.__contains__)
+    problems += _env_problems(
+        "spec.podTemplate.env", isvc.pod_template.env, isvc_build.RESERVED_ENV.__contains__
+    )
     problems += _label_problems("spec.podTemplate.labels", isvc.pod_template.labels)
     problems += _image_problems("spec.image", isvc.image)
     return problems
@@ -192,7 +196,11 @@ def _name_problems(name: Any, kind: str, reserve: int) -> list[str]:
     return []
 
 
-def _env_problems(path: str, env: list[dict[str, Any]]) -> list[str]:
+def _trainer_reserved(name: str) -> bool:
+    return name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+def _env_problems(path: str, env: list[dict[str, Any]], reserved: Callable[[str], bool]) -> list[str]:
     problems: list[str] = []
     seen: set[str] = set()
     for i, var in enumerate(env):
@@ -200,7 +208,7 @@ def _env_problems(path: str, env: list[dict[str, Any]]) -> list[str]:
         if not isinstance(name, str) or not ENV_NAME.match(name):
             problems.append(f"{path}[{i}].name: {name!r} is not a valid environment variable name")
             continue
-        if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+        if reserved(name):
             problems.append(f"{path}[{i}].name: {name} is set by the operator and cannot be overridden")
         if name in seen:
             problems.append(f"{path}[{i}].name: {name} is set twice")

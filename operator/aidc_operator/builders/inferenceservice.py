@@ -61,6 +61,12 @@ class Unresolvable(Exception):
         self.reason, self.message = reason, message
 
 
+# The server's wiring, set by the operator; other AIDC_* tuning in spec.env reaches the server as given.
+RESERVED_ENV = frozenset(
+    {"AIDC_CHECKPOINT_DIR", "AIDC_MODEL_NAME", "AIDC_KEY_DIR", "AIDC_KEK_FILE", "AIDC_PORT"}
+)
+
+
 def resolve_storage(model: ModelSpec) -> ResolvedModel:
     assert model.storage is not None
     storage = model.storage
@@ -245,7 +251,6 @@ def deployment(
     labels = selector(owner, role)
     scheme = "HTTPS" if spec.tls_secret_ref else "HTTP"
     vols, mounts = volumes(spec, resolved)
-    reserved = {"AIDC_CHECKPOINT_DIR", "AIDC_MODEL_NAME", "AIDC_KEY_DIR", "AIDC_KEK_FILE", "AIDC_PORT"}
     container = {
         "name": "server",
         "image": spec.image,
@@ -253,7 +258,7 @@ def deployment(
         # Users may tune the server (AIDC_TORCH_THREADS, AIDC_LOG_LEVEL …); the wiring above is ours.
         "env": merge_env(
             drain_env(tmpl.termination_grace_period_seconds),
-            [v for v in [*spec.env, *tmpl.env] if v["name"] not in reserved],
+            [v for v in [*spec.env, *tmpl.env] if v["name"] not in RESERVED_ENV],
             server_env(owner, spec, model, resolved),
         ),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],

@@ -462,7 +462,7 @@ def ib_same_canary(name: str, s: dict[str, Any], d: st.DrawFn) -> tuple[str, str
 
 
 def ib_reserved_env(name: str, s: dict[str, Any], d: st.DrawFn) -> tuple[str, str]:
-    s["env"] = [{"name": d(st.sampled_from(["AIDC_MODEL_DIR", "AIDC_X"])), "value": "x"}]
+    s["env"] = [{"name": d(st.sampled_from(["AIDC_MODEL_NAME", "AIDC_PORT", "AIDC_KEY_DIR"])), "value": "x"}]
     return name, "spec.env[0].name"
 
 
