@@ -50,8 +50,9 @@ def default_trainingjob(spec: Any) -> dict[str, Any]:
 
 
 def default_inferenceservice(name: str, spec: Any) -> dict[str, Any]:
-    """The model's protocol name defaults to the InferenceService's name; the canary's to '<name>-canary'
-    (two models may not share a name on one endpoint)."""
+    """The model's protocol name defaults to the InferenceService's name, and the canary's to the same
+    name: both Deployments serve one URL behind one Service, so a client's /v2/models/<name>/infer must
+    find the model whichever pod answers."""
     if not isinstance(spec, dict):
         return spec
     out = copy.deepcopy(spec)
@@ -60,7 +61,8 @@ def default_inferenceservice(name: str, spec: Any) -> dict[str, Any]:
         model["name"] = name
     canary = out.get("canary")
     if isinstance(canary, dict) and isinstance(canary.get("model"), dict) and not canary["model"].get("name"):
-        canary["model"]["name"] = f"{name}-canary"
+        served = model.get("name") if isinstance(model, dict) else None
+        canary["model"]["name"] = served if isinstance(served, str) and served else name
     return out
 
 
@@ -142,6 +144,11 @@ def validate_inferenceservice(name: str, spec: Any) -> list[str]:
         isvc = InferenceServiceSpec.model_validate(spec)
     except ValidationError as e:
         return [*problems, describe_validation_error(e)]
+    if isvc.replicas.min < 1:
+        problems.append(
+            "spec.replicas.min: must be >= 1 (a HorizontalPodAutoscaler scales to zero only with the "
+            "HPAScaleToZero feature gate)"
+        )
     if isvc.replicas.min > isvc.replicas.max:
         problems.append(
             f"spec.replicas.min: {isvc.replicas.min} is more than spec.replicas.max ({isvc.replicas.max})"
@@ -151,6 +158,12 @@ def validate_inferenceservice(name: str, spec: Any) -> list[str]:
         models.append(("spec.canary.model", isvc.canary.model))
         if isvc.canary.model.model_dump() == isvc.model.model_dump():
             problems.append("spec.canary.model: is the same model as spec.model")
+        served = isvc.model.name or name
+        if isvc.canary.model.name and isvc.canary.model.name != served:
+            problems.append(
+                f"spec.canary.model.name: must be {served!r} (or unset): both Deployments serve one URL "
+                "behind one Service"
+            )
     for path, model in models:
         if (model.from_training_job is None) == (model.storage is None):
             problems.append(f"{path}: set exactly one of fromTrainingJob and storage")

@@ -101,23 +101,6 @@ def resolve_training_job(job: dict[str, Any]) -> ResolvedModel:
     )
 
 
-def spec_problems(spec: InferenceServiceSpec) -> list[str]:
-    """What the reconciler needs beyond the admission rules (admission.validate_inferenceservice, which
-    it applies too), naming the field."""
-    problems = []
-    if spec.replicas.min < 1:
-        problems.append(
-            "spec.replicas.min: must be >= 1 (a HorizontalPodAutoscaler scales to zero only with the "
-            "HPAScaleToZero feature gate)"
-        )
-    if spec.canary and spec.canary.model.name and spec.canary.model.name != model_name_of(spec):
-        problems.append(
-            f"spec.canary.model.name: must be {model_name_of(spec)!r} (or unset): both Deployments serve "
-            "one URL behind one Service"
-        )
-    return problems
-
-
 def model_name_of(spec: InferenceServiceSpec, isvc_name: str | None = None) -> str:
     return spec.model.name or isvc_name or ""
 

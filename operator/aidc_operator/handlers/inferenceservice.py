@@ -243,10 +243,9 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
     except ValidationError as e:
         return _invalid(body, describe_validation_error(e))
-    # The webhook's rules too (a cluster may run without the webhook), then the reconciler's own.
+    # The webhook's rules, enforced here too: a cluster without the webhook gets the same answer.
     raw = admission.default_inferenceservice(name, body.get("spec") or {})
-    problems = admission.validate_inferenceservice(name, raw) + build.spec_problems(spec)
-    if problems:
+    if problems := admission.validate_inferenceservice(name, raw):
         return _invalid(body, "; ".join(problems))
 
     owner = Owner.of(body)

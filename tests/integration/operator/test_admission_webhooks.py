@@ -116,6 +116,37 @@ def test_defaults_are_written_into_the_stored_spec(webhooked: Webhooked) -> None
     assert webhooked.kube.get_cr("trainingjobs", webhooked.ns, "cpu")["spec"]["gpusPerNode"] == 0
 
 
+def test_a_canary_defaulted_by_the_webhook_is_valid_to_the_reconciler(webhooked: Webhooked) -> None:
+    """One rule for defaulting and validation: the canary serves the primary's model name, so the spec
+    the mutating webhook stores is one the validating webhook and the reconciler both accept."""
+    storage = {"volume": {"emptyDir": {}}}
+    isvc = {
+        "apiVersion": "aidc.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "canaried"},
+        "spec": {
+            "model": {"storage": {**storage, "path": "v1"}},
+            "canary": {"trafficPercent": 10, "model": {"storage": {**storage, "path": "v2"}}},
+        },
+    }
+    out = webhooked.apply(json.dumps(isvc))
+    assert out.returncode == 0, out.stderr
+    spec = webhooked.kube.get_cr("inferenceservices", webhooked.ns, "canaried")["spec"]
+    assert spec["model"]["name"] == spec["canary"]["model"]["name"] == "canaried"
+
+    def reconciled() -> dict | None:
+        st = webhooked.kube.get_cr("inferenceservices", webhooked.ns, "canaried").get("status") or {}
+        return st if st.get("observedGeneration") == 1 else None
+
+    st = wait_for("the reconciler's verdict", reconciled, timeout=60)
+    assert not any(c["type"] == "Invalid" and c["status"] == "True" for c in st.get("conditions") or []), st
+    # A name that differs is rejected by the webhook, naming the field.
+    isvc["metadata"]["name"] = "renamed"
+    isvc["spec"]["canary"]["model"]["name"] = "other"
+    out = webhooked.apply(json.dumps(isvc))
+    assert out.returncode != 0 and "spec.canary.model.name: must be 'renamed'" in out.stderr
+
+
 def test_invalid_spec_is_rejected_with_every_field_named(webhooked: Webhooked) -> None:
     out = webhooked.apply(
         trainingjob("bad", procPerNode=4, gpusPerNode=2, env=[{"name": "RANK", "value": "3"}])

@@ -410,8 +410,8 @@ def model(draw: st.DrawFn) -> dict[str, Any]:
 @st.composite
 def valid_isvc(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     spec: dict[str, Any] = {"model": draw(model())}
-    lo = draw(st.integers(0, 1000))
-    spec["replicas"] = {"min": lo, "max": draw(st.integers(max(lo, 1), 1000))}
+    lo = draw(st.integers(1, 1000))
+    spec["replicas"] = {"min": lo, "max": draw(st.integers(lo, 1000))}
     gpus = draw(st.integers(0, 16))
     maybe(spec, "gpus", gpus, draw(st.booleans()))
     if gpus == 0 and draw(st.booleans()):
@@ -420,7 +420,11 @@ def valid_isvc(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     maybe(spec, "port", draw(st.integers(1024, 65535)), draw(st.booleans()))
     if draw(st.booleans()):
         canary = draw(model())
-        canary["name"] = "canary-" + draw(dns1123)
+        canary.pop("name", None)  # unset, or the primary's: one URL behind one Service
+        # A different model (a canary of the same model is invalid): another hot-swap interval.
+        canary["watchSeconds"] = (spec["model"].get("watchSeconds", 30) + 1) % 86401
+        if draw(st.booleans()) and spec["model"].get("name"):
+            canary["name"] = spec["model"]["name"]
         spec["canary"] = {"trafficPercent": draw(st.integers(0, 100)), "model": canary}
     names = draw(st.lists(env_name, max_size=3, unique=True))
     maybe(spec, "env", [{"name": n, "value": "v"} for n in names], bool(names))
@@ -431,6 +435,19 @@ def ib_replicas(name: str, s: dict[str, Any], d: st.DrawFn) -> tuple[str, str]:
     hi = d(st.integers(1, 999))
     s["replicas"] = {"min": d(st.integers(hi + 1, 1000)), "max": hi}
     return name, "spec.replicas.min"
+
+
+def ib_scale_to_zero(name: str, s: dict[str, Any], d: st.DrawFn) -> tuple[str, str]:
+    s["replicas"] = {"min": 0, "max": d(st.integers(1, 1000))}
+    return name, "spec.replicas.min"
+
+
+def ib_canary_name(name: str, s: dict[str, Any], d: st.DrawFn) -> tuple[str, str]:
+    canary = copy.deepcopy(s["model"])
+    canary["name"] = "other-" + d(dns1123)
+    canary["watchSeconds"] = 7  # not the same model: only the name is wrong
+    s["canary"] = {"trafficPercent": 10, "model": canary}
+    return name, "spec.canary.model.name"
 
 
 def ib_both_sources(name: str, s: dict[str, Any], d: st.DrawFn) -> tuple[str, str]:
@@ -482,6 +499,8 @@ def ib_gpu_resource(name: str, s: dict[str, Any], d: st.DrawFn) -> tuple[str, st
 
 ISVC_BREAKERS: list[Breaker] = [
     ib_replicas,
+    ib_scale_to_zero,
+    ib_canary_name,
     ib_both_sources,
     ib_no_source,
     ib_path_escape,
@@ -510,6 +529,8 @@ def test_valid_inferenceservices_are_accepted_before_and_after_defaulting() -> N
         defaulted = default_inferenceservice(name, spec)
         assert validate_inferenceservice(name, defaulted) == []
         assert defaulted["model"]["name"] == spec["model"].get("name", name)
+        if "canary" in defaulted:
+            assert defaulted["canary"]["model"]["name"] == defaulted["model"]["name"], "one URL"
         assert default_inferenceservice(name, defaulted) == defaulted
 
 

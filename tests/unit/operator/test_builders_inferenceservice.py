@@ -190,13 +190,6 @@ def test_effective_share_is_reported_honestly() -> None:
     assert build.effective_canary_percent(3, 0, 50) == 0
 
 
-def test_spec_problems_name_the_field() -> None:
-    assert build.spec_problems(spec()) == []
-    assert "spec.replicas.min" in build.spec_problems(spec(replicas={"min": 0, "max": 2}))[0]
-    named = spec(canary={"trafficPercent": 5, "model": {"fromTrainingJob": "b", "name": "other"}})
-    assert build.spec_problems(named)[0].startswith("spec.canary.model.name:")
-
-
 def test_user_pod_template_is_merged() -> None:
     s = spec(
         podTemplate={
