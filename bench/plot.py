@@ -139,3 +139,7 @@ if __name__ == "__main__":
     print(node_failure())
     if SCALE_CURVE.exists():
         print(scale())
+    if (queueing_results := ROOT / "bench" / "results" / "queueing.json").exists():
+        from _queueing_plot import queueing
+
+        print(queueing(queueing_results))

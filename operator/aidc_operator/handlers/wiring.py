@@ -144,9 +144,11 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
     scopes, accepts = namespace_filter(CONFIG.namespaces)
     informers = [Informer(r, STORE, ns, accepts) for r in OWNED for ns in scopes]
     informers += [Informer(NODES, STORE), Informer(LEASES, STORE, NODE_LEASE_NAMESPACE)]
-    CONFIG.kueue_served = CONFIG.kueue == "on" or (
-        CONFIG.kueue == "auto" and await loop.run_in_executor(None, kubeio.serves, queueing.API_VERSION)
-    )
+    if CONFIG.kueue != "off":
+        CONFIG.kueue_served = await loop.run_in_executor(None, kubeio.serves, queueing.API_VERSION)
+        if CONFIG.kueue == "on" and not CONFIG.kueue_served:
+            # Its informers would never sync, and no pass would ever run: refuse to start instead.
+            raise kopf.PermanentError(f"--kueue on, but the cluster does not serve {queueing.API_VERSION}")
     if CONFIG.kueue_served:
         informers += [Informer(KUEUE[0], STORE, ns, accepts) for ns in scopes] + [Informer(KUEUE[1], STORE)]
 
