@@ -184,11 +184,18 @@ def _dynamic_create(obj: dict[str, Any]) -> Any:
 
 def patch_workload_status(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
     """Merge-patches a Kueue Workload's status; None when it is gone."""
+    return _patch_workload(custom().patch_namespaced_custom_object_status, namespace, name, patch)
+
+
+def patch_workload(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge-patches a Kueue Workload (its spec.active); None when it is gone."""
+    return _patch_workload(custom().patch_namespaced_custom_object, namespace, name, patch)
+
+
+def _patch_workload(call: Any, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
     try:
         return raw(
-            custom().patch_namespaced_custom_object_status(
-                "kueue.x-k8s.io", "v1beta2", namespace, "workloads", name, patch, _preload_content=False
-            )
+            call("kueue.x-k8s.io", "v1beta2", namespace, "workloads", name, patch, _preload_content=False)
         )
     except ApiException as e:
         if e.status == 404:

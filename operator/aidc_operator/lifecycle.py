@@ -72,6 +72,7 @@ class Plan:
     delete_job: bool = False
     create_workload: bool = False  # Kueue: the job's Workload is to be made
     workload_write: Literal["requeue", "finished"] | None = None  # Kueue: the Workload status to write
+    workload_active: bool | None = None  # Kueue: set the Workload's spec.active (suspend / resume)
 
 
 class _Planner(FailurePlanning, QueuePlanning):
@@ -321,6 +322,7 @@ class _Planner(FailurePlanning, QueuePlanning):
         if self.status.phase != "Suspended":
             self.gpu_accounting([p for p in pods if gp.attempt(p) == self.status.attempt], close=True)
         self.delete_pods(pods)
+        self.suspend_workload(pods)
         self.status.ready_nodes = 0
         self.status.nodes = f"0/{self.spec.nodes}"
         self.condition("Suspended", True, "Suspended", "spec.suspend is true; pods deleted")

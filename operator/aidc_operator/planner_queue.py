@@ -32,6 +32,8 @@ class QueuePlanning:
         """May the gang run? Otherwise say why on the job (phase Queued, Kueue's own reason)."""
         gate, st = self.queue, self.status
         assert gate is not None
+        if not gate.active:
+            self.plan.workload_active = True  # resumed: back in the queue
         if gate.state == "admitted":
             if st.phase == "Queued":
                 st.phase = "Pending"
@@ -61,6 +63,17 @@ class QueuePlanning:
         self.condition("Running", False, "Queued", gate.message)
         self.plan.requeue_after = 1 if current else self.plan.requeue_after  # pods going: look again soon
         return False
+
+    def suspend_workload(self, pods: list[dict[str, Any]]) -> None:
+        """A suspended job gives its quota back: its Workload is deactivated (Kueue evicts it), and once
+        the pods are gone the admission is cleared, as for any eviction."""
+        gate = self.queue
+        if gate is None:
+            return
+        if gate.active:
+            self.plan.workload_active = False
+        elif gate.state == "evicted" and not pods:
+            self.plan.workload_write = "requeue"
 
     def queue_placement(self) -> tuple[dict[str, str], list[dict[str, Any]]] | None:
         if self.queue is None:

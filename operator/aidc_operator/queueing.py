@@ -95,6 +95,7 @@ class Gate:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False  # the Workload already carries Finished
+    active: bool = True  # the Workload's spec.active (False while the job is suspended)
 
 
 def _condition(wl: Mapping[str, Any], type_: str) -> dict[str, Any] | None:
@@ -110,9 +111,11 @@ def gate(wl: Mapping[str, Any] | None, flavors: Mapping[str, Mapping[str, Any]])
     if wl is None:
         return Gate("create", "WorkloadPending", "creating the Workload for Kueue")
     finished = _true(wl, "Finished")
+    active = (wl.get("spec") or {}).get("active", True) is not False
     if _true(wl, "Evicted"):
         c = _condition(wl, "Evicted") or {}
-        return Gate("evicted", c.get("reason", "Evicted"), c.get("message", ""), finished=finished)
+        reason, message = c.get("reason", "Evicted"), c.get("message", "")
+        return Gate("evicted", reason, message, finished=finished, active=active)
     if _true(wl, "Admitted") and (admission := (wl.get("status") or {}).get("admission")):
         selector: dict[str, str] = {}
         tolerations: list[dict[str, Any]] = []
@@ -121,15 +124,13 @@ def gate(wl: Mapping[str, Any] | None, flavors: Mapping[str, Mapping[str, Any]])
                 fl = (flavors.get(name) or {}).get("spec") or {}
                 selector.update(fl.get("nodeLabels") or {})
                 tolerations += [t for t in fl.get("tolerations") or [] if t not in tolerations]
-        where = admission.get("clusterQueue", "")
-        return Gate(
-            "admitted", "Admitted", f"admitted by ClusterQueue {where}", selector, tolerations, finished
-        )
+        message = f"admitted by ClusterQueue {admission.get('clusterQueue', '')}"
+        return Gate("admitted", "Admitted", message, selector, tolerations, finished, active)
     c = _condition(wl, "QuotaReserved") or {}
     # Kueue's own words: "couldn't assign flavors …", "LocalQueue x doesn't exist" …
     reason = c.get("reason") or "Pending"
     message = c.get("message") or "waiting for Kueue to admit the Workload"
-    return Gate("queued", reason, message, finished=finished)
+    return Gate("queued", reason, message, finished=finished, active=active)
 
 
 def requeue_status(wl: Mapping[str, Any], now: str) -> dict[str, Any]:

@@ -57,7 +57,7 @@ tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i
 {{- define "aidc.rules.namespaced" -}}
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
-  verbs: [list, watch, create]
+  verbs: [list, watch, create, patch]
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads/status]
   verbs: [patch]

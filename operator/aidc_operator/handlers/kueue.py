@@ -59,6 +59,14 @@ def write(
                 lifecycle.Event("Normal", "WorkloadCreated", f"Workload {name} queued in {queue!r}")
             )
     wl = STORE.get(queueing.WORKLOAD, ns, name)
+    active = plan.workload_active
+    if (
+        active is not None
+        and wl is not None
+        and (stored := kubeio.patch_workload(ns, name, {"spec": {"active": active}}))
+    ):
+        STORE.upsert(queueing.WORKLOAD, stored)
+        wl = stored
     if plan.workload_write is None or wl is None:
         return events
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

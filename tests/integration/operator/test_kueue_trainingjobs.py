@@ -164,3 +164,30 @@ def test_a_queue_that_does_not_exist_is_a_clear_condition(
     )
     assert "doesn't exist" in cond["message"] or "not exist" in cond["message"], cond
     assert not pods_of(kube, namespace, "lost")
+
+
+def test_a_suspended_job_gives_its_quota_back_and_runs_again_when_resumed(
+    kube: Kube, kueue: dict[str, str], namespace: str
+) -> None:
+    local_queue(kube, namespace, "gpu", kueue["cq-h100"])
+    queued_job(kube, namespace, "paused", "gpu", nodes=2, gpusPerNode=8, procPerNode=1)
+    wait_running(kube, namespace, "paused", attempt=0, nodes=2, timeout=120)
+    queued_job(kube, namespace, "waiting", "gpu", nodes=2, gpusPerNode=8, procPerNode=1)
+    wait_for("waiting Queued", lambda: queued(kube, namespace, "waiting"), timeout=120)
+
+    patch = {"spec": {"suspend": True}}
+    kube.custom.patch_namespaced_custom_object(
+        "aidc.dev", "v1alpha1", namespace, "trainingjobs", "paused", patch
+    )
+    wait_running(kube, namespace, "waiting", attempt=0, nodes=2, timeout=180)  # the quota it held
+    assert status(kube, namespace, "paused")["phase"] == "Suspended" and not pods_of(
+        kube, namespace, "paused"
+    )
+
+    patch = {"spec": {"suspend": False}}
+    kube.custom.patch_namespaced_custom_object(
+        "aidc.dev", "v1alpha1", namespace, "trainingjobs", "paused", patch
+    )
+    wait_for("paused back in the queue", lambda: queued(kube, namespace, "paused"), timeout=120)
+    finish(kube, namespace, "waiting")
+    wait_running(kube, namespace, "paused", attempt=1, nodes=2, timeout=180)

@@ -156,3 +156,22 @@ def test_a_finished_job_marks_its_workload_finished_once() -> None:
 def test_a_job_in_no_queue_behaves_as_before() -> None:
     p = plan(body(), SPEC, [], HEALTH, NOW, queue=None)
     assert len(p.create) == 2 and not p.create_workload and p.status.phase == "Pending"
+
+
+def test_a_suspended_job_gives_its_quota_back_and_queues_again_when_resumed() -> None:
+    spec = TrainingJobSpec(nodes=2, gpusPerNode=4, procPerNode=4, suspend=True)
+    admitted = queueing.gate(
+        wl(("QuotaReserved", "True", "x"), ("Admitted", "True", "x"), admitted_to="a100"), FLAVORS
+    )
+    p = plan(body({"phase": "Running"}), spec, running(0), HEALTH, NOW, queue=admitted)
+    assert p.status.phase == "Suspended" and len(p.delete) == 2
+    assert p.workload_active is False, "deactivated: Kueue evicts it and frees the quota"
+    inactive = {**wl(("Admitted", "True", "x"), ("Evicted", "True", "InactiveWorkload"), admitted_to="a100")}
+    inactive["spec"] = {"active": False}
+    gone = plan(body(p.status.wire()), spec, [], HEALTH, NOW, queue=queueing.gate(inactive, FLAVORS))
+    assert gone.workload_write == "requeue" and gone.workload_active is None
+    resumed = TrainingJobSpec(nodes=2, gpusPerNode=4, procPerNode=4)
+    queued = {**wl(("QuotaReserved", "False", "Pending")), "spec": {"active": False}}
+    back = plan(body(gone.status.wire()), resumed, [], HEALTH, NOW, queue=queueing.gate(queued, FLAVORS))
+    back = plan(body(back.status.wire()), resumed, [], HEALTH, NOW, queue=queueing.gate(queued, FLAVORS))
+    assert back.workload_active is True and back.create == [] and back.status.phase == "Queued"
