@@ -144,6 +144,9 @@ def main() -> int:
             last = line
         if st.get("phase") == "Failed":
             raise ClusterError(f"the demo job failed: {st.get('lastFailure')}")
+        for cond in st.get("conditions") or []:
+            if cond.get("type") == "Invalid" and cond.get("status") == "True":
+                raise ClusterError(f"the demo job is invalid: {cond.get('message')}")
         return st.get("phase") == "Succeeded"
 
     poll("the demo TrainingJob to succeed", finished, 600, 2)
