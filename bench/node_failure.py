@@ -61,6 +61,14 @@ def running_pods(c: LocalCluster, selector: str) -> list[dict]:
     ]
 
 
+def gang_moved(c: LocalCluster, sel: str, victim: str) -> bool:
+    """Both pods of a later attempt Running, neither on the dead node."""
+    pods = running_pods(c, sel)
+    return len(pods) == 2 and all(
+        p["spec"]["nodeName"] != victim and p["metadata"]["labels"]["aidc.dev/attempt"] != "0" for p in pods
+    )
+
+
 def all_nodes_ready(c: LocalCluster) -> bool:
     nodes = kubectl_json(c, "get", "nodes")["items"]
     return len(nodes) == c.nodes and all(
@@ -103,14 +111,7 @@ def aidc_trial(c: LocalCluster, i: int) -> float:
     c.stop_node_agent(victim)
     poll(
         f"{name} recovered",
-        lambda: (
-            (pods := running_pods(c, sel))
-            and len(pods) == 2
-            and all(
-                p["spec"]["nodeName"] != victim and p["metadata"]["labels"]["aidc.dev/attempt"] != "0"
-                for p in pods
-            )
-        ),
+        lambda: gang_moved(c, sel, victim),
         300,
         0.1,
     )
@@ -279,14 +280,7 @@ def power_cut_trial(c: LocalCluster, i: int, interval: int) -> dict[str, Any]:
     c.stop_node_agent(victim)
     poll(
         f"{name} Running again",
-        lambda: (
-            (pods := running_pods(c, sel))
-            and len(pods) == 2
-            and all(
-                p["spec"]["nodeName"] != victim and p["metadata"]["labels"]["aidc.dev/attempt"] != "0"
-                for p in pods
-            )
-        ),
+        lambda: gang_moved(c, sel, victim),
         300,
         0.1,
     )
