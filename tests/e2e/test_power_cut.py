@@ -14,7 +14,9 @@ from tests.e2e.helpers import events_of, hostpath_claim, status
 from tests.kube import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-INTERVAL, STEPS = 200, 1000
+# A wide interval: the test polls the log every 50 ms and must cut between two checkpoints even when a
+# loaded machine keeps it from running for a second or more (a few ms a step on a quiet one).
+INTERVAL, STEPS = 500, 2000
 
 
 def pod_of(kube: Kube, ns: str, attempt: int, rank: int):
@@ -61,16 +63,17 @@ def test_power_cut_after_a_checkpoint_loses_at_most_one_interval(
         return saved if saved is not None and step is not None and step >= saved + 10 else None
 
     # torch start-up and the first checkpoint on a loaded 2-core machine: a budget, not a goal.
-    saved = wait_for(
-        "ten steps past the first checkpoint", ten_steps_after_a_checkpoint, timeout=480, interval=0.05
-    )
+    wait_for("ten steps past the first checkpoint", ten_steps_after_a_checkpoint, timeout=480, interval=0.05)
     victim_pod = pod_of(kube, namespace, 0, rank)
     victim = victim_pod.spec.node_name
     victim_log = kubelet / victim_pod.metadata.name / "log"
     kube.fail_node(victim)  # the power cut: every process of every pod on it dies now
     written_at_cut = victim_log.stat().st_size
-    cut_step = max(e["step"] for e in events_of(log0) if e.get("event") == "train")
-    assert cut_step < saved + INTERVAL, "the cut must fall between two checkpoints"
+    # No rank takes a step past the cut (every step all-reduces with the dead rank): what rank 0 logged
+    # is where training stopped, and its newest checkpoint is the one to resume from.
+    before_cut = events_of(log0)
+    cut_step = max(e["step"] for e in before_cut if e.get("event") == "train")
+    saved = max(e["step"] for e in before_cut if e.get("event") == "checkpoint")
 
     wait_for(
         "the job to finish",
