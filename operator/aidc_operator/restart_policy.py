@@ -113,7 +113,7 @@ def _from_reports(name: str, node: str | None, reason: str, reports: list[dict[s
         )
         for r in reports
     ]
-    return max(exits, key=lambda e: severity(e, []))
+    return worst(exits, [])
 
 
 def terminated(pod: dict[str, Any]) -> PodExit | None:

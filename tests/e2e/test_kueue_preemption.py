@@ -4,13 +4,12 @@ counting a restart, and when it is admitted again it resumes from exactly that c
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests import kueue_objects as ko
 from tests.e2e.helpers import events_of, hostpath_claim, status
 from tests.kube import Kube, wait_for
 
@@ -21,54 +20,18 @@ GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 @pytest.fixture
 def one_gpu_queue(kube: Kube, namespace: str) -> Iterator[dict[str, str]]:
     """A ClusterQueue with room for one 1-GPU job, its LocalQueue, and two priority classes."""
-    if kube.local is None or not kube.local.kueue:
-        pytest.skip("needs the local cluster's Kueue (started unless AIDC_KUEUE=0)")
-    tag = uuid.uuid4().hex[:5]
+    ko.need_kueue(kube)
+    tag = ko.run_tag()
     names = {"flavor": f"any-{tag}", "cq": f"one-gpu-{tag}", "low": f"low-{tag}", "high": f"high-{tag}"}
-    cluster_objects: list[tuple[str, dict[str, Any]]] = [
-        ("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": names["flavor"]}, "spec": {}}),
-        (
-            "clusterqueues",
-            {
-                "kind": "ClusterQueue",
-                "metadata": {"name": names["cq"]},
-                "spec": {
-                    "namespaceSelector": {},
-                    "preemption": {"withinClusterQueue": "LowerPriority"},
-                    "resourceGroups": [
-                        {
-                            "coveredResources": ["nvidia.com/gpu"],
-                            "flavors": [
-                                {
-                                    "name": names["flavor"],
-                                    "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 1}],
-                                }
-                            ],
-                        }
-                    ],
-                },
-            },
-        ),
-        (
-            "workloadpriorityclasses",
-            {"kind": "WorkloadPriorityClass", "metadata": {"name": names["low"]}, "value": 10},
-        ),
-        (
-            "workloadpriorityclasses",
-            {"kind": "WorkloadPriorityClass", "metadata": {"name": names["high"]}, "value": 99},
-        ),
+    objects = [
+        ko.flavor(names["flavor"]),
+        ko.gpu_cluster_queue(names["cq"], names["flavor"], 1),
+        ko.priority_class(names["low"], 10),
+        ko.priority_class(names["high"], 99),
     ]
-    for plural, obj in cluster_objects:
-        kube.custom.create_cluster_custom_object(
-            GROUP, VERSION, plural, {"apiVersion": f"{GROUP}/{VERSION}", **obj}
-        )
-    queue = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue", "metadata": {"name": "gpu"}}
-    kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, "localqueues", {**queue, "spec": {"clusterQueue": names["cq"]}}
-    )
-    yield names
-    for plural, obj in reversed(cluster_objects):
-        kube.custom.delete_cluster_custom_object(GROUP, VERSION, plural, obj["metadata"]["name"])
+    with ko.created(kube, objects):
+        ko.local_queue(kube, namespace, "gpu", names["cq"])
+        yield names
 
 
 def job(kube: Kube, ns: str, name: str, priority: str, steps: int, claim: str) -> None:
