@@ -78,6 +78,9 @@ def write(
         patch = queueing.finished_status(
             wl, st.phase == "Succeeded", "succeeded" if st.phase == "Succeeded" else failed, now
         )
+    # The conditions list is replaced whole from the cached Workload: only if Kueue has not written it
+    # since (a conflict fails the pass, which is retried with the newer object).
+    patch["metadata"] = {"resourceVersion": wl["metadata"]["resourceVersion"]}
     if stored := kubeio.patch_workload_status(ns, name, patch):
         STORE.upsert(queueing.WORKLOAD, stored)
     return events

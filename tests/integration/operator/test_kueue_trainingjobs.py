@@ -4,12 +4,12 @@ is the kubelet's report (see test_trainingjob.py)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests import kueue_objects as ko
 from tests.integration.operator.test_trainingjob import events, status, succeed_pod, wait_running
 from tests.kube import Kube, wait_for
 
@@ -18,61 +18,24 @@ GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 POOL = "aidc.dev/gpu-pool"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def kueue(kube: Kube, operator) -> Iterator[dict[str, str]]:
-    """A flavor per pool, a 16-GPU ClusterQueue on each, and two priority classes — named for this run."""
-    if kube.local is None or not kube.local.kueue:
-        pytest.skip("needs the local cluster's Kueue (started unless AIDC_KUEUE=0)")
-    tag = uuid.uuid4().hex[:5]
-    names = {"h100": f"h100-{tag}", "a100": f"a100-{tag}", "low": f"low-{tag}", "high": f"high-{tag}"}
-    objects: list[tuple[str, dict[str, Any]]] = []
+    """A flavor per pool, a 16-GPU ClusterQueue on each, and two priority classes, for this test alone:
+    a queue shared across tests would still count an earlier test's Workloads while its namespace is
+    being deleted."""
+    ko.need_kueue(kube)
+    tag = ko.run_tag()
+    names = {"low": f"low-{tag}", "high": f"high-{tag}"}
+    objects: list[ko.Obj] = []
     for pool in ("h100", "a100"):
-        objects.append(
-            ("resourceflavors", {"metadata": {"name": names[pool]}, "spec": {"nodeLabels": {POOL: pool}}})
-        )
-        queue = {
-            "metadata": {"name": f"{pool}-{tag}"},
-            "spec": {
-                "namespaceSelector": {},
-                "preemption": {"withinClusterQueue": "LowerPriority"},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["nvidia.com/gpu"],
-                        "flavors": [
-                            {
-                                "name": names[pool],
-                                "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 16}],
-                            }
-                        ],
-                    }
-                ],
-            },
-        }
-        objects.append(("clusterqueues", queue))
-        names[f"cq-{pool}"] = f"{pool}-{tag}"
-    for level, value in (("low", 100), ("high", 1000)):
-        objects.append(("workloadpriorityclasses", {"metadata": {"name": names[level]}, "value": value}))
-    kinds = {
-        "resourceflavors": "ResourceFlavor",
-        "clusterqueues": "ClusterQueue",
-        "workloadpriorityclasses": "WorkloadPriorityClass",
-    }
-    for plural, obj in objects:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kinds[plural], **obj}
-        kube.custom.create_cluster_custom_object(GROUP, VERSION, plural, body)
-    yield names
-    for plural, obj in reversed(objects):
-        kube.custom.delete_cluster_custom_object(GROUP, VERSION, plural, obj["metadata"]["name"])
-
-
-def local_queue(kube: Kube, ns: str, name: str, cluster_queue: str) -> None:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LocalQueue",
-        "metadata": {"name": name},
-        "spec": {"clusterQueue": cluster_queue},
-    }
-    kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "localqueues", body)
+        names[pool], names[f"cq-{pool}"] = f"{pool}-{tag}", f"{pool}-{tag}"
+        objects += [
+            ko.flavor(names[pool], {POOL: pool}),
+            ko.gpu_cluster_queue(names[f"cq-{pool}"], names[pool], 16),
+        ]
+    objects += [ko.priority_class(names["low"], 100), ko.priority_class(names["high"], 1000)]
+    with ko.created(kube, objects):
+        yield names
 
 
 def queued_job(kube: Kube, ns: str, name: str, queue: str, priority: str | None = None, **spec: Any) -> None:
@@ -106,7 +69,7 @@ def finish(kube: Kube, ns: str, name: str) -> None:
 def test_quota_admits_two_gangs_and_queues_the_third_until_one_finishes(
     kube: Kube, kueue: dict[str, str], namespace: str
 ) -> None:
-    local_queue(kube, namespace, "gpu", kueue["cq-h100"])
+    ko.local_queue(kube, namespace, "gpu", kueue["cq-h100"])
     for name in ("one", "two", "three"):
         queued_job(kube, namespace, name, "gpu", nodes=2, gpusPerNode=4, procPerNode=4)
         if name != "three":
@@ -128,7 +91,7 @@ def test_quota_admits_two_gangs_and_queues_the_third_until_one_finishes(
 def test_a_job_admitted_to_the_a100_flavor_runs_on_a100_nodes(
     kube: Kube, kueue: dict[str, str], namespace: str
 ) -> None:
-    local_queue(kube, namespace, "a100", kueue["cq-a100"])
+    ko.local_queue(kube, namespace, "a100", kueue["cq-a100"])
     queued_job(kube, namespace, "pool", "a100", nodes=2, gpusPerNode=8, procPerNode=1)
     pods = wait_running(kube, namespace, "pool", attempt=0, nodes=2, timeout=120)
     assert {kube.node(p.spec.node_name).metadata.labels[POOL] for p in pods} == {"a100"}
@@ -137,7 +100,7 @@ def test_a_job_admitted_to_the_a100_flavor_runs_on_a100_nodes(
 def test_priority_preempts_without_counting_a_failure_and_the_preempted_job_resumes(
     kube: Kube, kueue: dict[str, str], namespace: str
 ) -> None:
-    local_queue(kube, namespace, "gpu", kueue["cq-h100"])
+    ko.local_queue(kube, namespace, "gpu", kueue["cq-h100"])
     queued_job(kube, namespace, "batch", "gpu", kueue["low"], nodes=2, gpusPerNode=8, procPerNode=1)
     wait_running(kube, namespace, "batch", attempt=0, nodes=2, timeout=120)
     queued_job(kube, namespace, "urgent", "gpu", kueue["high"], nodes=2, gpusPerNode=8, procPerNode=1)
@@ -169,7 +132,7 @@ def test_a_queue_that_does_not_exist_is_a_clear_condition(
 def test_a_suspended_job_gives_its_quota_back_and_runs_again_when_resumed(
     kube: Kube, kueue: dict[str, str], namespace: str
 ) -> None:
-    local_queue(kube, namespace, "gpu", kueue["cq-h100"])
+    ko.local_queue(kube, namespace, "gpu", kueue["cq-h100"])
     queued_job(kube, namespace, "paused", "gpu", nodes=2, gpusPerNode=8, procPerNode=1)
     wait_running(kube, namespace, "paused", attempt=0, nodes=2, timeout=120)
     queued_job(kube, namespace, "waiting", "gpu", nodes=2, gpusPerNode=8, procPerNode=1)
