@@ -13,8 +13,10 @@ Each ``.bin`` is ``torch.save`` output, AES-256-GCM encrypted in chunks (aidc_tr
 key ring is given. The manifest's ``mac`` (HMAC-SHA256 under a key derived from the data key) makes
 the manifest itself tamper-evident, so a rewritten sha256 or model factory is caught.
 
-This module saves; reading and verifying live in ``checkpoint_format``, the collective resume
-decision in ``checkpoint_resume``. Both are re-exported here, the stable import path.
+This module saves: the training thread's snapshot and the background writer thread. Rank 0's
+manifest publish and keep-N pruning live in ``checkpoint_publish``, reading and verifying in
+``checkpoint_format``, the collective resume decision in ``checkpoint_resume``. The reading API is
+re-exported here, the stable import path.
 
 Public API used by the model server: :func:`load_latest`, :func:`list_checkpoints`, :func:`verify`,
 :func:`build_model_from_manifest`, :class:`LoadedCheckpoint`.
@@ -23,9 +25,7 @@ Public API used by the model server: :func:`load_latest`, :func:`list_checkpoint
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -38,16 +38,15 @@ from typing import Any
 
 import torch
 
+from aidc_trainer import checkpoint_publish as publish
 from aidc_trainer import checkpoint_resume
 from aidc_trainer.checkpoint_format import (
     FORMAT,
     MANIFEST,
     LoadedCheckpoint,
-    _manifest_mac,
     _step_of,
     build_model_from_manifest,
     file_identity,
-    fsync_dir,
     list_checkpoints,
     load_checkpoint,
     load_latest,
@@ -58,8 +57,9 @@ from aidc_trainer.checkpoint_format import (
     utc_now,
     verify,
 )
-from aidc_trainer.crypto import EncryptingWriter, KeyRing
+from aidc_trainer.crypto import EncryptingWriter
 from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
+from aidc_trainer.keyring import KeyRing
 
 __all__ = [
     "FORMAT",
@@ -277,17 +277,27 @@ class Checkpointer:
         if failed:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            err = _summarise(failed)
+            err = publish.summarise(failed)
         else:
             if self.rank == 0:
                 try:
-                    self._publish(tmp, step, results, key_id, extra)
+                    publish.publish(
+                        self.root,
+                        tmp,
+                        step,
+                        self.world_size,
+                        results,
+                        key_id,
+                        self.keyring,
+                        self.model_spec,
+                        extra,
+                    )
                 except Exception as e:  # EROFS, ENOSPC on the manifest, a failed rename or fsync…
                     shutil.rmtree(tmp, ignore_errors=True)
                     err = f"publishing {step_dir_name(step)}: {type(e).__name__}: {e}"
                 else:
                     try:
-                        self._prune()
+                        publish.prune(self.root, self.keep)
                     except OSError as e:  # the new checkpoint is in place; old ones stay a while
                         log.warning("pruning old checkpoints failed: %s", e)
             # Only rank 0 knows whether it published: tell the others, so every rank's result (and
@@ -330,60 +340,14 @@ class Checkpointer:
         dist.all_gather_object(out, mine, group=self.group)
         return out
 
-    def _publish(
-        self, tmp: Path, step: int, results: list[dict[str, Any]], key_id: str | None, extra: dict[str, Any]
-    ) -> Path:
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "step": step,
-            "world_size": self.world_size,
-            "key_id": key_id,
-            "files": {r["name"]: {"size": r["size"], "sha256": r["sha256"]} for r in results},
-            "model": self.model_spec,
-            "time": utc_now(),
-            "job": os.environ.get("AIDC_JOB_NAME"),
-            "extra": extra,
-        }
-        if key_id is not None:
-            assert self.keyring is not None
-            manifest["mac"] = _manifest_mac(self.keyring.key(key_id), manifest)
-        part = tmp / (MANIFEST + ".part")
-        with open(part, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, tmp / MANIFEST)
-        fsync_dir(tmp)
-        final = self.root / step_dir_name(step)
-        if final.exists():  # a stale or corrupt copy of this step from an earlier attempt
-            _discard(final)
-        os.rename(tmp, final)  # atomic: readers see all of the checkpoint or none of it
-        fsync_dir(self.root)
-        return final
-
     def retained_key_ids(self) -> list[str]:
-        """Key ids the checkpoints still on disk were written with (reported to the operator, which
-        removes the other ids from the key Secret once no checkpoint needs them)."""
-        ids = set()
-        for path in list_checkpoints(self.root):
-            with contextlib.suppress(OSError, ValueError):
-                key_id = json.loads((path / "manifest.json").read_text()).get("key_id")
-                if key_id:
-                    ids.add(key_id)
-        return sorted(ids)
-
-    def _prune(self) -> None:
-        ckpts = list_checkpoints(self.root)
-        for old in ckpts[: max(0, len(ckpts) - max(1, self.keep))]:
-            _discard(old)
+        """Key ids the checkpoints still on disk were written with (see ``checkpoint_publish``)."""
+        return publish.retained_key_ids(self.root)
 
     def cleanup_stale(self) -> None:
         """Remove temp/trash dirs left by killed runs (rank 0, before training starts)."""
-        if self.rank != 0 or not self.root.is_dir():
-            return
-        for entry in self.root.iterdir():
-            if entry.name.startswith((".tmp-", ".trash-")) and not entry.name.endswith(f"-{self.run_id}"):
-                shutil.rmtree(entry, ignore_errors=True)
+        if self.rank == 0:
+            publish.cleanup_stale(self.root, self.run_id)
 
     # ---- resume
     def resume(self, on_no_valid: str = "Fail") -> LoadedCheckpoint | None:
@@ -391,28 +355,6 @@ class Checkpointer:
         return checkpoint_resume.resume(
             self.root, self.keyring, self.rank, self.world_size, self.group, on_no_valid
         )
-
-
-def _summarise(failed: list[dict[str, Any]]) -> str:
-    """One entry per distinct error (every rank hits the same full or read-only volume)."""
-    by_error: dict[str, list[str]] = {}
-    for r in failed:
-        by_error.setdefault(r["error"], []).append(r["name"])
-    parts = []
-    for error, names in by_error.items():
-        who = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
-        parts.append(f"{who}: {error}")
-    return "; ".join(parts)
-
-
-def _discard(path: Path) -> None:
-    # Rename first so a half-deleted directory never looks like a checkpoint.
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        os.rename(path, trash)
-    except OSError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_checkpoint(

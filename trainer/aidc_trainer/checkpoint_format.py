@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from aidc_trainer.crypto import DecryptingReader, KeyRing, read_header
+from aidc_trainer.crypto import DecryptingReader, read_header
 from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
+from aidc_trainer.keyring import KeyRing
 
 # Same logger name as before the split: operators' log filters and tests select on it.
 log = logging.getLogger("aidc_trainer.checkpoint")

@@ -29,8 +29,8 @@ from aidc_trainer.checkpoint_format import (
     load_checkpoint,
     step_dir_name,
 )
-from aidc_trainer.crypto import KeyRing
 from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, NoValidCheckpointError
+from aidc_trainer.keyring import KeyRing
 
 log = logging.getLogger("aidc_trainer.checkpoint")
 

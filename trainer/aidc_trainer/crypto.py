@@ -1,4 +1,4 @@
-"""AES-256-GCM chunked streaming encryption and the checkpoint key ring.
+"""AES-256-GCM chunked streaming encryption: the encrypted file format (the key ring is ``keyring``).
 
 File layout (integers big-endian)::
 
@@ -18,18 +18,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
+from aidc_trainer.keyring import KeyRing, check_key_id
 
+# KeyRing and the errors stay importable from here: docs/trainer.md and user scripts import them so.
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "CheckpointCorruptError",
@@ -47,7 +46,6 @@ __all__ = [
 
 MAGIC = b"AIDCGCM1"
 DEFAULT_CHUNK_SIZE = 1 << 20  # big enough to amortise per-call cost, small enough to stream
-KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _NONCE = 12
 _TAG = 16
 _REC = struct.Struct(">I")
@@ -58,114 +56,6 @@ _MAX_RECLASSIFY = 4096  # bound the work spent explaining a failed chunk
 def key_check(key: bytes) -> bytes:
     """16-byte commitment to a key; reveals nothing about it but lets a reader detect a wrong key."""
     return hmac.new(key, b"aidc key check v1", hashlib.sha256).digest()[:16]
-
-
-# --------------------------------------------------------------------------------------------- keys
-
-
-class KeyRing:
-    """Data keys by id, as mounted from the job's key Secret (see docs/contracts.md).
-
-    ``current_id`` is the id new checkpoints are written with; ``key(id)`` returns the 32-byte key
-    for any id still present. Wrapped keys (RFC 3394 under a KEK) are unwrapped on first use.
-    """
-
-    def __init__(self, keys: dict[str, bytes], current_id: str | None) -> None:
-        for key_id, key in keys.items():
-            _check_key_id(key_id)
-            if len(key) != 32:
-                raise MissingKeyError(f"key {key_id!r} is {len(key)} bytes, expected 32 (AES-256)", key_id)
-        self._keys = dict(keys)
-        self._loaders: dict[str, Path] = {}
-        self._kek: bytes | None = None
-        self._current_id = current_id
-
-    @classmethod
-    def from_dir(
-        cls, path: str | os.PathLike[str], kek_file: str | os.PathLike[str] | None = None
-    ) -> KeyRing:
-        """Read a mounted key Secret: ``current-key-id`` plus ``key-<id>`` files.
-
-        The current key is loaded (and unwrapped) eagerly so a bad mount fails at start-up;
-        other ids lazily. Raises :class:`MissingKeyError` (or :class:`WrongKeyError`) on problems.
-        """
-        root = Path(path)
-        if not root.is_dir():
-            raise MissingKeyError(f"key directory {str(root)!r} does not exist")
-        ring = cls({}, None)
-        if kek_file is not None:
-            kek = _read_file(Path(kek_file), "KEK file")
-            if len(kek) not in (16, 24, 32):
-                raise MissingKeyError(
-                    f"KEK file {str(kek_file)!r} is {len(kek)} bytes, expected 16, 24 or 32"
-                )
-            ring._kek = kek
-        for entry in root.iterdir():  # Secret mounts also hold ..data symlinks: take key-* only
-            if entry.name.startswith("key-") and KEY_ID_RE.match(entry.name[4:]):
-                ring._loaders[entry.name[4:]] = entry
-        current_file = root / "current-key-id"
-        if not current_file.exists():
-            raise MissingKeyError(f"key directory {str(root)!r} has no current-key-id file")
-        current = _read_file(current_file, "current-key-id").decode("utf-8", "replace").strip()
-        _check_key_id(current)
-        ring._current_id = current
-        ring.key(current)
-        return ring
-
-    @property
-    def current_id(self) -> str:
-        if self._current_id is None:
-            raise MissingKeyError("key ring has no current key id")
-        return self._current_id
-
-    def ids(self) -> list[str]:
-        return sorted(set(self._keys) | set(self._loaders))
-
-    def __contains__(self, key_id: object) -> bool:
-        return key_id in self._keys or key_id in self._loaders
-
-    def key(self, key_id: str) -> bytes:
-        if key_id in self._keys:
-            return self._keys[key_id]
-        loader = self._loaders.get(key_id)
-        if loader is None:
-            raise MissingKeyError(f"key id {key_id!r} is not in the key ring (have: {self.ids()})", key_id)
-        raw = _read_file(loader, f"key {key_id!r}")
-        if self._kek is not None:
-            if len(raw) != 40:
-                raise MissingKeyError(
-                    f"key {key_id!r} is {len(raw)} bytes; with a KEK, 40 wrapped bytes are expected",
-                    key_id,
-                )
-            try:
-                raw = aes_key_unwrap(self._kek, raw)
-            except InvalidUnwrap:
-                raise WrongKeyError(
-                    f"key {key_id!r} could not be unwrapped with the KEK (wrong KEK or damaged key)", key_id
-                ) from None
-        elif len(raw) == 40:
-            raise MissingKeyError(
-                f"key {key_id!r} looks wrapped (40 bytes) but no KEK file is configured", key_id
-            )
-        if len(raw) != 32:
-            raise MissingKeyError(f"key {key_id!r} is {len(raw)} bytes, expected 32 (AES-256)", key_id)
-        self._keys[key_id] = raw
-        return raw
-
-    def __repr__(self) -> str:  # never show key bytes
-        return f"KeyRing(current_id={self._current_id!r}, ids={self.ids()})"
-
-
-def _check_key_id(key_id: str) -> None:
-    if not KEY_ID_RE.match(key_id):
-        raise MissingKeyError(f"invalid key id {key_id!r}: must match [A-Za-z0-9._-]+", key_id)
-
-
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise MissingKeyError(f"cannot read {what} at {str(path)!r}: {e.strerror}") from None
 
 
 # ------------------------------------------------------------------------------------------ header
@@ -239,7 +129,7 @@ class EncryptingWriter:
         identity: str,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        _check_key_id(key_id)
+        check_key_id(key_id)
         self._dst = dst
         self._aead = AESGCM(key)
         self._header = Header(chunk_size, os.urandom(16), key_check(key), key_id, identity)

@@ -41,11 +41,14 @@ def evaluate(
     predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], object] | None = None,
     distributed: bool = False,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Evaluate this rank's shard; with ``distributed`` the confusion matrices are all-reduced."""
+    """Evaluate this rank's shard; with ``distributed`` the confusion matrices (and the loss sums)
+    are all-reduced, in one collective. ``loss_fn`` adds ``loss``: the mean over samples."""
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    loss_acc = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of per-row losses, rows]
     for i in range(0, len(split), batch_size):
         x = split.inputs[i : i + batch_size].to(device)
         y = split.targets[i : i + batch_size].to(device)
@@ -56,7 +59,17 @@ def evaluate(
             out = model(x)
         p = predict(out) if predict is not None else out.argmax(-1)
         cm += confusion(p, y, num_classes)
+        if loss_fn is not None:
+            rows = x.shape[0]  # the loss is a mean over the batch (or its tokens): weigh by rows
+            loss_acc += torch.stack([loss_fn(out, y).double() * rows, loss_acc.new_tensor(rows)])
     if distributed:
-        dist.all_reduce(cm)
+        # counts are exact in float64 far beyond any evaluation set
+        both = torch.cat([cm.reshape(-1).double(), loss_acc])
+        dist.all_reduce(both)
+        cm, loss_acc = both[:-2].round().long().reshape(num_classes, num_classes), both[-2:]
     model.train(was_training)
-    return scores(cm.cpu())
+    res = scores(cm.cpu())
+    total, rows = loss_acc.tolist()
+    if loss_fn is not None and rows:
+        res["loss"] = total / rows
+    return res

@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _log_exit(f: Failure, e: Exception) -> None:
+    """The log keeps what the one-line termination message leaves out: the error's full text."""
     extra = {"event": "exit", "exit_code": f.exit_code, "cause": str(f.cause)}
+    if f.cause is not Cause.ERROR and "\n" in str(e).strip():
+        extra["error"] = str(e)  # e.g. c10d's C++ stack frames after a lost peer
     if f.cause is Cause.STOPPED:
         log.warning("stopped by signal %d", f.exit_code - 128, extra=extra)
     elif f.cause is Cause.ERROR:  # unexpected: the traceback is the useful part

@@ -1,10 +1,10 @@
-"""Prometheus metrics (served by rank 0) and GPU-seconds / NVML energy accounting."""
+"""Prometheus metrics (served by rank 0) and GPU-seconds accounting."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -47,7 +47,11 @@ class TrainMetrics:
             "aidc_trainer_last_checkpoint_step", "Step of the last checkpoint", registry=r
         )
         self.gpu_seconds = Gauge("aidc_trainer_gpu_seconds", "GPU-seconds used by the job so far", registry=r)
-        self.energy_joules = Gauge("aidc_trainer_energy_joules", "GPU energy of this node (NVML)", registry=r)
+        self.energy_joules = Gauge(
+            "aidc_trainer_energy_joules",
+            "GPU energy of all GPUs of all ranks since this attempt started (NVML); NaN: not measured",
+            registry=r,
+        )
 
     def serve(self, port: int) -> int | None:
         if port < 0:
@@ -61,31 +65,11 @@ class TrainMetrics:
 
 
 class Accounting:
-    """GPU-seconds for the whole job (wall time x GPUs in the job) and, where NVML exists, energy."""
+    """GPU-seconds for the whole job: wall time x GPUs in the job (energy: aidc_trainer.energy)."""
 
-    def __init__(self, gpus_in_job: int, local_gpu: int | None) -> None:
-        self.gpus, self.t0 = gpus_in_job, time.monotonic()
-        self._nvml: Any = None
-        self._handle: Any = None
-        self._e0 = 0
-        if local_gpu is not None:
-            try:
-                import pynvml  # nvidia-ml-py, optional
-
-                pynvml.nvmlInit()
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(local_gpu)
-                self._e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # millijoules
-                self._nvml = pynvml
-            except Exception as e:
-                log.info("NVML energy not available: %s", e)
+    def __init__(self, gpus_in_job: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.gpus, self.clock = gpus_in_job, clock
+        self.t0 = clock()
 
     def gpu_seconds(self) -> float:
-        return (time.monotonic() - self.t0) * self.gpus
-
-    def energy_joules(self) -> float | None:
-        if self._nvml is None:
-            return None
-        try:
-            return (self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._e0) / 1000.0
-        except Exception:
-            return None
+        return (self.clock() - self.t0) * self.gpus

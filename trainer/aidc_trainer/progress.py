@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import ssl
 import threading
@@ -23,6 +24,16 @@ log = logging.getLogger("aidc_trainer.progress")
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PROGRESS = "aidc.dev/progress"
 LAST_CHECKPOINT = "aidc.dev/last-checkpoint"
+
+
+def evaluation_report(step: int, result: dict[str, Any]) -> dict[str, Any]:
+    """The progress report's ``evaluation``: the latest held-out result (null where not computed)."""
+
+    def num(key: str) -> float | None:
+        v = result.get(key)
+        return round(float(v), 6) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    return {"step": step, "loss": num("loss"), "accuracy": num("accuracy"), "f1": num("macro_f1")}
 
 
 class ProgressReporter:

@@ -7,7 +7,9 @@ it at the container's terminationMessagePath)::
      "checkpoints": [{"path": "step-000000020", "reason": "sha256: rank-0.bin: ..."}]}
 
 Several workers of one pod may each append a line; the operator takes the most severe. A line is at
-most 1 KiB and goes out in one ``write`` on an O_APPEND descriptor, so lines never interleave.
+most 1 KiB and goes out in one ``write`` on an O_APPEND descriptor, so lines never interleave. Every
+text field is one line (the cause and the exception's one-line summary): the operator puts it in a
+condition, and the full error with its traceback goes to the log only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ log = logging.getLogger("aidc_trainer")
 
 ENV = "AIDC_TERMINATION_LOG"
 MAX_LINE_BYTES = 1024  # newline included
-MAX_MESSAGE_CHARS = 400
+MAX_MESSAGE_CHARS = 300
 MAX_CHECKPOINTS = 8
 _MIN_REASON_CHARS = 40
 
@@ -95,6 +97,17 @@ def peer_of(e: BaseException) -> str | None:
     return None
 
 
+def one_line(text: str) -> str:
+    """The first non-blank line: c10d and CUDA errors append C++ stack frames to their message, and a
+    condition or an Event must stay readable."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def summary(e: BaseException) -> str:
+    """An exception's one-line summary: its message's first line, else its type's name."""
+    return one_line(str(e)) or type(e).__name__
+
+
 @dataclass
 class Failure:
     """Why a worker exits non-zero: what launch.main logs, returns and writes to the termination log."""
@@ -120,18 +133,23 @@ def classify(e: BaseException) -> Failure:
     )
 
     if isinstance(e, ConfigError):
-        return Failure(Cause.INVALID_CONFIG, EXIT_CONFIG, f"invalid training config: {e}")
+        return Failure(Cause.INVALID_CONFIG, EXIT_CONFIG, f"invalid training config: {summary(e)}")
     if isinstance(e, MissingKeyError):  # includes WrongKeyError; messages name key ids, never bytes
-        return Failure(Cause.CHECKPOINT_KEY_ERROR, EXIT_KEY, f"checkpoint key problem: {e}")
+        return Failure(Cause.CHECKPOINT_KEY_ERROR, EXIT_KEY, f"checkpoint key problem: {summary(e)}")
     if isinstance(e, Stopped):
-        return Failure(Cause.STOPPED, 128 + e.signum, str(e))
+        return Failure(Cause.STOPPED, 128 + e.signum, summary(e))
     if isinstance(e, CheckpointSaveError):
-        return Failure(Cause.CHECKPOINT_SAVE_FAILED, EXIT_CHECKPOINT_SAVE, str(e))
+        return Failure(Cause.CHECKPOINT_SAVE_FAILED, EXIT_CHECKPOINT_SAVE, summary(e))
     if isinstance(e, NoValidCheckpointError):
-        return Failure(Cause.NO_VALID_CHECKPOINT, EXIT_NO_VALID_CHECKPOINT, str(e), checkpoints=e.checkpoints)
+        return Failure(
+            Cause.NO_VALID_CHECKPOINT, EXIT_NO_VALID_CHECKPOINT, summary(e), checkpoints=e.checkpoints
+        )
     if peer_lost(e):
-        return Failure(Cause.PEER_LOST, EXIT_PEER_LOST, f"lost a peer: {e}", peer=peer_of(e))
-    return Failure(Cause.ERROR, EXIT_ERROR, f"training failed: {type(e).__name__}: {e}")
+        return Failure(Cause.PEER_LOST, EXIT_PEER_LOST, f"lost a peer: {summary(e)}", peer=peer_of(e))
+    text = one_line(str(e))
+    return Failure(
+        Cause.ERROR, EXIT_ERROR, f"training failed: {type(e).__name__}" + (f": {text}" if text else "")
+    )
 
 
 def rank_from_env(environ: dict[str, str] | None = None) -> int | None:
@@ -160,13 +178,14 @@ def record(failure: Failure, rank: int | None) -> bytes:
         "cause": str(failure.cause),
         "exitCode": failure.exit_code,
         "rank": rank,
-        "message": _cut(failure.message, MAX_MESSAGE_CHARS),
+        "message": _cut(one_line(failure.message), MAX_MESSAGE_CHARS),
     }
     if failure.peer:
-        rec["peer"] = _cut(failure.peer, 100)
+        rec["peer"] = _cut(one_line(failure.peer), 100)
     if failure.checkpoints:
         rec["checkpoints"] = [
-            {"path": _cut(p, 100), "reason": _cut(r, 200)} for p, r in failure.checkpoints[:MAX_CHECKPOINTS]
+            {"path": _cut(one_line(p), 100), "reason": _cut(one_line(r), 200)}
+            for p, r in failure.checkpoints[:MAX_CHECKPOINTS]
         ]
     line = _encode(rec)
     while len(line) > MAX_LINE_BYTES:

@@ -1,33 +1,39 @@
-"""The training loop, assembled from swappable parts (recipe, data, optimiser, checkpointer, metrics)."""
+"""The training loop, assembled from swappable parts (recipe, data, optimiser, checkpointer, metrics).
+
+The control sync that keeps the ranks in step lives in ``control_sync``; what the run reports
+(metrics, log lines, the progress report) in ``run_report``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import resource
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from aidc_trainer import distributed as D
+from aidc_trainer.cadence import DEFAULT_CLOCK, Clock
 from aidc_trainer.checkpoint import Checkpointer, SaveResult
 from aidc_trainer.config import TrainConfig
-from aidc_trainer.crypto import KeyRing
+from aidc_trainer.control_sync import ControlSync
 from aidc_trainer.data import ShardedBatches, eval_shard
+from aidc_trainer.energy import EnergyMeter
 from aidc_trainer.errors import CheckpointSaveError, Stopped
 from aidc_trainer.evaluation import evaluate
+from aidc_trainer.keyring import KeyRing
 from aidc_trainer.metrics import Accounting, TrainMetrics
 from aidc_trainer.progress import ProgressReporter
 from aidc_trainer.recipe import Recipe
+from aidc_trainer.run_report import RunReport
 
 log = logging.getLogger("aidc_trainer")
+
+__all__ = ["Result", "Trainer", "run"]
 
 
 @dataclass
@@ -35,27 +41,6 @@ class Result:
     step: int
     loss: float | None
     eval: dict[str, float] | None
-
-
-@dataclass
-class _PendingSync:
-    """A control sync launched at ``step`` and not read yet."""
-
-    step: int
-    ctl: torch.Tensor  # [loss sum, stop signal, checkpoint due, cadence vote], summed over ranks
-    work: Any  # the async all-reduce; None with one rank (``ctl`` then holds the loss only)
-    local: list[float]  # this rank's flags and vote
-    host: torch.Tensor | None = None  # CUDA: pinned copy of ``ctl``, valid once ``ready`` fired
-    ready: Any = None
-
-
-def sync_interval_vote(step_seconds: float, target_seconds: float, max_steps: int) -> int:
-    """Steps between control syncs this rank asks for: about ``target_seconds`` apart, at most
-    ``max_steps`` (fast steps: the sync's cost stays negligible), at least 1 (slow steps: a stop
-    request must land well inside the pod's termination grace period)."""
-    if step_seconds <= 0:
-        return max_steps
-    return max(1, min(max_steps, int(target_seconds / step_seconds)))
 
 
 class Precision:
@@ -73,8 +58,16 @@ class Precision:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, recipe: Recipe, env: D.DistEnv) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        recipe: Recipe,
+        env: D.DistEnv,
+        clock: Clock = DEFAULT_CLOCK,
+        energy_meter: EnergyMeter | None = None,
+    ) -> None:
         self.cfg, self.recipe, self.env = cfg, recipe, env
+        self.clock = clock  # every cadence (sync votes, log, progress, timed saves) runs on it
         self.metrics = TrainMetrics()
         self._stop_signal = 0
         self.keyring = KeyRing.from_dir(cfg.key_dir, cfg.kek_file) if cfg.key_dir else None
@@ -103,11 +96,12 @@ class Trainer:
             )
         self.progress = ProgressReporter(cfg.checkpoint_dir) if env.is_main else None
         gpus = env.world_size if env.device.type == "cuda" else 0
-        self.accounting = Accounting(gpus, env.device.index if env.device.type == "cuda" else None)
-        # evaluated when Prometheus scrapes, never in the training loop: an NVML query can take
-        # milliseconds, which per log step was a measurable slowdown of small-model training
+        self.accounting = Accounting(gpus, clock)
         self.metrics.gpu_seconds.set_function(self.accounting.gpu_seconds)
-        self.metrics.energy_joules.set_function(lambda: self.accounting.energy_joules() or 0.0)
+        self.energy_meter = energy_meter or EnergyMeter(env.device)
+        self.report = RunReport(
+            cfg, env, self.metrics, self.progress, self.accounting, self.energy_meter, clock
+        )
         self.start_step = 0
         self._save_requested: int | None = None  # step of the last save asked for
 
@@ -171,31 +165,14 @@ class Trainer:
             self.progress.checkpoint(loaded.step, str(loaded.path), self.ckpt.retained_key_ids())
 
     def _on_saved(self, res: SaveResult) -> None:  # runs on the checkpoint thread
-        if not res.ok:
-            self.metrics.ckpt_failures.inc()
-            return
-        self.metrics.ckpt_save_seconds.observe(res.seconds)
-        if self.env.is_main:
-            self.metrics.ckpt_bytes.set(res.bytes)
-            self.metrics.last_ckpt_step.set(res.step)
-            log.info(
-                "checkpoint saved",
-                extra={
-                    "event": "checkpoint",
-                    "step": res.step,
-                    "path": str(res.path),
-                    "bytes": res.bytes,
-                    "seconds": round(res.seconds, 4),
-                },
-            )
-            if self.progress is not None:
-                self.progress.checkpoint(res.step, str(res.path), self.ckpt.retained_key_ids())
+        assert self.ckpt is not None
+        self.report.saved(res, self.ckpt.retained_key_ids)
 
     def _save(self, step: int, block: bool, extra: dict[str, Any]) -> None:
         assert self.ckpt is not None
         stall = self.ckpt.save(step, self._shared_state(), D.rng_state(), extra, block=block)
         self.metrics.ckpt_stall_seconds.observe(stall)
-        self._last_save_time, self._last_save_step = time.monotonic(), step
+        self._last_save_time, self._last_save_step = self.clock(), step
         self._save_requested = step
 
     def _last_checkpoint(self, step: int, extra: dict[str, Any], what: str) -> None:
@@ -227,11 +204,9 @@ class Trainer:
             predict=self.recipe.predict,
             autocast=self.precision.autocast if self.precision.dtype is not None else None,
             distributed=self.env.distributed,
+            loss_fn=self.recipe.loss_fn,
         )
-        self.metrics.eval_accuracy.set(res["accuracy"])
-        self.metrics.eval_macro_f1.set(res["macro_f1"])
-        if self.env.is_main:
-            log.info("eval", extra={"event": "eval", "step": step, **res})
+        self.report.evaluated(step, res)
         return res
 
     def _ddp_warmup(self, model: DDP) -> None:
@@ -288,14 +263,11 @@ class Trainer:
                     "encrypted": self.keyring is not None,
                 },
             )
-        self._last_save_time, self._last_save_step = time.monotonic(), self.start_step
-        self._window = (time.perf_counter(), self.start_step)
-        self._last_progress = 0.0
-        self._pending_ctl: _PendingSync | None = None
-        # The first sync follows step 1, so a stop request lands quickly before step times are known.
-        self._interval, self._next_sync = 1, self.start_step + 1
-        self._vote_from = (time.perf_counter(), self.start_step)
-        self._last_log = -math.inf
+        self._last_save_time, self._last_save_step = self.clock(), self.start_step
+        self.report.start(self.start_step)
+        self.sync = sync = ControlSync(
+            env, cfg.sync_every_seconds, cfg.log_every, self.start_step, self.energy_meter, self.clock
+        )
         self.last_loss: float | None = None
         eval_res: dict[str, float] | None = None
         loss_fn, accum, opt = self.recipe.loss_fn, cfg.grad_accum, self.optimizer
@@ -305,11 +277,11 @@ class Trainer:
         batch, device, steps = self.batches.batch, env.device, cfg.steps
 
         step = self.start_step
-        self._loop_t0 = time.perf_counter()
+        self._loop_t0 = self.clock()
         try:
             while step < steps:
                 # hot path: keep it as lean as a hand-written DDP loop (bench/trainer_overhead.py)
-                log_now = step + 1 == self._next_sync or step + 1 == steps
+                log_now = step + 1 == sync.next_sync or step + 1 == steps
                 loss_sum = None
                 for micro in range(accum):
                     x, y = batch(step, micro, device)
@@ -333,7 +305,7 @@ class Trainer:
                 if log_now:
                     assert loss_sum is not None
                     time_due = self._control_sync(step, loss_sum)
-                elif self._pending_ctl is not None:  # the sync launched a step ago: done by now
+                elif sync.pending is not None:  # the sync launched a step ago: done by now
                     time_due = self._apply_control(step)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
                     eval_res = self._evaluate(step)
@@ -353,7 +325,7 @@ class Trainer:
 
         if env.device.type == "cuda":
             torch.cuda.synchronize()  # loop time must include queued GPU work
-        self._loop_seconds = time.perf_counter() - self._loop_t0
+        self._loop_seconds = self.clock() - self._loop_t0
         eval_res = self._evaluate(step)
         if self.ckpt is not None:
             self._last_checkpoint(step, {"loss": self.last_loss, "eval": eval_res}, "final")
@@ -361,101 +333,30 @@ class Trainer:
         return Result(step, self.last_loss, eval_res)
 
     def _control_sync(self, step: int, loss_sum: torch.Tensor) -> bool:
-        """One tiny all-reduce carries the loss, stop requests, the time-based checkpoint trigger and
-        each rank's vote on the sync cadence. It runs in the background while the next step computes
-        and is read after it, so no step waits for it, and every rank acts on its result at the same
-        step. Returns whether a time-triggered checkpoint is due now."""
-        cfg, env = self.cfg, self.env
+        """Launch the control sync after ``step`` (see ``control_sync``); every rank acts on its
+        result at the same later step. Returns whether a time-triggered checkpoint is due now."""
+        cfg = self.cfg
         # Still pending only when the previous step synced too (interval 1, or the last step).
         due_now = self._apply_control(step)
         due = not due_now and bool(  # a save is about to happen: don't ask for another
             self.ckpt
             and cfg.checkpoint_every_seconds > 0
-            and time.monotonic() - self._last_save_time >= cfg.checkpoint_every_seconds
+            and self.clock() - self._last_save_time >= cfg.checkpoint_every_seconds
         )
-        now, (t0, s0) = time.perf_counter(), self._vote_from
-        self._vote_from = (now, step)
-        vote = sync_interval_vote((now - t0) / max(step - s0, 1), cfg.sync_every_seconds, cfg.log_every)
-        local = [float(self._stop_signal), float(due), float(vote)]
-        work = None
-        if env.world_size > 1:
-            cuda = env.device.type == "cuda"
-            flags = torch.tensor(local, pin_memory=cuda).to(env.device, non_blocking=True)
-            ctl = torch.cat([loss_sum.float().reshape(1), flags])
-            # A blocking all-reduce cost ~75 us even with gloo and one rank, ~2 % of a small model's step.
-            work = dist.all_reduce(ctl, async_op=True)
-        else:  # one rank: nothing to agree on, the flags never leave the host
-            ctl = loss_sum.float().reshape(1)
-        pending = _PendingSync(step, ctl, work, local)
-        if env.device.type == "cuda":
-            # Read the result without draining the stream: an async copy into pinned memory and an
-            # event, so reading it later waits for this step's work only, never the queued next step.
-            if work is not None:
-                work.wait()  # NCCL: the current stream waits for the all-reduce; the host does not
-            pending.host, pending.ready = ctl.to("cpu", non_blocking=True), torch.cuda.Event()
-            pending.ready.record()
-        self._pending_ctl = pending
-        self._schedule_next_sync(step)
+        self.sync.launch(step, loss_sum, self._stop_signal, due)
         return due_now
-
-    def _schedule_next_sync(self, step: int) -> None:
-        """The next multiple of the agreed interval after ``step`` (the same on every rank)."""
-        self._next_sync = (step // self._interval + 1) * self._interval
 
     def _apply_control(self, step: int) -> bool:
         """Act on the pending control sync (launched at an earlier step) at ``step``."""
-        p, self._pending_ctl = self._pending_ctl, None
-        if p is None:
+        ctl = self.sync.read(step)
+        if ctl is None:
             return False
-        cfg, env = self.cfg, self.env
-        synced_step = p.step
-        if p.ready is not None:
-            p.ready.synchronize()
-            vals = p.host.tolist()  # type: ignore[union-attr]
-        else:
-            if p.work is not None:
-                p.work.wait()
-            vals = p.ctl.tolist()
-        if p.work is None:
-            vals = [vals[0], *p.local]
-        # Votes are small integers, summed exactly in float32: every rank derives the same cadence.
-        self._interval = max(1, int(vals[3]) // env.world_size)
-        self._schedule_next_sync(step)
-        self.last_loss = loss = vals[0] / env.world_size
-        now_t = time.perf_counter()
-        t_prev, step_prev = self._window
-        self._window = (now_t, synced_step)
-        n_steps = synced_step - step_prev
-        sps = n_steps * cfg.batch_size * cfg.grad_accum * env.world_size / max(now_t - t_prev, 1e-9)
-        if n_steps:
-            self.metrics.step_seconds.observe((now_t - t_prev) / n_steps)  # mean over the window
-        self.metrics.step.set(step)
-        self.metrics.loss.set(loss)
-        self.metrics.samples_per_second.set(sps)
-        if env.is_main:
-            now = time.monotonic()
-            # A log line costs ~0.1 ms (cold caches between steps): every 10 steps of a small model
-            # that was 2 % of training time, and hundreds of lines a second for a log pipeline.
-            if now - self._last_log >= cfg.log_every_seconds or synced_step == cfg.steps:
-                self._last_log = now
-                log.info(
-                    "train",
-                    extra={
-                        "event": "train",
-                        "step": synced_step,
-                        "loss": round(loss, 6),
-                        "samples_per_second": round(sps, 1),
-                    },
-                )
-            if not math.isfinite(loss):
-                log.warning("loss is not finite", extra={"event": "nonfinite", "step": synced_step})
-            if self.progress is not None and now - self._last_progress >= cfg.progress_every_seconds:
-                self.progress.progress(step, cfg.steps, gpuSeconds=round(self.accounting.gpu_seconds(), 1))
-                self._last_progress = now
-        if vals[1]:  # the reduced flag, never the local one: all ranks must decide alike
+        self.last_loss = ctl.loss
+        self.report.synced(step, ctl)
+        if ctl.stop:
             self._stop_signal = self._stop_signal or signal.SIGTERM  # else a peer was signalled
             self._stop(step)
-        return bool(vals[2])
+        return ctl.checkpoint_due
 
     def _stop(self, step: int) -> None:
         """Every rank saw the stop at the same control sync: checkpoint (unless just saved), then stop."""
@@ -471,22 +372,9 @@ class Trainer:
         raise Stopped(self._stop_signal)
 
     def _finish(self, step: int, done: bool = True) -> None:
-        if self.progress is not None:
-            self.progress.progress(step, self.cfg.steps, gpuSeconds=round(self.accounting.gpu_seconds(), 1))
-            self.progress.close()
-        if self.env.is_main and done:
-            extra: dict[str, Any] = {
-                "event": "done",
-                "step": step,
-                "failed_saves": self.ckpt.failures if self.ckpt is not None else 0,
-                "gpu_seconds": self.accounting.gpu_seconds(),
-                "steps_run": step - self.start_step,
-                "loop_seconds": getattr(self, "_loop_seconds", None),
-                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            }
-            if (ej := self.accounting.energy_joules()) is not None:
-                extra["energy_joules_node0"] = ej
-            log.info("finished", extra=extra)
+        failed = self.ckpt.failures if self.ckpt is not None else 0
+        loop_seconds = getattr(self, "_loop_seconds", None)
+        self.report.finish(step, done, self.start_step, failed, loop_seconds)
 
 
 def run(cfg: TrainConfig, recipe_fn: Callable[[TrainConfig], Recipe] | None = None) -> Result:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from aidc_trainer import checkpoint as C
-from aidc_trainer.crypto import KeyRing
+from aidc_trainer.keyring import KeyRing
 from tests.integration.trainer.trainer_harness import (
     Node,
     events,

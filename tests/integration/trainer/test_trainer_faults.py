@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from aidc_trainer import checkpoint as C
-from aidc_trainer.crypto import KeyRing
+from aidc_trainer.keyring import KeyRing
 from tests.integration.trainer.trainer_harness import (
     ROOT,
     Node,
@@ -111,14 +111,14 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_143_with_metrics_served(tmp_
                 return None
             return m if m.get("aidc_trainer_step", 0) >= 40 and "aidc_trainer_eval_accuracy" in m else None
 
-        metrics = wait_for(scraped, timeout=120, interval=0.2)
+        metrics = wait_for(scraped, timeout=400, interval=0.2)
         assert metrics["aidc_trainer_total_steps"] == 1000000
         assert (
             0 < metrics["aidc_trainer_eval_accuracy"] <= 1 and 0 < metrics["aidc_trainer_eval_macro_f1"] <= 1
         )
         assert metrics["aidc_trainer_samples_per_second"] > 0 and metrics["aidc_trainer_loss"] > 0
         node.proc.send_signal(signal.SIGTERM)  # as the kubelet does; torchrun forwards it to the workers
-        node.wait(timeout=60)
+        node.wait(timeout=150)
     finally:
         if node.proc.poll() is None:
             node.kill()
@@ -140,7 +140,7 @@ def _python_trainer(args: list[str], **env: str) -> subprocess.CompletedProcess[
         env=trainer_env(**env),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a generous budget: a loaded machine must not turn this red
     )
 
 
@@ -162,9 +162,9 @@ def test_train_log_lines_are_rate_limited_but_the_last_step_always_logs() -> Non
 
     # a sync after step 1 (and 2, once step 1's result is read) so an early stop lands, then every 10
     assert train_steps(["--log-every-seconds", "0"]) == [1, 2, *range(10, 401, 10)]
-    # 400 small steps take well under the default 1 s between lines: the first and the last.
-    limited = train_steps([])
-    assert limited[0] == 1 and limited[-1] == 400 and len(limited) < 10, limited
+    # at most one line an hour: the first and the last, however slow the machine (the limit on a
+    # clock that counts steps: tests/unit/trainer/test_trainer_cadence.py)
+    assert train_steps(["--log-every-seconds", "3600"]) == [1, 400]
     out = _python_trainer([*args, "--log-every-seconds", "-1"])
     assert out.returncode == 4 and "log_every_seconds must be >= 0" in out.stderr
 
@@ -173,7 +173,9 @@ def test_slow_steps_sync_more_often_than_log_every_so_a_stop_lands_within_a_few_
     tmp_path: Path,
 ) -> None:
     # 0.1 s steps with a 0.25 s sync target: every 2 steps instead of every 10. Two ranks whose
-    # own votes may differ (2 or 3) must still agree on every sync, or the run would hang.
+    # own votes may differ must still agree on every sync, or the run would hang. Speed-proof: a step
+    # never takes less than its 0.1 s sleep, so no vote exceeds 2; a loaded machine only lowers them.
+    # (Exact cadence and stop latency on an injected clock: tests/unit/trainer/test_trainer_cadence.py.)
     args = ["--recipe", "tests.integration.trainer.recipes:slow", "--steps", "1000000"]
     args += ["--log-every", "10", "--sync-every-seconds", "0.25", "--log-every-seconds", "0"]
     args += ["--eval-every", "0", "--checkpoint-dir", str(tmp_path / "ck")]
@@ -181,18 +183,18 @@ def test_slow_steps_sync_more_often_than_log_every_so_a_stop_lands_within_a_few_
     log = tmp_path / "run.log"
     node = Node(log, args, nproc=2, env=env)
     try:
-        wait_for(lambda: any(e["step"] >= 20 for e in events(log, "train")), timeout=120, interval=0.1)
+        wait_for(lambda: any(e["step"] >= 20 for e in events(log, "train")), timeout=400, interval=0.1)
         node.proc.send_signal(signal.SIGTERM)
-        assert node.wait(timeout=60) != 0
+        assert node.wait(timeout=150) != 0
     finally:
         if node.proc.poll() is None:
             node.kill()
     syncs = [e["step"] for e in events(log, "train")]
     gaps = {b - a for a, b in itertools.pairwise(syncs[2:])}  # after the two start-up syncs
-    assert gaps and max(gaps) <= 3, syncs  # never the 10 steps --log-every allows
+    assert gaps and max(gaps) <= 2, syncs  # never the 10 steps --log-every allows
     stops = events(log, "stop")
     assert len(stops) == 2 and stops[0]["step"] == stops[1]["step"]
-    assert stops[0]["step"] - syncs[-1] <= 4, (stops, syncs)  # the stop rode one of those syncs
+    assert stops[0]["step"] - syncs[-1] == 1, (stops, syncs)  # it rode the last sync, read a step later
     loaded = C.load_latest(tmp_path / "ck", None)
     assert loaded is not None and loaded.step == stops[0]["step"]
 
@@ -287,24 +289,28 @@ def mlp_init() -> dict[str, torch.Tensor]:
 
 def test_time_triggered_checkpoints_and_resume_on_a_smaller_world(tmp_path: Path) -> None:
     ck = tmp_path / "ck"
-    args = ["--steps", "600", "--eval-every", "0", "--checkpoint-dir", str(ck)]
+    # 10 ms steps at the least: 300 steps span 3 s whatever the machine, so a 0.2 s timer fires many
+    # times (plain MLP steps could all fit in one timer period on a fast machine)
+    args = ["--recipe", "tests.integration.trainer.recipes:slow", "--model-config", '{"delay": 0.01}']
+    args += ["--eval-every", "0", "--checkpoint-dir", str(ck)]
     args += ["--checkpoint-every-seconds", "0.2", "--checkpoint-keep", "100"]
-    node = Node(tmp_path / "two.log", [*args, "--log-every-seconds", "0"], nproc=2)
-    assert node.wait(timeout=180) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    env = trainer_env(PYTHONPATH=os.pathsep.join([str(ROOT / "trainer"), str(ROOT)]))
+    node = Node(tmp_path / "two.log", [*args, "--steps", "300", "--log-every-seconds", "0"], nproc=2, env=env)
+    assert node.wait(timeout=400) == 0, (tmp_path / "two.log").read_text()[-3000:]
     steps = [C._step_of(p) for p in C.list_checkpoints(ck)]
-    assert len(steps) >= 3 and steps[-1] == 600  # saved on the clock, not only at the end
+    assert len(steps) >= 3 and steps[-1] == 300  # saved on the clock, not only at the end
     # both ranks agreed: the trigger rides a control sync (one train line each) and lands a step later
     syncs = {e["step"] for e in events(tmp_path / "two.log", "train")}
     assert all(s - 1 in syncs for s in steps[:-1]), (steps, sorted(syncs))
     assert C.load_latest(ck, None).manifest["world_size"] == 2  # type: ignore[union-attr]
 
     # the job comes back with one process (elastic shrink): model and optimiser carry over
-    out = _python_trainer(["--steps", "650", "--eval-every", "0", "--checkpoint-dir", str(ck)])
+    out = _python_trainer([*args, "--steps", "350"], PYTHONPATH=env["PYTHONPATH"])
     assert out.returncode == 0, out.stderr[-3000:]
     resume = [json.loads(x) for x in out.stderr.splitlines() if '"event": "resume"' in x]
-    assert resume[0]["step"] == 600
+    assert resume[0]["step"] == 300
     final = C.load_latest(ck, None)
-    assert final is not None and final.step == 650 and final.manifest["world_size"] == 1
+    assert final is not None and final.step == 350 and final.manifest["world_size"] == 1
 
 
 def test_fsdp_saves_full_state_and_resumes(tmp_path: Path) -> None:

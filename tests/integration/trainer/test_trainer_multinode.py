@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aidc_trainer import checkpoint as C
-from aidc_trainer.crypto import KeyRing
+from aidc_trainer.keyring import KeyRing
 from tests.integration.trainer.trainer_harness import Node, events, free_port, make_keys, run_nodes, wait_for
 
 pytestmark = pytest.mark.slow

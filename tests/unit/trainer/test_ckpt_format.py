@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from aidc_trainer import checkpoint as C
-from aidc_trainer.crypto import CheckpointCorruptError, KeyRing, MissingKeyError, WrongKeyError
+from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
 from aidc_trainer.examples import mlp
+from aidc_trainer.keyring import KeyRing
 
 KEY = os.urandom(32)
 RING = KeyRing({"k1": KEY}, "k1")
@@ -165,7 +166,7 @@ def test_full_disk_during_save_keeps_previous_checkpoints(tmp_path: Path) -> Non
         import os, resource, signal, sys, torch
         sys.path.insert(0, {str(ROOT / "trainer")!r})
         from aidc_trainer import checkpoint as C
-        from aidc_trainer.crypto import KeyRing
+        from aidc_trainer.keyring import KeyRing
         ring = KeyRing({{"k1": bytes.fromhex({KEY.hex()!r})}}, "k1")
         root = {str(tmp_path)!r}
         assert C.save_checkpoint(root, 1, {{"model": {{"w": torch.ones(1000)}}}}, ring).ok

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from aidc_trainer import checkpoint as C
-from aidc_trainer.crypto import KeyRing
 from aidc_trainer.examples import mlp
+from aidc_trainer.keyring import KeyRing
 
 SPEC = {"factory": mlp.FACTORY, "config": {"in_features": 10, "hidden": 100, "num_classes": 10}}
 

@@ -13,8 +13,8 @@ import torch
 from aidc_trainer import checkpoint as C
 from aidc_trainer import checkpoint_resume as R
 from aidc_trainer.config import load_config
-from aidc_trainer.crypto import KeyRing
 from aidc_trainer.errors import ConfigError, MissingKeyError, NoValidCheckpointError
+from aidc_trainer.keyring import KeyRing
 
 RING = KeyRing({"k1": os.urandom(32)}, "k1")
 

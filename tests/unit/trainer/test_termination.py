@@ -162,3 +162,64 @@ def test_the_entry_point_exits_4_and_writes_the_termination_message(tmp_path: Pa
     assert "on_no_valid_checkpoint must be Fail|StartFresh" in rec["message"]
     exit_event = [json.loads(x) for x in out.stderr.splitlines() if '"event": "exit"' in x]
     assert exit_event[0]["cause"] == "InvalidConfig" and exit_event[0]["exit_code"] == 4
+
+
+# c10d and CUDA errors append a C++ stack to their message: ~1.5 KB in a condition before the fix.
+_CPP_STACK = "\nException raised from recvBytes at ../torch/csrc/distributed/c10d/Utils.hpp:672" + "".join(
+    f"\nframe #{i}: c10::Error::Error(c10::SourceLocation, std::string) + 0x{i:x}" for i in range(20)
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (
+            RuntimeError("[pair.cc:534] Connection closed by peer [10.0.0.7]:40123" + _CPP_STACK),
+            "lost a peer: [pair.cc:534] Connection closed by peer [10.0.0.7]:40123",
+        ),
+        (
+            RuntimeError("CUDA error: an illegal memory access was encountered" + _CPP_STACK),
+            "training failed: RuntimeError: CUDA error: an illegal memory access was encountered",
+        ),
+        (ValueError(), "training failed: ValueError"),
+        (ConfigError("\n  steps must be >= 1\n(see --help)"), "invalid training config: steps must be >= 1"),
+    ],
+)
+def test_the_termination_message_is_the_cause_and_the_errors_first_line(exc: Exception, message: str) -> None:
+    line = T.record(T.classify(exc), 0)
+    assert line.count(b"\n") == 1 and json.loads(line)["message"] == message
+    cks = [("step-000000010", "sha256: rank-0.bin\ndoes not match")]
+    rec = json.loads(
+        T.record(T.Failure(T.Cause.NO_VALID_CHECKPOINT, 7, "none\nverifies", checkpoints=cks), 0)
+    )
+    assert rec["message"] == "none" and rec["checkpoints"][0]["reason"] == "sha256: rank-0.bin"
+
+
+def test_a_script_error_is_one_line_for_the_operator_and_a_whole_traceback_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from aidc_trainer import launch
+
+    def boom(_cfg: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered" + _CPP_STACK)
+
+    monkeypatch.setattr("aidc_trainer.trainer.run", boom)
+    monkeypatch.setenv(T.ENV, str(tmp_path / "t"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert launch.main(["--steps", "5"]) == 1
+    finally:  # main() installs the JSON handler on the root logger
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    written = (tmp_path / "t").read_text()
+    assert written.count("\n") == 1 and len(written) < 200
+    assert json.loads(written)["message"] == (
+        "training failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+    )
+    logged = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    exit_event = next(x for x in logged if x.get("event") == "exit")
+    assert "Traceback" in exit_event["exc"] and "frame #19" in exit_event["exc"]  # the log has it all

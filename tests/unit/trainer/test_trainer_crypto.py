@@ -1,4 +1,4 @@
-"""aidc_trainer.crypto: chunked AES-256-GCM files and the mounted key ring."""
+"""aidc_trainer.crypto and aidc_trainer.keyring: chunked AES-256-GCM files and the mounted key ring."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from aidc_trainer.crypto import (
-    CheckpointCorruptError,
-    EncryptingWriter,
-    KeyRing,
-    MissingKeyError,
-    WrongKeyError,
-    decrypt_bytes,
-    encrypt_bytes,
-    read_header,
-)
+from aidc_trainer.crypto import EncryptingWriter, decrypt_bytes, encrypt_bytes, read_header
+from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
+from aidc_trainer.keyring import KeyRing
 
 KEY = bytes(range(32))
 RING = KeyRing({"k1": KEY}, "k1")

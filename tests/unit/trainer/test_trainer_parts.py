@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from aidc_trainer.cadence import sync_interval_vote
 from aidc_trainer.config import load_config
 from aidc_trainer.data import ShardedBatches, Split, stream_indices
 from aidc_trainer.errors import ConfigError
 from aidc_trainer.evaluation import confusion, scores
 from aidc_trainer.log import JsonFormatter
-from aidc_trainer.trainer import sync_interval_vote
 
 
 def test_cli_overrides_env_which_overrides_defaults() -> None:
