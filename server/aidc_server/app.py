@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aidc_server import __version__
-from aidc_server.batching import DynamicBatcher
+from aidc_server.batching import DynamicBatcher, rows
+from aidc_server.energy import EnergyMeter
 from aidc_server.errors import InvalidInput, ModelNotReady, NotFound, PayloadTooLarge, ServingError
 from aidc_server.metrics import CONTENT_TYPE, ServerMetrics
 from aidc_server.model import Model
@@ -47,6 +48,7 @@ class ServerState:
     options: ServingOptions
     metrics: ServerMetrics
     batcher: DynamicBatcher | None = None
+    energy: EnergyMeter | None = None
     draining: bool = False
     arriving: int = 0  # infer requests reading/parsing their body, not yet queued
     in_flight: int = 0  # infer requests anywhere between arrival and response
@@ -85,7 +87,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(model: Model, options: ServingOptions | None = None) -> FastAPI:
+def create_app(
+    model: Model, options: ServingOptions | None = None, energy: Callable[[], EnergyMeter] = EnergyMeter
+) -> FastAPI:
+    """`energy` makes the GPU energy meter at startup (a fake NVML in tests)."""
     options = options or ServingOptions()
     state = ServerState(model=model, options=options, metrics=ServerMetrics(model.name))
 
@@ -99,6 +104,9 @@ def create_app(model: Model, options: ServingOptions | None = None) -> FastAPI:
             on_batch=state.metrics.batch_child.observe,
         )
         state.batcher.start()
+        # NVML init and the baseline reading block: off the event loop, before the first request.
+        state.energy = await asyncio.to_thread(energy)
+        state.metrics.attach_energy(state.energy.reading)
         state.tasks.append(asyncio.create_task(_keep_model_fresh(state), name="aidc-model-loader"))
         yield
         for task in state.tasks:
@@ -170,7 +178,7 @@ def create_app(model: Model, options: ServingOptions | None = None) -> FastAPI:
                 body = await read_body(request, options.max_body_bytes)
                 target = resolve(name, version)
                 parsed = decode_request(body)
-                target.validate(parsed.inputs)
+                parsed.inputs = target.validate(parsed.inputs)
                 if parsed.outputs is not None:  # checked before spending a forward pass on it
                     known = sorted(spec.name for spec in target.outputs)
                     unknown = [o for o in parsed.outputs if o not in known]
@@ -180,6 +188,7 @@ def create_app(model: Model, options: ServingOptions | None = None) -> FastAPI:
                 state.arriving -= 1
             assert state.batcher is not None
             ran_version, outputs = await state.batcher.submit(parsed.inputs)
+            state.metrics.inferences_child.inc(rows(parsed.inputs))
             if parsed.outputs is not None:
                 outputs = {o: outputs[o] for o in parsed.outputs if o in outputs}
             return Response(
@@ -207,6 +216,8 @@ def create_app(model: Model, options: ServingOptions | None = None) -> FastAPI:
         m = state.metrics
         m.queue_depth.labels(model.name).set(state.batcher.queue_depth if state.batcher else 0)
         m.in_flight.labels(model.name).set(state.in_flight)
+        if state.energy is not None:
+            await asyncio.to_thread(state.energy.sample)  # NVML blocks: keep it off the event loop
         return Response(m.render(), media_type=CONTENT_TYPE)
 
     return app

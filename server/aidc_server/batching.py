@@ -72,6 +72,7 @@ class DynamicBatcher:
         pending_arrivals: Callable[[], int] = lambda: 0,
         on_batch: Callable[[int], None] = lambda size: None,
         inline_max_s: float = 0.0003,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -81,6 +82,7 @@ class DynamicBatcher:
         self.pending_arrivals = pending_arrivals
         self.on_batch = on_batch
         self.inline_max_s = inline_max_s
+        self.clock = clock  # times forward passes; injectable so tests need not depend on speed
         # Moving average of a lone request's forward pass per row: an overestimate for more rows
         # (fixed costs dominate a small model), which errs towards the worker thread.
         self._row_s: float | None = None
@@ -185,11 +187,11 @@ class DynamicBatcher:
     def _predict_batch(
         self, live: list[_Pending], sizes: list[int]
     ) -> list[tuple[Any, Arrays] | BaseException]:
-        started = time.perf_counter()
+        started = self.clock()
         try:
             tag, outputs = self.predict(concat([p.inputs for p in live]))
-            if len(live) == 1:
-                row_s = (time.perf_counter() - started) / sizes[0]
+            if len(live) == 1 and sizes[0] > 0:  # an empty request says nothing about the per-row cost
+                row_s = (self.clock() - started) / sizes[0]
                 self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
             return [(tag, out) for out in split(outputs, sizes)]
         except Exception as e:

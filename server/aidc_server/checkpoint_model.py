@@ -48,6 +48,11 @@ class CheckpointModel(TorchModel):
         self.quantize = quantize
         self._refused: set[int] = set()  # newer steps that failed to load; not retried every poll
 
+    @property
+    def refused_steps(self) -> frozenset[int]:
+        """Newer steps a hot swap refused (failed verification); the one served stays."""
+        return frozenset(self._refused)
+
     def load(self) -> bool:
         network, reason = self._load_newest()
         if network is not None:
@@ -81,8 +86,8 @@ class CheckpointModel(TorchModel):
     def _load_newest(self) -> tuple[LoadedNetwork | None, str]:
         # Imported here so the HTTP layer (and its tests) do not need the trainer package.
         from aidc_trainer import checkpoint as ckpt
-        from aidc_trainer.crypto import KeyRing
         from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError
+        from aidc_trainer.keyring import KeyRing
 
         where = str(self.checkpoint_dir)
         if not self.checkpoint_dir.is_dir():

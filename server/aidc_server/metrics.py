@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from aidc_server.energy import EnergyReading
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -59,11 +64,18 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.inferences = Counter(
+            "aidc_server_inferences",
+            "Rows inferred (the first dimension of each answered request)",
+            ["model"],
+            registry=self.registry,
+        )
         self.model_version.labels(model_name).set(-1)
         self.model_ready.labels(model_name).set(0)
         # Bound children: the hot path skips the label lookup.
         self.latency_child = self.latency.labels(model_name)
         self.batch_child = self.batch_size.labels(model_name)
+        self.inferences_child = self.inferences.labels(model_name)
         self._codes: dict[int, Counter] = {}
 
     def count(self, code: int) -> None:
@@ -80,5 +92,43 @@ class ServerMetrics:
         self.model_version.labels(self.model_name).set(step)
         self.model_ready.labels(self.model_name).set(1 if ready else 0)
 
+    def attach_energy(self, reading: Callable[[], EnergyReading]) -> None:
+        """Export GPU energy from `reading` at each scrape (the caller samples NVML before rendering)."""
+        self.registry.register(_EnergyCollector(self.model_name, reading))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EnergyCollector:
+    """aidc_server_energy_joules_total only while measured; aidc_server_energy_measured always.
+
+    Both carry the `model` label, like aidc_server_inferences_total, so joules per inference is a
+    plain division of the two series of one pod.
+    """
+
+    def __init__(self, model_name: str, reading: Callable[[], EnergyReading]) -> None:
+        self.model_name = model_name
+        self.reading = reading
+
+    def describe(self) -> list[Metric]:
+        return []  # names are not fixed (the counter comes and goes): skip the registry's check
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.reading()
+        doc = "1 when GPU energy is measured; 0 with a one-word reason (no_gpu, no_nvml, ...) when not"
+        if r.joules is None:
+            measured = GaugeMetricFamily("aidc_server_energy_measured", doc, labels=["model", "reason"])
+            measured.add_metric([self.model_name, r.reason or "unknown"], 0)
+            yield measured
+            return
+        measured = GaugeMetricFamily("aidc_server_energy_measured", doc, labels=["model"])
+        measured.add_metric([self.model_name], 1)
+        yield measured
+        joules = CounterMetricFamily(
+            "aidc_server_energy_joules",
+            "GPU energy since the server started, summed over every GPU the pod sees (NVML)",
+            labels=["model"],
+        )
+        joules.add_metric([self.model_name], r.joules)
+        yield joules

@@ -6,6 +6,7 @@ signature; `aidc_server.checkpoint_model.CheckpointModel` builds one from an aid
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -71,9 +72,20 @@ class Model:
         """Look for a newer artifact and swap it in; return True if the version changed."""
         return False
 
-    def validate(self, inputs: dict[str, np.ndarray]) -> None:
-        """Raise InvalidInput unless the inputs match the signature by name, datatype and shape."""
+    def validate(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs keyed by the signature's names, or InvalidInput naming what does not fit.
+
+        A model with one input takes it under any name, as KServe does: v2 clients commonly send
+        `input-0` or `input__0` without reading the metadata, and with one tensor there is nothing
+        to confuse. With several inputs the names are the only way to tell them apart.
+        """
         specs = {s.name: s for s in self.inputs}
+        if len(specs) == 1 and len(inputs) == 1:
+            [(sent, array)], [name] = list(inputs.items()), list(specs)
+            inputs = {name: array}
+            if sent != name:
+                # Say which tensor it was under the name the client used, not ours.
+                specs = {name: dataclasses.replace(specs[name], name=sent)}
         unknown = sorted(set(inputs) - set(specs))
         if unknown:
             raise InvalidInput(f"unknown input {unknown[0]!r}; model {self.name} takes {sorted(specs)}")
@@ -85,6 +97,16 @@ class Model:
         batch = {a.shape[0] for a in inputs.values() if a.ndim}
         if len(batch) > 1:
             raise InvalidInput(f"inputs disagree on the batch (first) dimension: {sorted(batch)}")
+        if batch == {0}:
+            # Triton refuses a batch of 0 as INVALID_ARG ("batch-size must be >= 1"); we do the
+            # same rather than run the network on nothing: not every network accepts an empty
+            # batch (attention, norms), and an empty answer would hide a client bug.
+            key = next(n for n, a in inputs.items() if a.ndim)
+            raise InvalidInput(
+                f"input {specs[key].name!r}: empty batch (shape {list(inputs[key].shape)});"
+                " send at least one row"
+            )
+        return inputs
 
     def metadata(self) -> dict:
         return {

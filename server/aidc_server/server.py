@@ -1,8 +1,9 @@
 """Process entry: settings -> model -> app -> uvicorn, with a graceful drain on SIGTERM.
 
 Drain: readiness turns false at once (so the Service stops routing here) while the server keeps
-answering for --drain-seconds; then it waits for in-flight requests (at most
---drain-timeout-seconds) and lets uvicorn close. SIGINT or a second signal skips the drain.
+answering for --drain-seconds; then it stops accepting connections, lets the requests in flight
+finish (at most --drain-timeout-seconds: uvicorn's graceful shutdown) and exits 0. SIGINT or a
+second signal skips the drain window.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -24,11 +24,10 @@ log = logging.getLogger("aidc_server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_s: float, timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_s: float) -> None:
         super().__init__(config)
         self.serving = state
         self.drain_s = drain_s
-        self.timeout_s = timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:  # type: ignore[override]
@@ -51,15 +50,14 @@ class DrainingServer(uvicorn.Server):
         self.serving.tasks.append(self._loop.create_task(self._drain(), name="aidc-drain"))
 
     async def _drain(self) -> None:
-        state = self.serving
         log.info("SIGTERM: draining (not ready; serving %.1fs more, then finishing in-flight)", self.drain_s)
         await asyncio.sleep(self.drain_s)
-        deadline = time.monotonic() + self.timeout_s
-        while state.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if state.in_flight:
-            log.warning("drain timeout: %d requests still in flight", state.in_flight)
-        log.info("drained; shutting down")
+        # uvicorn's shutdown closes the listening socket (new connections are refused), closes idle
+        # keep-alive connections and waits up to timeout_graceful_shutdown for the rest.
+        log.info(
+            "drain window over; refusing new connections, finishing %d in-flight requests",
+            self.serving.in_flight,
+        )
         self.should_exit = True
 
 
@@ -86,11 +84,12 @@ def build_server(settings: Settings) -> DrainingServer:
         log_level=settings.log_level,
         access_log=False,  # per-request logging costs more than the inference of a small model
         lifespan="on",
-        timeout_graceful_shutdown=int(settings.drain_timeout_seconds) or None,
+        # A float works (asyncio.wait_for); int() would turn 0.5 into 0, which uvicorn reads as "forever".
+        timeout_graceful_shutdown=max(settings.drain_timeout_seconds, 0.001),  # type: ignore[arg-type]
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
     )
-    return DrainingServer(config, app.state.serving, settings.drain_seconds, settings.drain_timeout_seconds)
+    return DrainingServer(config, app.state.serving, settings.drain_seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,8 +19,8 @@ import uvicorn
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from aidc_trainer.checkpoint import save_checkpoint
-from aidc_trainer.crypto import KeyRing
 from aidc_trainer.examples import mlp, transformer_lm
+from aidc_trainer.keyring import KeyRing
 
 ROOT = Path(__file__).resolve().parents[3]
 MLP_SPEC = {"factory": mlp.FACTORY, "config": {"in_features": 10, "hidden": 100, "num_classes": 10}}
@@ -46,7 +46,7 @@ def serve_app(app) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # generous: a loaded machine imports and starts slowly
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("in-process server did not start")
@@ -59,7 +59,8 @@ def serve_app(app) -> Iterator[str]:
         sock.close()
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05):
+    """Poll until `predicate()` is truthy; the budget only bounds a failure, so it is generous."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -127,7 +128,7 @@ class ServerProcess:
             text=True,
         )
 
-    def wait_live(self, timeout: float = 60) -> None:
+    def wait_live(self, timeout: float = 180) -> None:
         def live() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()}")

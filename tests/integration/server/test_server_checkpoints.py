@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -181,8 +180,9 @@ def test_newer_tampered_checkpoint_is_not_swapped_in(tmp_path):
     root = tmp_path / "ck"
     keys = make_keys(tmp_path / "keys")
     old = write_checkpoint(root, 1, MLP_SPEC, keys, seed=1)
+    model = CheckpointModel("mlp", root, key_dir=keys)
     with (
-        start(CheckpointModel("mlp", root, key_dir=keys), watch_seconds=0.1) as base,
+        start(model, watch_seconds=0.1) as base,
         httpx.Client(base_url=base, timeout=10) as client,
     ):
         wait_for(lambda: client.get("/v2/health/ready").status_code == 200)
@@ -192,7 +192,7 @@ def test_newer_tampered_checkpoint_is_not_swapped_in(tmp_path):
         write_checkpoint(staging, 2, MLP_SPEC, keys, seed=2)
         tamper(staging / "step-000000002" / "rank-0.bin")
         (staging / "step-000000002").rename(root / "step-000000002")
-        time.sleep(0.6)  # several polls; it must keep serving step 1
+        wait_for(lambda: 2 in model.refused_steps)  # the watcher saw it and refused it
         assert client.get("/v2/health/ready").status_code == 200
         r = client.post("/v2/models/mlp/infer", json=BODY)
         assert r.json()["model_version"] == "1"

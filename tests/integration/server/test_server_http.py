@@ -84,6 +84,33 @@ def test_requested_outputs(mlp_server):
     assert r.status_code == 400 and "unknown output 'probs'" in r.json()["error"]
 
 
+@pytest.mark.parametrize("name", ["input-0", "input__0", "INPUT"])
+def test_single_input_model_accepts_any_input_name(mlp_server, name):
+    """KServe-style clients name the tensor `input-0` without reading the metadata."""
+    client, net = mlp_server
+    x = np.random.default_rng(3).standard_normal((2, 10)).astype(np.float32)
+    r = client.post("/v2/models/mlp/infer", json=infer_body(x, name=name))
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    got = np.array(out["data"], np.float32).reshape(2, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # and a wrong shape under that name is still refused, naming the tensor as it was sent
+    r = client.post("/v2/models/mlp/infer", json=infer_body(np.zeros((1, 9), np.float32), name=name))
+    assert r.status_code == 400 and f"input '{name}': wrong shape [1, 9]" in r.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["input", "input-0"])
+def test_empty_batch_is_400_naming_the_input(mlp_server, name):
+    client, _ = mlp_server
+    before = metric(client.get("/metrics").text, "aidc_server_requests_total", 'code="500"')
+    r = client.post("/v2/models/mlp/infer", json=_tensor([], [0, 10], name=name))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == f"input '{name}': empty batch (shape [0, 10]); send at least one row"
+    assert metric(client.get("/metrics").text, "aidc_server_requests_total", 'code="500"') == before
+
+
 def _tensor(data, shape, datatype="FP32", name="input"):
     return {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}
 
@@ -106,7 +133,13 @@ def _tensor(data, shape, datatype="FP32", name="input"):
         (
             "POST",
             "/v2/models/mlp/infer",
-            _tensor([0.0] * 10, [1, 10], name="pixels"),
+            # one input takes any name, but a second tensor has nowhere to go
+            {
+                "inputs": [
+                    *_tensor([0.0] * 10, [1, 10])["inputs"],
+                    *_tensor([0.0] * 10, [1, 10], name="pixels")["inputs"],
+                ]
+            },
             400,
             "unknown input 'pixels'",
         ),
@@ -165,6 +198,21 @@ def test_metrics(mlp_server):
     assert "aidc_server_queue_depth" in text and "aidc_server_requests_in_flight" in text
 
 
+def test_metrics_count_rows_inferred_and_say_energy_is_not_measured_on_cpu(mlp_server):
+    client, _ = mlp_server
+    before = metric(client.get("/metrics").text, "aidc_server_inferences_total", 'model="mlp"')
+    client.post("/v2/models/mlp/infer", json=infer_body(np.zeros((3, 10), np.float32)))
+    client.post("/v2/models/mlp/infer", json=infer_body(np.zeros((2, 10), np.float32)))
+    client.post("/v2/models/mlp/infer", json=_tensor([0.0] * 9, [1, 9]))  # refused: not inferred
+    text = client.get("/metrics").text
+    assert metric(text, "aidc_server_inferences_total", 'model="mlp"') - before == 5
+    # No GPU (or no nvidia-ml-py) here: "not measured" with a reason, and no joules at all, not 0.
+    measured = [line for line in text.splitlines() if line.startswith("aidc_server_energy_measured")]
+    assert len(measured) == 1 and measured[0].endswith(" 0.0"), measured
+    assert 'reason="no_gpu"' in measured[0] or 'reason="no_nvml"' in measured[0]
+    assert "aidc_server_energy_joules" not in text
+
+
 @pytest.fixture(scope="module")
 def lm_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ck-lm")
@@ -195,6 +243,7 @@ def test_transformer_tokens_in_logits_out(lm_server):
 @pytest.mark.parametrize(
     ("tokens", "message"),
     [
+        (np.zeros((0, 5), np.int64), "input 'input': empty batch (shape [0, 5])"),
         (np.full((1, 17), 1), "dimension 1 must be between 1 and 16"),
         (np.full((1, 4), 30), "values must lie in [0, 29]"),
         (np.full((1, 4), -1), "values must lie in [0, 29]"),
