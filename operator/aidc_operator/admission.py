@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .api import InferenceServiceSpec, TrainingJobSpec
+from .api import InferenceServiceSpec, TrainingJobSpec, transitions
 from .builders import inferenceservice as isvc_build
 from .builders.trainingjob import RESERVED_ENV, RESERVED_ENV_PREFIXES
 from .handlers.validation import describe_validation_error
@@ -24,7 +24,7 @@ ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 DURATION_PART = re.compile(r"([0-9]+)(ns|us|ms|s|m|h)")
 TRAINER_METRICS_PORT = 9400  # the trainer's Prometheus port on rank 0 (docs/contracts.md)
 GPU = "nvidia.com/gpu"
-DEFAULT_CHECKPOINT_SECONDS = 600
+DEFAULT_CHECKPOINT_SECONDS = transitions.DEFAULT_CHECKPOINT_SECONDS
 # Labels the operator sets on pods and selects them by; a user value would detach pods from their job.
 OPERATOR_LABEL_PREFIX = "aidc.dev/"
 
@@ -137,6 +137,22 @@ def validate_trainingjob(name: str, spec: Any) -> list[str]:
     return problems
 
 
+def trainingjob_edit_problems(old: Any, new: Any) -> list[str]:
+    """An UPDATE's edits that a started job cannot take (old/new: the whole objects). The CRD's CEL
+    transition rules say the same (api/transitions.py); the reconciler never calls this, so a stored
+    object never turns Invalid because of these rules."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    before = default_trainingjob(old.get("spec") or {})
+    after = default_trainingjob(new.get("spec") or {})
+    return [
+        transitions.message(f)
+        for f in transitions.FROZEN
+        if transitions.locked(f, old.get("status"))
+        and _effective(before, f.path) != _effective(after, f.path)
+    ]
+
+
 def validate_inferenceservice(name: str, spec: Any) -> list[str]:
     """Every problem with an InferenceService, each message starting with the field path; [] when valid."""
     problems = _name_problems(name, "InferenceService", reserve=len("-canary"))
@@ -190,6 +206,20 @@ def validate_inferenceservice(name: str, spec: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ pieces
+
+
+_UNSET = object()
+
+
+def _effective(spec: Any, path: str) -> Any:
+    """The value transitions compare: `elastic` by presence only (its range is a resize), else the
+    field at the dotted path (unset → a marker)."""
+    value = spec
+    for part in path.split("."):
+        value = value.get(part, _UNSET) if isinstance(value, dict) else _UNSET
+    if path == "elastic":
+        return value not in (_UNSET, None)
+    return _UNSET if value is None else value
 
 
 def _is_int(value: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ ANNOTATION_ROTATED_FOR = "aidc.dev/rotated-for"
 _DURATION = re.compile(r"([0-9]+)(ns|us|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")  # a 256-bit key written as hex: never a key id in a log
 
 
 def new_key_id(generation: int) -> str:
@@ -180,3 +182,55 @@ def unwraps(secret: dict[str, Any], kek: bytes) -> bool:
     except (InvalidUnwrap, KeyError, ValueError):
         return False
     return True
+
+
+def ownership_change(secret: dict[str, Any], owner: Owner, retain: bool) -> tuple[str, dict[str, Any]] | None:
+    """What keyRetention asks of an operator-managed key Secret found in the cluster: ("own", patch)
+    adds this job's owner reference (Delete: garbage-collected with the job), ("release", patch) drops
+    it (Retain: outlives the job); None when the Secret already matches. A Secret kept by an earlier
+    Retain job of this name must not silently outlive a job that says Delete. Strategic merge patches
+    (ownerReferences merge by uid): other owners are left alone."""
+    refs = secret["metadata"].get("ownerReferences") or []
+    ours = any(r.get("uid") == owner.uid for r in refs)
+    if retain and ours:
+        return "release", {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": owner.uid}]}}
+    if not retain and not ours:
+        return "own", {"metadata": {"ownerReferences": [owner.reference()]}}
+    return None
+
+
+def predates(secret: dict[str, Any], job_created: str | None) -> bool:
+    """Was this Secret made before the job existed, i.e. kept from an earlier job of the same name?"""
+    made = secret["metadata"].get("creationTimestamp")
+    if not made or not job_created:
+        return False
+
+    def when(t: str) -> dt.datetime:  # "...Z" from raw JSON, "...+00:00" from the client's models
+        return dt.datetime.fromisoformat(str(t).replace("Z", "+00:00"))
+
+    return when(made) < when(job_created)
+
+
+KEY_ACTIONS = ("create", "adopt", "own", "release", "rotate", "retire", "refuse")
+
+
+def key_action_line(
+    action: str, namespace: str, job: str, secret: str, key_ids: list[str] | tuple[str, ...], reason: str
+) -> str:
+    """One key action as one JSON line with fixed keys, for log pipelines and a trail that outlives
+    Events. Key ids only (names of entries, never their bytes): anything not shaped like a key id is
+    masked, so a caller's mistake cannot leak material through this line."""
+    if action not in KEY_ACTIONS:
+        raise ValueError(f"unknown key action {action!r}")
+    ids = [k if KEY_ID.match(k) and not _HEX_KEY.match(k) else "?" for k in key_ids]
+    return json.dumps(
+        {
+            "action": action,
+            "namespace": namespace,
+            "job": job,
+            "secret": secret,
+            "keyIds": ids,
+            "reason": reason,
+        },
+        separators=(",", ":"),
+    )

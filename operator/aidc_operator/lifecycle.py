@@ -11,7 +11,6 @@ new attempt is created until every old one is gone, so two attempts are never al
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 from collections.abc import Mapping
@@ -19,17 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import gang_pods as gp
-from .api.trainingjob import CheckpointRef, Progress, TrainingJobSpec, TrainingJobStatus
+from . import progress as pr
+from .api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from .builders import trainingjob as build
 from .builders.common import Owner
 from .conditions import get_condition, set_condition
 from .planner_failures import FailurePlanning
 from .planner_queue import QueuePlanning
+from .planner_resize import ResizePlanning
 from .queueing import Gate
-from .recovery import NodeHealth, health_of, healthy_nodes, must_force_delete
+from .recovery import NodeHealth, health_of, must_force_delete
+from .restart_policy import one_line
 
-ANNOTATION_PROGRESS = "aidc.dev/progress"
-ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
 FINISHED = ("Succeeded", "Failed")
 # A pass runs when something it reads changes (watch events); this safety resync is the only pass a
 # quiet job gets (the controller adds jitter so a thousand jobs never resync together).
@@ -75,7 +75,7 @@ class Plan:
     workload_active: bool | None = None  # Kueue: set the Workload's spec.active (suspend / resume)
 
 
-class _Planner(FailurePlanning, QueuePlanning):
+class _Planner(FailurePlanning, QueuePlanning, ResizePlanning):
     def __init__(
         self,
         owner: Owner,
@@ -92,12 +92,13 @@ class _Planner(FailurePlanning, QueuePlanning):
         self.status = status.model_copy(deep=True)
         self.pods, self.health, self.prereq, self.queue = pods, health, prereq, queue
         self.plan = Plan(self.status, events=list(prereq.events))
+        self.attempt_energy: float | None = None  # the running attempt's, as its rank 0 last reported
         if prereq.key_id:
             self.status.current_key_id = prereq.key_id
 
     # helpers --------------------------------------------------------------
     def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, message))
+        self.plan.events.append(Event(type_, reason, one_line(message)))
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
         set_condition(
@@ -105,7 +106,7 @@ class _Planner(FailurePlanning, QueuePlanning):
             type_,
             "True" if status else "False",
             reason,
-            message,
+            one_line(message),  # never a traceback: one bounded line
             gp.ts(self.now),
             self.generation,
         )
@@ -131,11 +132,15 @@ class _Planner(FailurePlanning, QueuePlanning):
                 self.status.excluded_nodes.append(node)
 
     def gpu_accounting(self, current: list[dict[str, Any]], close: bool = False) -> None:
-        """gpuSeconds = finished attempts' total + the current attempt's, recomputed from its pods."""
+        """gpuSeconds = finished attempts' total + the current attempt's, recomputed from its pods;
+        energyJoules likewise from the current attempt's last report (close: the attempt ends)."""
+        st = self.status
         live = gp.gpu_seconds(current, build.gpus(self.spec), self.now)
-        self.status.gpu_seconds = round(self.status.gpu_seconds_previous + live, 1)
+        st.gpu_seconds = round(st.gpu_seconds_previous + live, 1)
+        st.energy_joules = pr.energy_total(st.energy_joules_previous, self.attempt_energy)
         if close:
-            self.status.gpu_seconds_previous = self.status.gpu_seconds
+            st.gpu_seconds_previous = st.gpu_seconds
+            st.energy_joules_previous = st.energy_joules
 
     # the decision -----------------------------------------------------------
     def run(self) -> Plan:
@@ -146,7 +151,7 @@ class _Planner(FailurePlanning, QueuePlanning):
         attempt = st.attempt
         current = [p for p in self.pods if gp.attempt(p) == attempt]
         old = [p for p in self.pods if gp.attempt(p) != attempt]
-        self.lift_progress(current)
+        self.attempt_energy = pr.lift(st, self.pods, finished=st.phase in FINISHED)
 
         if st.phase in FINISHED:
             return self.finished(current + old)
@@ -184,9 +189,10 @@ class _Planner(FailurePlanning, QueuePlanning):
             return self.plan
         if self.queue is not None and not self.admitted(current):
             return self.plan
+        current = self.resize(current)  # a changed spec.nodes: never a failure (planner_resize)
         if self.handle_failures(current):
             return self.plan
-        expected = self.gang_size(current)
+        expected = self.gang_target(current)
         if current and len(current) >= expected and all(gp.phase(p) == "Succeeded" for p in current):
             self.gpu_accounting(current, close=True)
             return self.succeed(current)
@@ -220,8 +226,13 @@ class _Planner(FailurePlanning, QueuePlanning):
         st.ready_nodes = ready
         st.nodes = f"{ready}/{expected}"
         self.gpu_accounting(current)
-        if current and not missing and all(gp.phase(p) == "Running" for p in current):
-            self.condition("Running", True, "AllPodsRunning", f"{len(current)} pod(s) running")
+        phases = [gp.phase(p) for p in current]
+        whole = not missing or self.growing  # an elastic gang adding ranks in place keeps running
+        if current and whole and "Running" in phases and set(phases) <= {"Running", "Succeeded"}:
+            # Ranks exit 0 one by one at the end: those that finished still count as running.
+            done = phases.count("Succeeded")
+            running = f"{len(current) - done} pod(s) running" + (f", {done} finished" if done else "")
+            self.condition("Running", True, "AllPodsRunning", running)
             self.condition("Restarting", False, "AllPodsRunning")
             self.set_phase("Running", "Running", f"all {len(current)} pod(s) of attempt {st.attempt} running")
         elif st.phase not in ("Restarting",):
@@ -231,17 +242,6 @@ class _Planner(FailurePlanning, QueuePlanning):
             left = spec.active_deadline_seconds - (self.now - gp.parse_ts(st.start_time)).total_seconds()
             self.plan.requeue_after = min(self.plan.requeue_after, max(1.0, left + 1))
         return self.plan
-
-    def gang_size(self, current: list[dict[str, Any]]) -> int:
-        """Pods in this attempt: spec.nodes, or for an elastic job, as many as there are healthy nodes
-        (not fewer than minNodes) when the attempt is created."""
-        spec = self.spec
-        if not spec.elastic:
-            return spec.nodes
-        if current:
-            return max(gp.rank(p) for p in current) + 1
-        usable = healthy_nodes(self.health) - set(self.status.excluded_nodes)
-        return max(spec.elastic.min_nodes, min(spec.nodes, len(usable)))
 
     def restart(self, current: list[dict[str, Any]], delay: int) -> None:
         st = self.status
@@ -273,9 +273,10 @@ class _Planner(FailurePlanning, QueuePlanning):
 
     def fail(self, reason: str, message: str, pods: list[dict[str, Any]]) -> Plan:
         st = self.status
-        self.gpu_accounting([p for p in pods if gp.attempt(p) == st.attempt], close=True)
+        current = [p for p in pods if gp.attempt(p) == st.attempt]
+        self.gpu_accounting(current, close=True)
         st.completion_time = gp.ts(self.now)
-        st.ready_nodes = 0
+        self.finished_figures(current)
         self.condition("Running", False, reason, message)
         self.condition("Failed", True, reason, message)
         self.set_phase("Failed", reason, message)
@@ -285,13 +286,21 @@ class _Planner(FailurePlanning, QueuePlanning):
     def succeed(self, pods: list[dict[str, Any]]) -> Plan:
         st = self.status
         st.completion_time = gp.ts(self.now)
-        st.ready_nodes = 0
+        self.finished_figures(pods)
         self.condition("Running", False, "Completed")
         self.condition("Succeeded", True, "Completed", "all pods exited 0")
-        st.nodes = f"0/{len(pods)}"
         self.set_phase("Succeeded", "Completed", "TrainingJob succeeded")
         self.cleanup(pods)
         return self.plan
+
+    def finished_figures(self, current: list[dict[str, Any]]) -> None:
+        """A finished job has nothing ready and nothing left to wait for: NODES reads like a Job's
+        completions (pods that exited 0 / gang size), never a stale ready count or '0/N'."""
+        st = self.status
+        st.ready_nodes = 0
+        size = max(self.gang_size(current), len(current))
+        st.nodes = f"{sum(1 for p in current if gp.phase(p) == 'Succeeded')}/{size}"
+        pr.clear_eta(st)
 
     def cleanup(self, pods: list[dict[str, Any]]) -> None:
         self.finish_workload()
@@ -330,23 +339,6 @@ class _Planner(FailurePlanning, QueuePlanning):
         self.set_phase("Suspended", "Suspended", "TrainingJob suspended; pods deleted, status kept")
         self.plan.requeue_after = RESYNC_SECONDS
         return self.plan
-
-    def lift_progress(self, current: list[dict[str, Any]]) -> None:
-        """rank 0 reports through annotations on its own pod (docs/contracts.md)."""
-        for pod in sorted(self.pods, key=lambda p: (gp.attempt(p), -gp.rank(p))):
-            if gp.rank(pod) != 0:
-                continue
-            if (progress := gp.annotation_json(pod, ANNOTATION_PROGRESS)) is not None:
-                with contextlib.suppress(ValueError):
-                    self.status.progress = Progress.model_validate(progress)
-            if (ckpt := gp.annotation_json(pod, ANNOTATION_CHECKPOINT)) is not None:
-                try:
-                    ref = CheckpointRef.model_validate(ckpt)
-                except ValueError:
-                    continue
-                last = self.status.last_checkpoint
-                if last is None or ref.step >= last.step:
-                    self.status.last_checkpoint = ref
 
 
 def plan(

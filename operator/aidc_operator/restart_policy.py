@@ -11,6 +11,12 @@ non-retryable > (a lost node, judged by the planner) > retryable > peer-lost.
   itself is healthy: another rank or its node went away. Such an exit is held until the gang's nodes
   are judged (lifecycle), so a lost node is counted as a node failure and not as this rank's failure.
 
+A port another process holds (EADDRINUSE: "Address already in use", e.g. two jobs' rendezvous ports on
+one host) is a clash that goes away, not a bug: retryable, cause AddressInUse.
+
+What reaches a condition or an Event is one line: the cause and a one-line summary (a traceback's
+exception line), bounded; the full termination message goes to the operator log at debug level only.
+
 The aidc trainer appends a JSON line per failing worker to the container's termination message
 (docs/contracts.md § Termination message): its cause and rank are read there, never from error text.
 For other trainers torchrun's root-cause report (`exitcode : 3 (pid: …)`, the termination message under
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +47,17 @@ PEER_LOST_CODE = 5
 _PEER_LOST_TEXT = re.compile(
     r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|remote process exited"
 )
+_ADDRESS_IN_USE = re.compile(r"EADDRINUSE|Address already in use", re.IGNORECASE)
+ADDRESS_IN_USE = "AddressInUse"
+# A traceback's last word: `pkg.mod.SomeError: what happened` (torchrun may prefix `[rank0]: `).
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt):\s*\S")
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s*")
+_BOILERPLATE = re.compile(r"^(?:[=-]{3,}|Traceback \(most recent call last\):|File \"|\w+\s*:\s*<N/A>$)")
+SUMMARY_LIMIT = 240  # the free-text part of a failure message
+MESSAGE_LIMIT = 1024  # a whole condition or Event message
 _ROOT_CAUSE = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 _ROOT_RANK = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)", re.DOTALL)
+log = logging.getLogger("aidc.restart_policy")
 
 
 class Severity(enum.IntEnum):
@@ -88,15 +104,43 @@ def worker_exit_code(container_code: int, message: str) -> int:
     return container_code
 
 
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """Whitespace and line breaks collapsed, cut to limit characters (an ellipsis marks the cut)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def summary(text: str, limit: int = SUMMARY_LIMIT) -> str:
+    """What a log tail or termination message says went wrong, in one line: the last exception line
+    that says something (torchrun's own ChildFailedError says nothing the exit code does not), else
+    the last line that is not a traceback frame or a separator."""
+    lines = [_RANK_PREFIX.sub("", line.strip()) for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
+            return one_line(line, limit)
+    for line in reversed(lines):
+        if not _BOILERPLATE.match(line) and not line.startswith("traceback"):
+            return one_line(line, limit)
+    return ""
+
+
 def _report_text(report: dict[str, Any]) -> str:
-    text = str(report.get("message") or "")[:400]
+    text = summary(str(report.get("message") or ""), 400)
     files = report.get("checkpoints")
     if isinstance(files, list) and files:
         listed = "; ".join(f"{f.get('path')}: {f.get('reason')}" for f in files[:8] if isinstance(f, dict))
         text = f"{text} [{listed}]" if text else listed
     if report.get("peer"):
         text += f" (peer: {report['peer']})"
-    return text
+    return one_line(text)
+
+
+def _cause(code: int, cause: str | None, text: str) -> str | None:
+    """An exit the trainer did not classify (its codes 3-7 are its own word) that a port clash caused."""
+    if code not in TRAINER_CODES and _ADDRESS_IN_USE.search(text):
+        return ADDRESS_IN_USE
+    return cause
 
 
 def _from_reports(name: str, node: str | None, reason: str, reports: list[dict[str, Any]]) -> PodExit:
@@ -107,7 +151,7 @@ def _from_reports(name: str, node: str | None, reason: str, reports: list[dict[s
             int(r["exitCode"]),
             reason,
             _report_text(r),
-            str(r["cause"]),
+            _cause(int(r["exitCode"]), str(r["cause"]), str(r.get("message") or "")),
             r["rank"] if isinstance(r.get("rank"), int) else None,
             int(r["exitCode"]) == PEER_LOST_CODE,
         )
@@ -128,31 +172,24 @@ def terminated(pod: dict[str, Any]) -> PodExit | None:
         if term and term.get("exitCode", 0) != 0:
             msg = (term.get("message") or "").strip()
             reason = term.get("reason") or "Error"
+            if msg:  # the whole text (a traceback, a log tail) is for the log, never a condition
+                log.debug("pod %s terminated (%s): %s", name, reason, msg)
             if reports := trainer_reports(msg):
                 return _from_reports(name, node, reason, reports)
             code = worker_exit_code(int(term["exitCode"]), msg)
             rank = int(m.group(1)) if (m := _ROOT_RANK.search(msg)) else None
             peer_lost = code == PEER_LOST_CODE or bool(_PEER_LOST_TEXT.search(msg))
-            return PodExit(name, node, code, reason, _last_lines(msg), None, rank, peer_lost)
+            return PodExit(name, node, code, reason, summary(msg), _cause(code, None, msg), rank, peer_lost)
     # Failed without a container exit: evicted, node shutdown, admission failure …
-    return PodExit(
-        name, node, 137, status.get("reason") or "PodFailed", (status.get("message") or "")[-1024:]
-    )
-
-
-def _last_lines(message: str, limit: int = 1024) -> str:
-    """The end of a log tail, cut at a line boundary so conditions read cleanly."""
-    if len(message) <= limit:
-        return message
-    cut = message[-limit:]
-    return cut.split("\n", 1)[-1] if "\n" in cut else cut
+    return PodExit(name, node, 137, status.get("reason") or "PodFailed", summary(status.get("message") or ""))
 
 
 def retryable(exit: PodExit, extra_codes: list[int]) -> bool:
     if exit.exit_code in NON_RETRYABLE_TRAINER_CODES:
         return False
     return (
-        exit.exit_code >= 128
+        exit.cause == ADDRESS_IN_USE
+        or exit.exit_code >= 128
         or exit.exit_code in RETRYABLE_TRAINER_CODES
         or exit.exit_code == PEER_LOST_CODE
         or exit.reason in ("OOMKilled", "Evicted")
@@ -180,7 +217,7 @@ def describe(exit: PodExit) -> str:
         who += f" on node {exit.node}"
     text = f"{who} exited with code {exit.exit_code} ({exit.cause or exit.reason}"
     text += f": {meaning})" if meaning else ")"
-    return f"{text}: {exit.message}" if exit.message else text
+    return one_line(f"{text}: {exit.message}" if exit.message else text)
 
 
 def backoff_seconds(restarts: int, base: int, cap: int) -> int:

@@ -13,6 +13,7 @@ from .builders import inferenceservice as build
 from .builders.common import Owner
 from .conditions import get_condition, set_condition
 from .lifecycle import RESYNC_SECONDS
+from .volumes import Trouble
 
 
 @dataclass
@@ -71,8 +72,10 @@ def plan_status(
     pod_trouble: str | None,
     now: str,
     report: ServerReport = ServerReport(),
+    placement: Trouble | None = None,
 ) -> InferenceServiceStatus:
-    """The status the observed world adds up to (pure)."""
+    """The status the observed world adds up to (pure). placement: why the servers' pods are not placed
+    (a missing or unbound claim, the scheduler's words), when they are not."""
     st = old.model_copy(deep=True)
     st.observed_generation = generation
     st.url = build.url(owner, spec)
@@ -98,6 +101,9 @@ def plan_status(
         st.phase = "NotReady" if old.phase in ("Ready", "NotReady") else "Pending"
         if primary.model is None and primary_dep is None:
             reason, message = "ModelUnresolved", primary.message
+        elif placement is not None:
+            # A server that never ran has no checkpoint to blame: say what keeps it off every node.
+            reason, message = placement.reason, placement.message
         elif pod_trouble:
             reason, message = "PodsNotStarting", pod_trouble
         elif report.not_ready:

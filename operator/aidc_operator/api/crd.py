@@ -7,6 +7,7 @@ $refs inlined, Optional[X] as a non-required X, titles dropped, CEL rules attach
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from .base import GROUP, VERSION
 from .inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from .trainingjob import TrainingJobSpec, TrainingJobStatus
+from .transitions import cel_rules as trainingjob_transition_rules
 
 # CEL rules for invariants that span fields, keyed by the JSON path of the object they sit on.
 TRAININGJOB_RULES: dict[str, list[dict[str, str]]] = {
@@ -104,12 +106,19 @@ def _inline(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     if out.get("default") is None:
         out.pop("default", None)
+    elif out["default"] not in ({}, []) and "description" in out:
+        # kubectl explain prints descriptions, never `default:`: say it where users read.
+        out["description"] = f"{out['description'].rstrip()}\nDefault: {_shown(out['default'])}."
     if out.get("x-kubernetes-preserve-unknown-fields"):
         for key in ("additionalProperties", "properties", "default"):
             out.pop(key, None)  # free-form objects: {} / [] defaults only add noise to kubectl get
     if "enum" in out and "type" not in out:
         out["type"] = "string" if all(isinstance(v, str) for v in out["enum"]) else "integer"
     return out
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -147,6 +156,7 @@ def _crd(
     columns: list[dict[str, Any]],
     description: str,
     name_reserve: int,
+    root_rules: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     spec_schema = structural_schema(spec)
     for path, path_rules in rules.items():
@@ -178,7 +188,8 @@ def _crd(
                         "openAPIV3Schema": {
                             "type": "object",
                             "description": description,
-                            "x-kubernetes-validations": [name_rule(kind, name_reserve)],
+                            # Rules that read status (a started job's locked fields) sit on the root.
+                            "x-kubernetes-validations": [name_rule(kind, name_reserve), *(root_rules or [])],
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
@@ -209,17 +220,37 @@ def trainingjob_crd() -> dict[str, Any]:
                 "name": "Nodes",
                 "type": "string",
                 "jsonPath": ".status.nodes",
-                "description": "ready/total pods",
+                "description": "ready/total pods while running; pods that exited 0/total once finished",
             },
             {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
             {"name": "Node-Failures", "type": "integer", "jsonPath": ".status.nodeFailures", "priority": 1},
             {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
+            {
+                "name": "ETA",
+                "type": "string",
+                "jsonPath": ".status.progress.eta",
+                "description": "training time left at the reported rate",
+            },
+            {
+                "name": "Accuracy",
+                "type": "number",
+                "jsonPath": ".status.evaluation.accuracy",
+                "description": "latest held-out accuracy",
+            },
             {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.lastCheckpoint.step"},
+            {
+                "name": "Energy-J",
+                "type": "number",
+                "jsonPath": ".status.energyJoules",
+                "description": "GPU energy in joules, all attempts",
+                "priority": 1,
+            },
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "A gang of torch.distributed (torchrun) pods that trains a model, checkpoints it encrypted, "
         "and restarts from the last checkpoint when a pod or node fails.",
         len("-1023"),  # pod hostnames: <name>-<rank>
+        trainingjob_transition_rules(),
     )
 
 

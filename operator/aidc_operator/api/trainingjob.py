@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 from .base import ApiModel, Condition, KubeList, KubeObject, PodTemplateOverrides, SecretRef
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/aidc-dev/aidc-trainer:0.1.0"
+DEFAULT_COMMAND = ("python", "-m", "aidc_trainer", "--example", "mlp")
 DURATION = r"^([0-9]+(ns|us|ms|s|m|h))+$"
 
 
@@ -47,7 +48,7 @@ class CheckpointSpec(ApiModel):
     every_steps: int | None = Field(default=None, ge=1)
     """Save every N optimizer steps."""
     every_seconds: int | None = Field(default=None, ge=1)
-    """Save at least every N seconds."""
+    """Save at least every N seconds. Default: 600 when everySteps is not set either."""
     keep: int = Field(default=3, ge=1, le=1000)
     """Checkpoints to keep; older ones are pruned."""
     encryption: EncryptionSpec = Field(default_factory=EncryptionSpec)
@@ -95,11 +96,15 @@ class TrainingJobSpec(ApiModel):
     image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1)
     """Container image with aidc (or the user's own torch code) installed."""
     command: list[str] = Field(
-        default_factory=lambda: ["python", "-m", "aidc_trainer", "--example", "mlp"], min_length=1
+        default_factory=lambda: list(DEFAULT_COMMAND),
+        min_length=1,
+        json_schema_extra={"default": list(DEFAULT_COMMAND)},
     )
     """What torchrun runs: a python module invocation (python -m pkg …) or a script path with arguments."""
     nodes: int = Field(default=1, ge=1, le=1024)
-    """Pods in the gang (one per node)."""
+    """Pods in the gang (one per node). Changing it on a running job is a resize: a static gang takes the
+    new size at its next start (condition ResizePending until then); an elastic gang grows or shrinks in
+    place within [minNodes, maxNodes]."""
     proc_per_node: int = Field(default=1, ge=1, le=64)
     """torchrun --nproc-per-node: worker processes per pod."""
     gpus_per_node: int | None = Field(default=None, ge=0, le=64)
@@ -158,6 +163,28 @@ class Progress(ApiModel):
     """Steps the run will take, if known."""
     time: str | None = None
     """When reported (RFC 3339)."""
+    steps_per_second: float | None = None
+    """Recent training rate the trainer measured."""
+    eta: str | None = None
+    """Training time left as of the report, e.g. 4m10s (from stepsPerSecond and the steps left); absent
+    when unknown or finished."""
+    estimated_completion_time: str | None = None
+    """When training should end at the reported rate (RFC 3339)."""
+
+
+class Evaluation(ApiModel):
+    """The latest held-out evaluation rank 0 reported."""
+
+    model_config = ConfigDict(extra="ignore")  # the trainer may report more than we keep
+
+    step: int | None = None
+    """Step the model was evaluated at."""
+    loss: float | None = None
+    """Held-out loss."""
+    accuracy: float | None = None
+    """Held-out accuracy (0..1)."""
+    f1: float | None = None
+    """Held-out macro-F1 (0..1)."""
 
 
 class FailureRecord(ApiModel):
@@ -200,7 +227,8 @@ class TrainingJobStatus(ApiModel):
     ready_nodes: int = 0
     """Pods of the current attempt that are Running and Ready."""
     nodes: str | None = None
-    """Ready/total pods, for kubectl get."""
+    """For kubectl get: ready/total pods while the job runs; once it finished, pods that exited 0/total
+    (like a Job's completions)."""
     last_checkpoint: CheckpointRef | None = None
     """Newest checkpoint the trainer reported."""
     progress: Progress | None = None
@@ -215,6 +243,16 @@ class TrainingJobStatus(ApiModel):
     """GPU-seconds consumed by pods of this job."""
     gpu_seconds_previous: float = 0
     """GPU-seconds of attempts that have ended (gpuSeconds adds the running attempt's)."""
+    energy_joules: float | None = None
+    """GPU energy of all GPUs of all ranks, summed over attempts, as the trainer last reported it (NVML);
+    absent while nothing was measured (see energy)."""
+    energy_joules_previous: float | None = None
+    """Energy of attempts that have ended (energyJoules adds the running attempt's); absent: none measured."""
+    energy: str | None = None
+    """How the running attempt's energy is measured: 'NVML on N GPU(s)', or 'not measured: <reason>' (e.g.
+    CPU-only nodes, no NVML), never a 0 that looks like a measurement."""
+    evaluation: Evaluation | None = None
+    """Latest held-out evaluation (accuracy, f1, loss, step)."""
     last_failure: FailureRecord | None = None
     """What caused the last restart or the failure."""
     excluded_nodes: list[str] = Field(default_factory=list)

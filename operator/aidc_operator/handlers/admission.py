@@ -45,7 +45,10 @@ def validate_trainingjob(
 ) -> None:
     if _spec_unchanged(old, new):
         return
-    _reject("validate-trainingjob", admission.validate_trainingjob(name or "", dict(spec)))
+    problems = admission.validate_trainingjob(name or "", dict(spec))
+    if old is not None and new is not None:  # UPDATE: what a started job cannot take
+        problems += admission.trainingjob_edit_problems(dict(old), dict(new))
+    _reject("validate-trainingjob", problems)
 
 
 @kopf.on.mutate(

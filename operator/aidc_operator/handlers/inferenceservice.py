@@ -17,7 +17,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import admission, kubeio, lifecycle, metrics
+from .. import admission, kubeio, lifecycle, metrics, volumes
 from ..api import GROUP, VERSION
 from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ModelSpec
 from ..builders import inferenceservice as build
@@ -136,6 +136,14 @@ def _pod_trouble(namespace: str, name: str) -> str | None:
             if reason and reason not in _STARTING:
                 return f"pod {pod['metadata']['name']}: {reason}: {waiting.get('message') or ''}".strip(": ")
     return None
+
+
+def _placement(namespace: str, name: str) -> tuple[volumes.Trouble | None, float | None]:
+    """Why the service's pods are not placed (from the cache: the pods' PodScheduled condition and the
+    claims they mount), and when to look again if a Pending claim is not yet worth reporting."""
+    pods = STORE.pods_with(LABEL_ISVC, namespace, name)
+    pvcs = {c: STORE.get(volumes.PVC, namespace, c) for p in pods for c in volumes.claims(p)}
+    return volumes.first_trouble(pods, pvcs, dt.datetime.now(dt.UTC))
 
 
 def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> ServerReport:
@@ -267,6 +275,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
 
     old = InferenceServiceStatus.model_validate(body.get("status") or {})
     trouble = None if ready_replicas(primary_dep) else _pod_trouble(namespace, name)
+    placing, recheck = (None, None) if ready_replicas(primary_dep) else _placement(namespace, name)
     report = _server_reports(namespace, name, spec) if primary_dep else ServerReport()
     st = plan_status(
         old,
@@ -281,6 +290,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         trouble,
         _now(),
         report,
+        placing,
     )
     events += transition_events(old, st)
     new_status = st.model_dump(by_alias=True, mode="json")
@@ -288,9 +298,8 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         STORE.upsert(INFERENCESERVICE, kubeio.patch_status(PLURAL, namespace, name, new_status))
     metrics.ISVC_READY.labels(namespace, name).set(st.ready_replicas)
     waiting = primary.model is None or (canary is not None and canary.model is None)
-    return Outcome(
-        WAITING_RESYNC_SECONDS if waiting else version_recheck(spec, primary, report), events, body
-    )
+    requeue = WAITING_RESYNC_SECONDS if waiting else version_recheck(spec, primary, report)
+    return Outcome(min(requeue, recheck + 1) if recheck is not None else requeue, events, body)
 
 
 def services_serving(namespace: str, job: str) -> list[str]:

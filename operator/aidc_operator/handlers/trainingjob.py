@@ -5,7 +5,6 @@ only when the store lacks them, and ticking status figures are written at a coar
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import logging
 import time
@@ -16,29 +15,31 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import admission, keys, kubeio, lifecycle, metrics
+from .. import admission, kubeio, lifecycle, metrics, volumes
 from ..api import GROUP, VERSION
 from ..api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from ..builders import trainingjob as build
 from ..builders.common import LABEL_ATTEMPT, LABEL_JOB, Owner
 from ..cache import TRAININGJOB
 from ..conditions import set_condition
-from ..keys import check_kek_secret, check_key_secret, key_secret
 from ..runtime import CONFIG, STORE
 from . import kueue
 from .loop import Controller, Outcome
+from .trainingjob_keys import ensure_key
 from .validation import describe_validation_error
 
 PLURAL = "trainingjobs"
 # Figures that move on their own, and how stale each may get before it alone is worth a write: the
-# trainer's progress every 30 s; GPU time (it changes every second a GPU job runs) with the safety
-# resync. Any other change writes at once and carries them along.
-TICKING = {"progress": 30.0, "gpuSeconds": lifecycle.RESYNC_SECONDS}
+# trainer's reports (progress with its ETA, evaluation, energy) every 30 s; GPU time (it changes every
+# second a GPU job runs) with the safety resync. Any other change writes at once and carries them along.
+TICKING = {
+    "progress": 30.0,
+    "evaluation": 30.0,
+    "energyJoules": 30.0,
+    "gpuSeconds": lifecycle.RESYNC_SECONDS,
+}
 log = logging.getLogger("aidc.trainingjob")
 _status_written: dict[tuple[str, str], float] = {}  # job → monotonic time of our last status write
-# The last key Secret we read or wrote, by (namespace, name): Secrets are not watched (no list/watch
-# RBAC on Secrets), so a running job's rotation check reads this instead of the apiserver.
-_key_secrets: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def _now() -> dt.datetime:
@@ -75,146 +76,6 @@ def _invalid(body: dict[str, Any], message: str) -> Outcome:
     return Outcome(lifecycle.RESYNC_SECONDS, [lifecycle.Event("Warning", "InvalidSpec", message)], body)
 
 
-def _read_key_secret(namespace: str, name: str) -> dict[str, Any] | None:
-    secret = kubeio.read_secret(namespace, name)
-    _remember_secret(namespace, name, secret)
-    return secret
-
-
-def _remember_secret(namespace: str, name: str, secret: Any) -> dict[str, Any] | None:
-    if secret is None:
-        _key_secrets.pop((namespace, name), None)
-        return None
-    _key_secrets[(namespace, name)] = stored = kubeio.sanitize(secret)
-    return stored
-
-
-def _key_work_due(secret: dict[str, Any], spec: TrainingJobSpec, body: dict[str, Any]) -> bool:
-    """Would the key check change anything (a rotation due or requested, old key ids to prune)?"""
-    enc = spec.checkpoint.encryption
-    request = (body["metadata"].get("annotations") or {}).get(keys.ANNOTATION_ROTATE)
-    last = (body.get("status") or {}).get("lastCheckpoint")
-    return bool(
-        keys.rotation_due(secret, enc.rotate_after, request, _now()) or keys.prunable_key_ids(secret, last)
-    )
-
-
-def _ensure_key(
-    owner: Owner, spec: TrainingJobSpec, body: dict[str, Any], gang_started: bool = False
-) -> lifecycle.Prerequisites:
-    """The key Secret exists (made once by us, or the user's is valid), the KEK (if any) unwraps it, and
-    an operator-managed key is rotated when due. Every decision is an Event; no key byte is ever in one.
-    Once a gang has started, its key was checked (the trainer reads keys at start), so only an owned
-    key's rotation or pruning can be due, judged from the Secret as last read: no request."""
-    enc = spec.checkpoint.encryption
-    name = build.key_secret_name(owner, spec)
-    if name is None:
-        return lifecycle.Prerequisites()
-    ns = owner.namespace
-    if gang_started:
-        if enc.key_secret_ref is not None:
-            return lifecycle.Prerequisites()
-        known = _key_secrets.get((ns, name)) or _read_key_secret(ns, name)
-        check = check_key_secret(known, name, wrapped=enc.kek_secret_ref is not None)
-        if known is not None and check.ok and not _key_work_due(known, spec, body):
-            return lifecycle.Prerequisites(
-                True, "CheckpointKeyReady", "KeyReady", check.message, check.key_id
-            )
-    events: list[lifecycle.Event] = []
-
-    def waiting(reason: str, message: str) -> lifecycle.Prerequisites:
-        return lifecycle.Prerequisites(False, "CheckpointKeyReady", reason, message)
-
-    kek = None
-    if enc.kek_secret_ref:
-        kek_secret = kubeio.read_secret(ns, enc.kek_secret_ref.name)
-        check = check_kek_secret(kek_secret, enc.kek_secret_ref.name)
-        if not check.ok:
-            return waiting(check.reason, check.message)
-        kek = base64.b64decode(kek_secret["data"]["kek"])  # type: ignore[index]
-    owned, created = enc.key_secret_ref is None, None
-    # A job that never had a key (no status.currentKeyId) almost surely has no Secret yet: create
-    # first and read only if one exists (a retained key of an earlier job of that name): one request.
-    fresh = owned and not (body.get("status") or {}).get("currentKeyId")
-    secret = None if fresh else _read_key_secret(ns, name)
-    if secret is None and owned:
-        retain = enc.key_retention == "Retain"
-        created = secret = _remember_secret(
-            ns, name, kubeio.create(key_secret(owner, name, retain=retain, now=_now(), kek=kek))
-        )
-        if secret is None:  # it exists (made earlier, or meanwhile by someone else): read it
-            secret = _read_key_secret(ns, name)
-    if created is not None:
-        events.append(
-            lifecycle.Event(
-                "Normal",
-                "KeyCreated",
-                f"created checkpoint key Secret {name!r}"
-                + (f" wrapped with the KEK in {enc.kek_secret_ref.name!r}" if enc.kek_secret_ref else "")
-                + (
-                    "; retained after the job is deleted (keyRetention: Retain)"
-                    if retain
-                    else "; deleted with the job (keyRetention: Delete)"
-                ),
-            )
-        )
-    check = check_key_secret(secret, name, wrapped=kek is not None)
-    if not check.ok:
-        return waiting(check.reason, check.message)
-    assert secret is not None
-    if kek is not None and not keys.unwraps(secret, kek):
-        kek_name = enc.kek_secret_ref.name if enc.kek_secret_ref else ""
-        return lifecycle.Prerequisites(
-            False,
-            "CheckpointKeyReady",
-            "KEKMismatch",
-            f"the KEK in Secret {kek_name!r} does not unwrap key {check.key_id} in {name!r}",
-            events=(
-                lifecycle.Event(
-                    "Warning",
-                    "KeyUnwrapFailed",
-                    f"KEK {kek_name!r} does not unwrap the key in {name!r}",
-                ),
-            ),
-        )
-    key_id = check.key_id
-    if enc.key_secret_ref is None:  # only keys we own are rotated
-        request = (body["metadata"].get("annotations") or {}).get(keys.ANNOTATION_ROTATE)
-        why = keys.rotation_due(secret, enc.rotate_after, request, _now())
-        stale = keys.prunable_key_ids(secret, (body.get("status") or {}).get("lastCheckpoint"))
-        if stale and not why:
-            _remember_secret(
-                ns,
-                name,
-                kubeio.core().patch_namespaced_secret(name, ns, {"data": {f"key-{k}": None for k in stale}}),
-            )
-            events.append(
-                lifecycle.Event(
-                    "Normal",
-                    "KeysPruned",
-                    f"removed key id(s) {', '.join(stale)} from {name!r}: no retained checkpoint uses them",
-                )
-            )
-        if why:
-            key_id, patch = keys.rotation_patch(secret, _now(), request, kek)
-            _remember_secret(ns, name, kubeio.core().patch_namespaced_secret(name, ns, patch))
-            events.append(
-                lifecycle.Event(
-                    "Normal",
-                    "KeyRotated",
-                    f"rotated the checkpoint key in {name!r} to {key_id} ({why}); older ids stay readable",
-                )
-            )
-    return lifecycle.Prerequisites(
-        True,
-        "CheckpointKeyReady",
-        "KeyReady",
-        f"checkpoint key {key_id} in Secret {name!r}",
-        key_id,
-        tuple(events),
-    )
-
-
 def _ensure_volume(owner: Owner, spec: TrainingJobSpec) -> lifecycle.Prerequisites | None:
     claim = ((spec.checkpoint.volume or {}).get("persistentVolumeClaim") or {}).get("claimName")
     if not claim:
@@ -233,10 +94,17 @@ def _ensure_volume(owner: Owner, spec: TrainingJobSpec) -> lifecycle.Prerequisit
     return None
 
 
-def _ensure_children(owner: Owner, spec: TrainingJobSpec, attempt: int) -> None:
+def _ensure_children(owner: Owner, spec: TrainingJobSpec, attempt: int, pods: list[dict[str, Any]]) -> None:
     """Service, NetworkPolicy and the trainer's ServiceAccount/Role: created when the store lacks them
     (adopted when they exist), the Role patched only when its rules differ from what it should say."""
     pod_names = [build.pod_name(owner.name, attempt, r) for r in range(spec.nodes)]
+    # A gang resized down keeps running at its old size until its next start: its pods keep access.
+    pod_names += [
+        p["metadata"]["name"]
+        for p in pods
+        if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(attempt)
+    ]
+    pod_names = sorted(set(pod_names))
     wanted = [build.headless_service(owner, spec), build.network_policy(owner, spec)]
     for obj in wanted + build.trainer_rbac(owner, pod_names):
         have = STORE.get(obj["kind"], owner.namespace, obj["metadata"]["name"])
@@ -271,7 +139,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     finished = status.get("phase") in lifecycle.FINISHED
     pods = STORE.pods_with(LABEL_JOB, namespace, name)
     if not finished and not spec.suspend:
-        _ensure_children(owner, spec, attempt)
+        _ensure_children(owner, spec, attempt, pods)
         # What pods need (volume, key) is checked when a gang is about to start: not again for every pod
         # event while its pods start, nor while it runs (a missing pod then restarts the gang).
         started = status.get("phase") == "Running" or any(
@@ -279,9 +147,13 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
             and not p["metadata"].get("deletionTimestamp")
             for p in pods
         )
-        prereq = (None if started else _ensure_volume(owner, spec)) or _ensure_key(owner, spec, body, started)
+        prereq = (None if started else _ensure_volume(owner, spec)) or ensure_key(owner, spec, body, started)
     queue = kueue.gate(owner, body)
     plan = lifecycle.plan(body, spec, pods, STORE.health(), _now(), prereq, queue)
+    if not finished and not spec.suspend:
+        # A pod waiting for a missing or unbound claim: which claim and why (from the cache).
+        pvcs = {c: STORE.get(volumes.PVC, namespace, c) for p in pods for c in volumes.claims(p)}
+        volumes.report_on_job(plan, pods, pvcs, _now())
 
     for deletion in plan.delete:
         if terminating := kubeio.delete_pod(namespace, deletion.name, deletion.force):

@@ -1,9 +1,10 @@
 """Start-up of the watch-fed machinery, and who wakes whom.
 
 The watch set (docs/operations.md lists it): the operator's own pods and children, selected by the
-`app.kubernetes.io/managed-by=aidc-operator` label on the apiserver; Nodes and the node Leases in
-kube-node-lease (both needed whole: any node may host a job); TrainingJobs and InferenceServices
-through kopf. Each change wakes only the objects it concerns:
+`app.kubernetes.io/managed-by=aidc-operator` label on the apiserver; the PersistentVolumeClaims of the
+watched namespaces (read when a pod waits for one; a claim's change wakes nobody, its pod's change
+does); Nodes and the node Leases in kube-node-lease (both needed whole: any node may host a job);
+TrainingJobs and InferenceServices through kopf. Each change wakes only the objects it concerns:
 - a pod or child → the job or inference service named by its aidc label;
 - a Node whose health-relevant fields changed (heartbeats are trimmed away) → the jobs with pods on it
   and the jobs that avoid it (status.excludedNodes: they stop avoiding it once it is healthy);
@@ -23,7 +24,7 @@ from typing import Any
 
 import kopf
 
-from .. import kubeio, metrics, queueing
+from .. import kubeio, metrics, queueing, volumes
 from ..builders.common import LABEL_ISVC, LABEL_JOB, MANAGED_BY
 from ..cache import INFERENCESERVICE, LEASE, NODE, POD, TRAININGJOB
 from ..informer import Informer, Resource
@@ -46,6 +47,8 @@ OWNED = (
     Resource("HorizontalPodAutoscaler", "autoscaling/v2", "horizontalpodautoscalers", selector=_SELECTOR),
 )
 NODES = Resource(NODE, "v1", "nodes", namespaced=False)
+# The users' PersistentVolumeClaims (not ours, so not selected): a pod waiting for one says which and why.
+CLAIMS = Resource(volumes.PVC, "v1", "persistentvolumeclaims")
 LEASES = Resource(LEASE, "coordination.k8s.io/v1", "leases")
 # With Kueue: the Workloads we made (a change wakes its job by its aidc label) and the ResourceFlavors
 # whose node labels an admitted gang is placed with.
@@ -142,7 +145,7 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
     loop = asyncio.get_running_loop()
     synced = asyncio.Event()
     scopes, accepts = namespace_filter(CONFIG.namespaces)
-    informers = [Informer(r, STORE, ns, accepts) for r in OWNED for ns in scopes]
+    informers = [Informer(r, STORE, ns, accepts) for r in (*OWNED, CLAIMS) for ns in scopes]
     informers += [Informer(NODES, STORE), Informer(LEASES, STORE, NODE_LEASE_NAMESPACE)]
     if CONFIG.kueue != "off":
         CONFIG.kueue_served = await loop.run_in_executor(None, kubeio.serves, queueing.API_VERSION)

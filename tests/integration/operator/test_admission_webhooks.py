@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from localcluster import free_port
+from cluster_processes import free_port
 from tests.conftest import OperatorProcess
 from tests.kube import Kube, wait_for
 from tests.tls import serving_cert

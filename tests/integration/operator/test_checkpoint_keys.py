@@ -189,3 +189,66 @@ def test_old_key_ids_are_pruned_once_no_retained_checkpoint_uses_them(
     wait_for("k1 pruned", lambda: f"key-{k1}" not in key_data(kube, namespace, "prune-ckpt-key"))
     assert f"key-{k2}" in key_data(kube, namespace, "prune-ckpt-key")
     wait_for("KeysPruned event", lambda: "KeysPruned" in reasons(kube, namespace, "prune"))
+
+
+def key_actions(operator, ns: str, job: str) -> list[dict]:
+    """The operator's structured key-action lines for this job (one JSON object per line)."""
+    found = []
+    for line in operator.log().splitlines():
+        start = line.find('{"action":')
+        if start >= 0:
+            entry = json.loads(line[start:])
+            if entry["namespace"] == ns and entry["job"] == job:
+                found.append(entry)
+    return found
+
+
+def test_reapplied_job_with_delete_takes_ownership_of_a_retained_key(
+    kube: Kube, operator, namespace: str
+) -> None:
+    """A Secret kept by an earlier Retain job of the same name must follow the new job's Delete policy:
+    owned by (and garbage-collected with) the new job, said in an Event and the key-action log."""
+    create_job(kube, namespace, "again")  # keyRetention: Retain (the default)
+    wait_for("running", lambda: status(kube, namespace, "again").get("phase") == "Running")
+    kept = key_data(kube, namespace, "again-ckpt-key")
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "trainingjobs", "again")
+
+    def job_gone() -> bool:
+        try:
+            kube.get_cr("trainingjobs", namespace, "again")
+        except client.ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for("first job deleted", job_gone, timeout=60)
+    assert not kube.core.read_namespaced_secret("again-ckpt-key", namespace).metadata.owner_references
+
+    create_job(kube, namespace, "again", checkpoint={"encryption": {"keyRetention": "Delete"}})
+    wait_for("running again", lambda: status(kube, namespace, "again").get("phase") == "Running")
+    uid = kube.get_cr("trainingjobs", namespace, "again")["metadata"]["uid"]
+    secret = kube.core.read_namespaced_secret("again-ckpt-key", namespace)
+    assert [(r.kind, r.uid) for r in secret.metadata.owner_references or []] == [("TrainingJob", uid)]
+    assert key_data(kube, namespace, "again-ckpt-key") == kept, "the same key: old checkpoints stay readable"
+    wait_for(
+        "adoption Events",
+        lambda: {"KeyAdopted", "KeyOwnershipTaken"} <= set(reasons(kube, namespace, "again")),
+    )
+    kid = kept["current-key-id"].decode()
+    wait_for(
+        "key-action log lines",
+        lambda: {"adopt", "own"} <= {e["action"] for e in key_actions(operator, namespace, "again")},
+    )
+    for entry in key_actions(operator, namespace, "again"):
+        assert set(entry) == {"action", "namespace", "job", "secret", "keyIds", "reason"}
+        assert entry["secret"] == "again-ckpt-key" and entry["keyIds"] in ([kid], [])
+
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "trainingjobs", "again")
+
+    def secret_gone() -> bool:
+        try:
+            kube.core.read_namespaced_secret("again-ckpt-key", namespace)
+        except client.ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for("key Secret garbage-collected with the job that said Delete", secret_gone, timeout=90)

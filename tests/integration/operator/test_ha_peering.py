@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from localcluster import free_port
+from cluster_processes import free_port
 from tests.conftest import ROOT, OperatorProcess
 from tests.kube import Kube, wait_for
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from tests.kube import Kube, wait_for
@@ -307,3 +309,24 @@ def test_invalid_specs_are_rejected_or_reported(kube: Kube, operator, namespace:
     )
     assert "spec.resources" in invalid["message"] and "quantities must match" in invalid["message"]
     assert deployment(kube, namespace, "zero").status.ready_replicas == 1
+
+
+def test_the_example_pair_serves_on_the_local_cluster(kube: Kube, operator, namespace: str) -> None:
+    """examples/: the claim binds to the local volume, the job's gang is placed on it, and the
+    InferenceService resolves the job's volume and key and goes Ready (kwok plays the kubelet)."""
+    examples = Path(__file__).resolve().parents[3] / "examples"
+    pv = yaml.safe_load((examples / "local-checkpoints-pv.yaml").read_text())
+    pv["metadata"]["name"] = f"{namespace}-ckpt"  # a cluster-scoped name of this test's own
+    pv["spec"]["claimRef"] = {"namespace": namespace, "name": "mnist-checkpoints"}
+    kube.core.create_persistent_volume(pv)
+    try:
+        for example in ("trainingjob-for-serving.yaml", "inferenceservice-from-trainingjob.yaml"):
+            kube.kubectl("apply", "-n", namespace, "-f", str(examples / example))
+        wait_phase(kube, namespace, "mnist", "Ready", timeout=120, readyReplicas=1)
+        assert condition(kube, namespace, "mnist", "ModelResolved")["reason"] == "TrainingJobResolved"
+        pods = kube.pods(namespace, "aidc.dev/job-name=mnist-train")
+        assert pods and all(p.spec.node_name for p in pods)
+        vols = {v.name: v for v in deployment(kube, namespace, "mnist").spec.template.spec.volumes}
+        assert vols["model"].persistent_volume_claim.claim_name == "mnist-checkpoints"
+    finally:
+        kube.core.delete_persistent_volume(pv["metadata"]["name"])

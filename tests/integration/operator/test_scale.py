@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from kubernetes import watch
 
-from localcluster import LocalCluster, free_port
+from cluster_processes import free_port
+from localcluster import LocalCluster
 from tests.conftest import OperatorProcess
 from tests.kube import Kube, wait_for
 

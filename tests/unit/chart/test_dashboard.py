@@ -12,6 +12,7 @@ import yaml
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from aidc_operator import metrics  # noqa: F401 - registers the operator's metrics in REGISTRY
+from aidc_server.energy import EnergyReading
 from aidc_server.metrics import ServerMetrics
 from aidc_trainer.metrics import TrainMetrics
 from localcluster import build_binaries
@@ -48,12 +49,41 @@ def queried() -> set[str]:
     return names
 
 
+def server_registry() -> CollectorRegistry:
+    """A server's metrics as a GPU pod exports them (energy measured)."""
+    server = ServerMetrics("m")
+    server.attach_energy(lambda: EnergyReading(joules=12.5, reason=None, gpus=1))
+    return server.registry
+
+
+def panel_exprs(title: str) -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == title]
+    return [t["expr"] for t in panel["targets"]]
+
+
 def test_every_queried_metric_is_exported() -> None:
-    available = exported(REGISTRY) | exported(TrainMetrics().registry) | exported(ServerMetrics("m").registry)
+    available = exported(REGISTRY) | exported(TrainMetrics().registry) | exported(server_registry())
     missing = queried() - available - PROMETHEUS_BUILTINS
     assert not missing, f"dashboard queries metrics nobody exports: {sorted(missing)}"
     # And it covers each component.
     assert {n.split("_")[1] for n in queried() if n.startswith("aidc_")} >= {"trainer", "server", "reconcile"}
+
+
+def test_energy_and_evaluation_panels() -> None:
+    """Training energy (joules, joules per step), accuracy/F1, and serving energy per 1,000 inferences."""
+    assert any("aidc_trainer_energy_joules" in e for e in panel_exprs("GPU energy (this attempt)"))
+    (per_step,) = panel_exprs("Energy per step")
+    assert "deriv(aidc_trainer_energy_joules" in per_step and "deriv(aidc_trainer_step" in per_step
+    accuracy, f1 = panel_exprs("Evaluation: accuracy and macro-F1")
+    assert "aidc_trainer_eval_accuracy" in accuracy and "aidc_trainer_eval_macro_f1" in f1
+    (per_1000,) = panel_exprs("Energy per 1,000 inferences")
+    assert per_1000.startswith("1000 * ")
+    energy, inferences = per_1000.removeprefix("1000 * ").split(" / ")
+    assert "increase(aidc_server_energy_joules_total" in energy and "[5m]" in energy
+    assert "increase(aidc_server_inferences_total" in inferences and "[5m]" in inferences
+    # Both sides are grouped alike, so the division matches series of the same model.
+    assert energy.split("(increase")[0] == inferences.split("(increase")[0] == "sum by (namespace, model) "
 
 
 def test_alert_rules_use_exported_metrics() -> None:

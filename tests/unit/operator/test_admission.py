@@ -14,12 +14,14 @@ import string
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aidc_operator.admission import (
     default_inferenceservice,
     default_trainingjob,
+    trainingjob_edit_problems,
     validate_inferenceservice,
     validate_trainingjob,
 )
@@ -580,3 +582,63 @@ def test_defaulting_fills_gpus_and_a_checkpoint_interval_but_keeps_user_values()
     }
     spec = {"procPerNode": 4, "gpusPerNode": 0, "checkpoint": {"everySteps": 100}}
     assert default_trainingjob(spec) == spec
+
+
+# ------------------------------------------------------------------------------ edits of a started job
+
+STARTED = {"phase": "Running", "startTime": "2026-11-26T11:00:00Z"}
+# (case, old status, spec change, field named in the rejection or None): shared with the apiserver's
+# CEL rules in tests/integration/cluster/test_crds.py, so the webhook and the CRD answer alike.
+EDIT_CASES: list[tuple[str, dict, dict, str | None]] = [
+    ("image-running", STARTED, {"image": "example.com/other:2"}, "spec.image"),
+    ("command-running", STARTED, {"command": ["python", "train.py"]}, "spec.command"),
+    ("procs-running", STARTED, {"procPerNode": 2, "gpusPerNode": 2}, "spec.procPerNode"),
+    ("gpus-running", STARTED, {"gpusPerNode": 0}, "spec.gpusPerNode"),
+    ("gpus-filled-in", STARTED, {"gpusPerNode": 1}, None),  # what the webhook defaults: no change
+    ("keep-running", STARTED, {"checkpoint": {"keep": 5}}, "spec.checkpoint.keep"),
+    ("volume-running", STARTED, {"checkpoint": {"volume": {"emptyDir": {}}}}, "spec.checkpoint.volume"),
+    (
+        "encryption-running",
+        STARTED,
+        {"checkpoint": {"encryption": {"enabled": False}}},
+        "spec.checkpoint.encryption.enabled",
+    ),
+    ("retention-running", STARTED, {"checkpoint": {"encryption": {"keyRetention": "Delete"}}}, None),
+    ("nodes-running", STARTED, {"nodes": 3}, None),  # a declared resize
+    ("restarts-running", STARTED, {"failurePolicy": {"maxRestarts": 9}}, None),
+    ("image-suspended", {**STARTED, "phase": "Suspended"}, {"image": "example.com/other:2"}, None),
+    ("image-not-started", {"phase": "Pending"}, {"image": "example.com/other:2"}, None),
+    ("command-succeeded", {**STARTED, "phase": "Succeeded"}, {"command": ["python", "x.py"]}, "spec.command"),
+    ("nodes-succeeded", {**STARTED, "phase": "Succeeded"}, {"nodes": 3}, "spec.nodes"),
+    ("ttl-succeeded", {**STARTED, "phase": "Succeeded"}, {"ttlSecondsAfterFinished": 60}, None),
+]
+
+
+def _merged(spec: dict, change: dict) -> dict:
+    out = copy.deepcopy(spec)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize(("case", "status", "change", "field"), EDIT_CASES, ids=[c[0] for c in EDIT_CASES])
+def test_a_started_job_rejects_edits_it_cannot_take_naming_the_field(
+    case: str, status: dict, change: dict, field: str | None
+) -> None:
+    spec = TrainingJobSpec(nodes=2).wire()  # as stored: the schema's defaults filled in
+    old = {"spec": spec, "status": status}
+    problems = trainingjob_edit_problems(old, {"spec": _merged(spec, change), "status": status})
+    if field is None:
+        assert problems == []
+    else:
+        assert problems and problems[0].startswith(f"{field} cannot change"), problems
+    # The reconciler validates without the old object: a stored object never turns Invalid this way.
+    assert validate_trainingjob("job", default_trainingjob(_merged(spec, change))) == []
+
+
+def test_edit_rules_never_raise_on_odd_objects() -> None:
+    for old, new in [(None, None), ({}, {}), ({"status": "x"}, {"spec": 3}), ({"status": STARTED}, {})]:
+        trainingjob_edit_problems(old, new)

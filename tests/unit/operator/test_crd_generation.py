@@ -58,3 +58,43 @@ def test_status_subresource_and_printer_columns() -> None:
     assert tj["names"]["shortNames"] == ["tj"]
     rules = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
     assert any("minNodes" in r["rule"] for r in rules)
+
+
+def _spec_schema(crd: str) -> dict[str, Any]:
+    version = all_crds()[crd]["spec"]["versions"][0]
+    return version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def test_defaults_are_in_the_schema_and_in_what_kubectl_explain_prints() -> None:
+    spec = _spec_schema("aidc.dev_trainingjobs.yaml")
+    ckpt = spec["properties"]["checkpoint"]
+    keep, retention = (
+        ckpt["properties"]["keep"],
+        ckpt["properties"]["encryption"]["properties"]["keyRetention"],
+    )
+    assert keep["default"] == 3 and keep["description"].endswith("Default: 3.")
+    assert retention["default"] == "Retain" and retention["description"].endswith("Default: Retain.")
+    assert spec["properties"]["command"]["default"] == ["python", "-m", "aidc_trainer", "--example", "mlp"]
+    assert "Default: 600" in ckpt["properties"]["everySeconds"]["description"]
+    for crd in all_crds():
+        for path, node in _walk(_spec_schema(crd), "spec"):
+            if node.get("default") not in (None, {}, []):
+                assert "Default: " in node["description"], f"{crd}: {path} hides its default"
+            # A default inside an optional object applies only when the object is given, so it never
+            # invents one (elastic, canary …): only objects with `default: {}` are filled in whole.
+            if "default" in node and node.get("type") == "object":
+                assert node["default"] == {}, path
+
+
+def test_fields_a_started_job_cannot_take_are_locked_by_transition_rules() -> None:
+    from aidc_operator.api.transitions import FROZEN
+
+    root = all_crds()["aidc.dev_trainingjobs.yaml"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rules = {r.get("fieldPath"): r for r in root["x-kubernetes-validations"]}
+    for frozen in FROZEN:
+        rule = rules[f".spec.{frozen.path}"]
+        assert "oldSelf" in rule["rule"], "a transition rule"
+        assert rule["message"].startswith(f"spec.{frozen.path} cannot change")
+    paths = {f.path for f in FROZEN}
+    assert {"image", "command", "procPerNode", "gpusPerNode", "checkpoint.volume"} <= paths
+    assert not {"suspend", "failurePolicy", "ttlSecondsAfterFinished"} & paths, "operator-side: editable"

@@ -12,6 +12,7 @@ from aidc_operator.serving_status import (
     server_reason,
     transition_events,
 )
+from aidc_operator.volumes import Trouble
 
 OWNER = Owner("InferenceService", "digits", "ns", "uid")
 NOW = "2026-11-26T00:00:00Z"
@@ -37,6 +38,7 @@ def status(
     canary_dep: dict | None = None,
     canary_wanted: int = 0,
     trouble: str | None = None,
+    placement: Trouble | None = None,
 ) -> InferenceServiceStatus:
     return plan_status(
         old or InferenceServiceStatus(),
@@ -50,6 +52,7 @@ def status(
         canary_wanted,
         trouble,
         NOW,
+        placement=placement,
     )
 
 
@@ -171,3 +174,19 @@ def test_servers_own_reports_give_the_unready_reason_and_the_served_version() ->
         serving,
     )
     assert st.model_version == "200,1000", "the servers' word, not the job's last checkpoint (300)"
+
+
+def test_a_server_that_cannot_be_placed_is_reported_by_its_volume_not_its_checkpoint() -> None:
+    """A missing claim keeps every server off every node: the reason names the claim, and the Event
+    says so, instead of blaming a checkpoint no server ever looked at."""
+    missing = Trouble(
+        "VolumeNotFound", "PersistentVolumeClaim 'models' not found: pod d-1 cannot be scheduled"
+    )
+    st = status(primary_dep=dep(0), placement=missing, trouble="pod d-1: ContainerCreating")
+    ready = cond(st, "Ready")
+    assert (st.phase, ready.status, ready.reason) == ("Pending", "False", "VolumeNotFound")
+    assert "'models' not found" in ready.message and "checkpoint" not in ready.message
+    events = transition_events(InferenceServiceStatus(), st)
+    assert any(e.type == "Warning" and e.reason == "VolumeNotFound" for e in events)
+    # Placed, the same servers' unreadiness is theirs to explain again.
+    assert cond(status(primary_dep=dep(0)), "Ready").reason == "NoReadyReplicas"

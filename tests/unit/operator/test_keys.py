@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import os
 
+import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
 from aidc_operator import keys
@@ -80,3 +82,49 @@ def test_pruning_follows_the_trainers_report() -> None:
     assert keys.prunable_key_ids(s, report(later - dt.timedelta(seconds=5), [])) == [], "stale report"
     assert keys.prunable_key_ids(s, report(later + dt.timedelta(seconds=5), [old])) == []
     assert keys.prunable_key_ids(s, None) == []
+
+
+def test_retention_decides_ownership_of_a_found_secret() -> None:
+    kept = secret()  # an earlier Retain job's Secret: no owner
+    action, patch = keys.ownership_change(kept, OWNER, retain=False)
+    assert action == "own" and patch["metadata"]["ownerReferences"][0]["uid"] == "uid"
+    assert keys.ownership_change(kept, OWNER, retain=True) is None
+    owned = keys.key_secret(OWNER, "job-ckpt-key", retain=False, now=NOW)
+    assert keys.ownership_change(owned, OWNER, retain=False) is None
+    action, patch = keys.ownership_change(owned, OWNER, retain=True)
+    assert action == "release" and patch["metadata"]["ownerReferences"] == [
+        {"$patch": "delete", "uid": "uid"}
+    ]
+    # Only this job's reference counts: another (earlier) job's owner reference does not make it ours.
+    other = keys.key_secret(
+        Owner("TrainingJob", "job", "ns", "old-uid"), "job-ckpt-key", retain=False, now=NOW
+    )
+    assert keys.ownership_change(other, OWNER, retain=False)[0] == "own"
+
+
+def test_predates_tells_an_earlier_jobs_secret_from_our_own() -> None:
+    s = secret()
+    s["metadata"]["creationTimestamp"] = "2026-11-26T12:00:00+00:00"  # as the client's models render it
+    assert keys.predates(s, "2026-11-26T12:00:01Z")
+    assert not keys.predates(s, "2026-11-26T12:00:00Z")
+    assert not keys.predates(s, None)
+
+
+def test_key_action_line_is_one_json_object_with_fixed_keys_and_ids_only() -> None:
+    line = keys.key_action_line("rotate", "ns", "job", "job-ckpt-key", ["k2-abc123"], "requested")
+    assert "\n" not in line
+    assert json.loads(line) == {
+        "action": "rotate",
+        "namespace": "ns",
+        "job": "job",
+        "secret": "job-ckpt-key",
+        "keyIds": ["k2-abc123"],
+        "reason": "requested",
+    }
+    raw = os.urandom(32)
+    leaky = [raw.hex(), base64.b64encode(raw).decode()]
+    line = keys.key_action_line("retire", "ns", "job", "job-ckpt-key", leaky, "")
+    assert json.loads(line)["keyIds"] == ["?", "?"]
+    assert raw.hex() not in line and base64.b64encode(raw).decode() not in line
+    with pytest.raises(ValueError):
+        keys.key_action_line("leak", "ns", "job", "s", [], "")
