@@ -48,10 +48,14 @@ k8s=$(version_of k8s.io/kubernetes "$here/kubernetes")
 etcd=$(version_of go.etcd.io/etcd/server/v3 "$here/etcd")
 kwok=$(version_of sigs.k8s.io/kwok "$here/kwok")
 helm=$(version_of helm.sh/helm/v3 "$here/helm")
-# One directory of links per combination of versions, so clones pinned differently never mix binaries.
-set="$cache/bin/set-$(echo "$k8s $etcd $kwok $helm" | sha256sum | cut -c1-12)"
-mkdir -p "$set"
 minor=${k8s#v1.}; minor=${minor%%.*}
+# helm's default Capabilities.KubeVersion (what `helm template`/`lint` assume without --kube-version) is a
+# link-time constant, v1.20 unless set: give it the pinned Kubernetes, as helm's own Makefile does from
+# client-go. The key names it, so a helm cached without these flags is rebuilt.
+helm_key="$helm-k8s1.$minor"
+# One directory of links per combination of versions, so clones pinned differently never mix binaries.
+set="$cache/bin/set-$(echo "$k8s $etcd $kwok $helm_key" | sha256sum | cut -c1-12)"
+mkdir -p "$set"
 vpkg=k8s.io/component-base/version
 k8s_ldflags="-s -w -X $vpkg.gitVersion=$k8s -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor \
  -X $vpkg.gitTreeState=clean -X $vpkg.gitCommit=aidc-module-build -X $vpkg.buildDate=1970-01-01T00:00:00Z"
@@ -61,7 +65,11 @@ build kubernetes "$k8s" "$here/kubernetes" "$k8s_ldflags" "" \
 
 build etcd "$etcd" "$here/etcd" "-s -w" etcd go.etcd.io/etcd/server/v3
 build kwok "$kwok" "$here/kwok" "-s -w" kwok sigs.k8s.io/kwok/cmd/kwok
-build helm "$helm" "$here/helm" "-s -w -X helm.sh/helm/v3/internal/version.version=$helm" helm helm.sh/helm/v3/cmd/helm
+hpkg=helm.sh/helm/v3
+helm_ldflags="-s -w -X $hpkg/internal/version.version=$helm -X $hpkg/internal/version.gitTreeState=clean \
+ -X $hpkg/pkg/chartutil.k8sVersionMajor=1 -X $hpkg/pkg/chartutil.k8sVersionMinor=$minor \
+ -X $hpkg/pkg/lint/rules.k8sVersionMajor=1 -X $hpkg/pkg/lint/rules.k8sVersionMinor=$minor"
+build helm "$helm_key" "$here/helm" "$helm_ldflags" helm $hpkg/cmd/helm
 
 # kwok runs no stages unless given some. Assemble the pinned release's own defaults (what kwokctl
 # does): node initialise + lease heartbeat, pod ready/complete/delete.

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from localcluster import build_binaries, free_port
+from cluster_processes import free_port
+from localcluster import build_binaries
 from tests.conftest import ROOT, OperatorProcess
 from tests.integration.operator.test_trainingjob import succeed_pod, wait_running
 from tests.kube import Kube, wait_for
@@ -153,7 +156,8 @@ def install(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[In
     finally:
         if op is not None:
             op.stop()
-        helm(kube, "uninstall", release, "-n", system_ns)
+        if release in helm(kube, "list", "-q", "-n", system_ns).split():  # the last test uninstalls it
+            helm(kube, "uninstall", release, "-n", system_ns)
         kube.delete_namespace(ns)
         kube.delete_namespace(system_ns)
 
@@ -341,6 +345,115 @@ def test_upgrade_keeps_the_webhook_certificate(install: Install) -> None:
         "apply", "--dry-run=server", "-n", install.ns, "-f", "-", input=_tj("again"), check=False
     )
     assert out.returncode == 0, out.stderr
+
+
+def served_certificate(install: Install) -> x509.Certificate:
+    """The certificate the operator's webhook server answers with right now."""
+    port = int(next(a for a in install.op.args if a.startswith("--webhook-port=")).split("=")[1])
+    return x509.load_pem_x509_certificate(ssl.get_server_certificate(("127.0.0.1", port)).encode())
+
+
+def test_upgrade_with_new_certificate_ips_reissues_the_certificate(install: Install) -> None:
+    """A new webhook.certExtraIPs needs a certificate that names it: reusing the old one (as the chart did)
+    made every apiserver call to the new address fail TLS. The bundle trusts the old CA through the
+    rollout, so replicas still serving the old certificate keep answering."""
+    kube, ns = install.kube, install.ns
+    name = f"{install.release}-webhook-cert"
+    old = kube.core.read_namespaced_secret(name, install.system_ns).data
+    old_template = kube.apps.read_namespaced_deployment(install.release, install.system_ns).spec.template
+    values = [*install.values, "--set=webhook.certExtraIPs={127.0.0.1,127.0.0.2}"]
+    helm(kube, "upgrade", install.release, str(CHART), "-n", install.system_ns, *values)
+    new = kube.core.read_namespaced_secret(name, install.system_ns).data
+    cert = x509.load_pem_x509_certificate(base64.b64decode(new["tls.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)) == ["127.0.0.1", "127.0.0.2"]
+    # The Deployment rolls, so pods pick the new certificate up at once.
+    template = kube.apps.read_namespaced_deployment(install.release, install.system_ns).spec.template
+    assert template.metadata.annotations != old_template.metadata.annotations
+
+    def admitted() -> bool:
+        out = kube.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=_tj("again"), check=False)
+        return out.returncode == 0
+
+    # The running operator still serves the old certificate: the apiserver trusts it through the rollout.
+    config = kube.kubectl("get", "mutatingwebhookconfiguration", install.release, "-o", "json").stdout
+    (bundle,) = {w["clientConfig"]["caBundle"] for w in json.loads(config)["webhooks"]}
+    assert base64.b64decode(bundle) == base64.b64decode(new["ca.crt"]) + base64.b64decode(old["ca.crt"])
+    assert served_certificate(install).serial_number != cert.serial_number
+    assert admitted()
+    # The kubelet refreshes the Secret volume; the operator reloads the changed files.
+    for arg in install.op.args:
+        for flag, key in (("--webhook-cert=", "tls.crt"), ("--webhook-key=", "tls.key")):
+            if arg.startswith(flag):
+                Path(arg[len(flag) :]).write_bytes(base64.b64decode(new[key]))
+    wait_for("the new certificate served", lambda: served_certificate(install) == cert, timeout=90)
+    assert admitted()
+    # Asking for the same SANs again keeps it, and the bundle is back to the one CA.
+    helm(kube, "upgrade", install.release, str(CHART), "-n", install.system_ns, *values)
+    assert kube.core.read_namespaced_secret(name, install.system_ns).data == new
+    config = kube.kubectl("get", "validatingwebhookconfiguration", install.release, "-o", "json").stdout
+    assert {w["clientConfig"]["caBundle"] for w in json.loads(config)["webhooks"]} == {new["ca.crt"]}
+    assert admitted()
+    install.values[:] = values
+
+
+def test_after_uninstall_deleting_a_trainingjob_completes(install: Install, tmp_path: Path) -> None:
+    """Last in this module: it uninstalls the release. kopf's finalizer would make every later delete
+    hang; the chart's pre-delete hook stops the operator and removes it.
+
+    kwok plays the nodes, so the hook Job's pod would be marked Completed without running anything: the
+    test runs the Job's container command itself, as a local process, from the hook manifest helm
+    rendered (`helm get hooks`), with the hook's own ServiceAccount and RBAC created from that manifest
+    — exactly what the Job's pod would do — and then runs the real `helm uninstall`."""
+    kube, ns, system_ns = install.kube, install.ns, install.system_ns
+    kube.kubectl("apply", "-n", ns, "-f", "-", input=_tj("left", nodes=1))
+    wait_for(
+        "the operator's finalizer on the job",
+        lambda: (
+            "aidc.dev/operator"
+            in (kube.get_cr("trainingjobs", ns, "left")["metadata"].get("finalizers") or [])
+        ),
+        timeout=60,
+    )
+    hooks = [d for d in yaml.safe_load_all(helm(kube, "get", "hooks", install.release, "-n", system_ns)) if d]
+    (job,) = [d for d in hooks if d["kind"] == "Job"]
+    kube.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in hooks if d is not job))
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    kubeconfig = service_account_kubeconfig(kube, system_ns, pod["serviceAccountName"], tmp_path / "hook")
+    env = {**kube.env(), "KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
+    hook = subprocess.Popen(
+        [sys.executable, "-m", "aidc_operator", *container["args"]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        # The hook scales the Deployment to 0; the replica that stops here is the local operator.
+        wait_for(
+            "the operator's Deployment scaled to 0",
+            lambda: kube.apps.read_namespaced_deployment(install.release, system_ns).spec.replicas == 0,
+            timeout=60,
+        )
+        install.op.stop()
+        out, _ = hook.communicate(timeout=180)
+    finally:
+        if hook.poll() is None:
+            hook.kill()
+    assert hook.returncode == 0, out
+    assert f"released trainingjobs {ns}/left" in out, out
+    helm(kube, "uninstall", install.release, "-n", system_ns)
+    assert kube.get_cr("trainingjobs", ns, "left")["metadata"].get("finalizers") in (None, []), (
+        "kept, released"
+    )
+    kube.kubectl("delete", "trainingjob", "left", "-n", ns, "--timeout=60s")
+    gone = kube.kubectl("get", "trainingjob", "left", "-n", ns, check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
+    # ... and so does every other object the operator served (earlier tests' jobs and services).
+    kube.kubectl("delete", "trainingjobs,inferenceservices", "--all", "-n", ns, "--timeout=60s")
+    assert not kube.kubectl("get", "trainingjobs,inferenceservices", "-n", ns, "-o", "name").stdout.strip()
 
 
 @contextlib.contextmanager

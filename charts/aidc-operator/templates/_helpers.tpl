@@ -50,6 +50,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ include "aidc.fullname" . }}-webhook-cert
 {{- end -}}
 
+{{/* The generated serving certificate's DNS names (a JSON list), and every SAN it must carry: the
+     Secret records the latter, and an upgrade asking for others reissues the certificate. */}}
+{{- define "aidc.webhookCertDNSNames" -}}
+{{- $svc := include "aidc.webhookService" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson -}}
+{{- end -}}
+
+{{- define "aidc.webhookCertSANs" -}}
+{{- include "aidc.webhookCertDNSNames" . | fromJsonArray | join "," }};{{ .Values.webhook.certExtraIPs | join "," -}}
+{{- end -}}
+
 {{/*
 RBAC rules for the namespaces the operator serves. docs/security.md lists each rule and why;
 tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i`.
@@ -87,7 +99,7 @@ tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i
   verbs: [list, watch, create]
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get]
+  verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
