@@ -48,7 +48,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from localcluster import issue_cert, new_key, pem_key, x509_name
+from cluster_pki import issue_cert, new_key, pem_key, x509_name
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "peers" / "build.sh"
 BINARY = "training-operator"

@@ -23,7 +23,7 @@ from _scale_ops import Aidc, stop_process
 from _scale_run import Bench, say
 from kubernetes import client
 
-from localcluster import free_port
+from cluster_processes import free_port
 
 KQ, KQV = "kueue.x-k8s.io", "v1beta2"
 TJ, TJV = "aidc.dev", "v1alpha1"

@@ -21,7 +21,8 @@ from _scale_ops import BenchError, Operator, stop_process, wait_until
 from _scale_watch import PodWatch
 from kubernetes import client
 
-from localcluster import LocalCluster, free_port
+from cluster_processes import free_port
+from localcluster import LocalCluster
 
 SETTLE_SECONDS = 10
 

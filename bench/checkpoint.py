@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
 
 from aidc_trainer.checkpoint import Checkpointer
-from aidc_trainer.crypto import DecryptingReader, EncryptingWriter, KeyRing
+from aidc_trainer.crypto import DecryptingReader, EncryptingWriter
+from aidc_trainer.keyring import KeyRing
 
 
 class _Null(io.RawIOBase):

@@ -42,7 +42,8 @@ sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "operator")]
 from aidc_operator.api.trainingjob import TrainingJobSpec  # noqa: E402
 from aidc_operator.builders import trainingjob as build  # noqa: E402
 from aidc_operator.builders.common import Owner  # noqa: E402
-from localcluster import ClusterError, LocalCluster, free_port, poll  # noqa: E402
+from cluster_processes import ClusterError, free_port, poll  # noqa: E402
+from localcluster import LocalCluster  # noqa: E402
 
 NS = "bench-nodefail"
 PODS = ROOT / ".state" / "bench-node-failure" / "pods" / NS  # the development kubelet's pod dirs

@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from localcluster import ROOT, ClusterError, LocalCluster, free_port, poll
+from cluster_processes import ClusterError, free_port, poll
+from localcluster import ROOT, LocalCluster
 
 NS = "aidc-demo"
 PY = str(ROOT / ".venv" / "bin" / "python")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from localcluster import free_port
+from cluster_processes import free_port
 from tests.kube import Kube, start_cluster, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,17 +34,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from localcluster import (
-    ROOT,
-    ClusterError,
-    free_port,
-    issue_cert,
-    kubeconfig,
-    log,
-    new_key,
-    pem_key,
-    x509_name,
-)
+from cluster_pki import issue_cert, kubeconfig, new_key, pem_key, x509_name
+from cluster_processes import ClusterError, free_port, log
+from localcluster import ROOT
 
 if TYPE_CHECKING:
     from localcluster import LocalCluster

@@ -12,6 +12,10 @@ so this process watches pods bound to kwok nodes that carry an aidc label and, f
   the apiserver's pod proxy reaches the pod's processes where the API says they are (without the
   privilege to add addresses, a 127.1.x.y address of its own, which the proxy refuses); resolves the
   cluster DNS names used in its environment (`<host>.<subdomain>.<ns>.svc`) to those addresses;
+- gives each pod a port space of its own for the ports its peers reach it on, by translation (all pods
+  share the host's network namespace): the rendezvous port a job's pods name with their master's DNS
+  name (MASTER_PORT, PET_MASTER_PORT, PET_RDZV_ENDPOINT) becomes one free host port per master pod, the
+  same for the master and every pod naming it, so two jobs on the default 29500 both run (podnet.py);
 - runs the container's HTTP readiness probe as a kubelet does and writes the verdict to the pod's
   Ready condition, so a Deployment counts a model server ready only once it really is;
 - mints a ServiceAccount token bound to the pod (TokenRequest) so in-pod API calls carry the pod's own
@@ -22,6 +26,9 @@ so this process watches pods bound to kwok nodes that carry an aidc label and, f
   container's terminationMessagePath is a file in the pod's directory;
 - when the pod is deleted, SIGTERMs every process of the pod and SIGKILLs what is left after the grace
   period, or once the main process is gone (as a container's other processes die with its PID 1);
+- once a pod's processes are gone (it exited, was deleted, its node lost power, or the kubelet stopped),
+  removes its Secret files, emptyDirs and token from the state dir (podspec.scrub); on start, does the
+  same (and kills any process left) for the pod directories of pods that no longer exist;
 - when its node's kwok agent is gone, treats the node as powered off: LocalCluster.stop_node_agent has
   already killed the node's pod processes and addresses in one go (a power cut), and if the agent died
   otherwise this does the same; either way nobody reports anything for those pods and they never restart.
@@ -35,7 +42,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import podnet
 import podspec
 import podstatus
 import proctree
@@ -76,10 +83,7 @@ class RunningPod:
     deleted_at: float | None = None
     message_policy: str = "File"  # the container's terminationMessagePolicy
     markers: dict[str, str] = field(default_factory=dict)  # what every process of the pod carries
-
-
-class NotYet(Exception):
-    """The pod cannot start in this sync (a pod it names has no IP yet); try again in the next."""
+    peers: set[str] = field(default_factory=set)  # uids of the pods whose host ports it was given
 
 
 @dataclass
@@ -93,63 +97,41 @@ class Kubelet:
         self.root = self.cluster.state_dir / "pods"
         self.running: dict[str, RunningPod] = {}
         self.finished: set[str] = set()
-        self.addresses: dict[str, str] = {}  # "ns/pod" -> loopback address (fallback mode)
-        self.label = pod_address_label(self.cluster.pod_net)
-        self.pod_ips = self._can_add_addresses()
-        if not self.pod_ips:
+        self.net = podnet.Addresses(self.cluster.pod_net, pod_address_label(self.cluster.pod_net))
+        self.ports = podnet.HostPorts(self.cluster.state_dir / "ports")
+        if not self.net.pod_ips:
             log.warning(
                 "cannot add addresses to lo (needs CAP_NET_ADMIN): pods get 127.1.x.y addresses, "
                 "which the apiserver's pod proxy refuses"
             )
+        self.clean_up_gone_pods()
 
-    # addresses ------------------------------------------------------------
-    def _ip(self, *args: str) -> bool:
+    def serves(self, namespace: str) -> bool:
+        return not self.namespaces or namespace in self.namespaces
+
+    def clean_up_gone_pods(self) -> None:
+        """A kubelet that stopped uncleanly (or whose pods were deleted while it was down) left pod
+        directories behind: for pods that no longer exist, kill what still runs and remove the secrets."""
         try:
-            return subprocess.run(["ip", *args], capture_output=True).returncode == 0
-        except OSError:
-            return False
-
-    def _can_add_addresses(self) -> bool:
-        probe = f"{self.cluster.pod_net}.255.254/32"
-        if not self._ip("-4", "addr", "add", probe, "dev", "lo", "label", self.label):
-            return False
-        self._ip("-4", "addr", "del", probe, "dev", "lo")
-        return True
-
-    def address_of(self, pod: dict[str, Any]) -> str:
-        """The pod's IP from its status (kwok's); in fallback mode a loopback address of its own."""
-        if self.pod_ips:
-            ip = (pod.get("status") or {}).get("podIP")
-            if not ip:
-                raise NotYet(f"pod {pod['metadata']['name']} has no IP yet")
-            return str(ip)
-        key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
-        if key not in self.addresses:
-            n = len(self.addresses) + 1
-            self.addresses[key] = f"127.1.{n // 250}.{n % 250 + 1}"
-        return self.addresses[key]
-
-    def claim(self, address: str) -> None:
-        # "exists" is fine: a kubelet restarted over running pods finds its addresses still there
-        if self.pod_ips:
-            self._ip("-4", "addr", "add", f"{address}/32", "dev", "lo", "label", self.label)
-
-    def release(self, rp: RunningPod) -> None:
-        if self.pod_ips:
-            self._ip("-4", "addr", "del", f"{rp.address}/32", "dev", "lo")
-
-    def resolve_dns(self, value: str, pods: list[dict[str, Any]]) -> str:
-        """`host.subdomain.ns.svc[.cluster.local]` of a pod → that pod's address."""
-
-        def repl(m: re.Match[str]) -> str:
-            host, sub, ns = m.group(1), m.group(2), m.group(3)
-            for p in pods:
-                spec, meta = p["spec"], p["metadata"]
-                if meta["namespace"] == ns and spec.get("hostname") == host and spec.get("subdomain") == sub:
-                    return self.address_of(p)
-            return m.group(0)
-
-        return re.sub(r"\b([a-z0-9-]+)\.([a-z0-9-]+)\.([a-z0-9-]+)\.svc(?:\.cluster\.local)?\b", repl, value)
+            live = {p["metadata"]["uid"] for p in self.candidate_pods()}
+        except client.ApiException as e:
+            log.warning("cannot list pods (API error %s): no clean-up of gone pods", e.status)
+            return
+        for uid_file in self.root.glob("*/*/uid"):
+            pod_dir = uid_file.parent
+            if not self.serves(pod_dir.parent.name):
+                continue
+            with contextlib.suppress(OSError):
+                uid, node_file = uid_file.read_text(), pod_dir / "node"
+                if uid in live:
+                    continue
+                if node_file.exists():
+                    with contextlib.suppress(RuntimeError):
+                        proctree.power_cut(
+                            proctree.markers(self.cluster.state_dir, node_file.read_text(), uid)
+                        )
+                podspec.scrub(pod_dir)
+        self.ports.release(lambda ns, uid: self.serves(ns) and uid not in live)
 
     # pods ---------------------------------------------------------------------
     def candidate_pods(self) -> list[dict[str, Any]]:
@@ -169,10 +151,16 @@ class Kubelet:
         pods: list[dict[str, Any]],
         address: str,
         sa_dir: Path,
+        peers: set[str],
     ) -> dict[str, str]:
-        env = podspec.container_env(
-            self.core, pod, container, files, address, lambda v: self.resolve_dns(v, pods)
-        )
+        """The process's environment; peers gets the uids of the pods whose host ports it names."""
+        env = podspec.container_env(self.core, pod, container, files, address)
+
+        def host_port(target: dict[str, Any], port: int) -> int:
+            peers.add(target["metadata"]["uid"])
+            return self.ports.get(target["metadata"]["namespace"], target["metadata"]["uid"], port)
+
+        env = podnet.rewrite_env(env, pods, self.net.of, host_port)
         return {
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "HOME": str(files.get("/tmp", self.root)),
@@ -207,7 +195,7 @@ class Kubelet:
             for m in container.get("volumeMounts") or []
             if m["name"] in volumes
         }
-        address = self.address_of(pod)
+        address = self.net.of(pod)
         # terminationMessagePath: a file of the pod's, its path in env values rewritten like a mount's.
         termination_log = pod_dir / "termination-log"
         termination_log.write_bytes(b"")
@@ -215,9 +203,10 @@ class Kubelet:
         files = {**mounts, term_path: termination_log}
         sa_dir = podspec.service_account_dir(self.core, pod, pod_dir, self.cluster.pki / "ca.crt")
         markers = proctree.markers(self.cluster.state_dir, pod["spec"]["nodeName"], key)
-        env = {**self.environment(pod, container, files, pods, address, sa_dir), **markers}
+        peers: set[str] = set()
+        env = {**self.environment(pod, container, files, pods, address, sa_dir, peers), **markers}
         (pod_dir / "node").write_text(pod["spec"]["nodeName"])  # stop_node_agent finds the address by it
-        self.claim(address)
+        self.net.claim(address)
         # torchrun binds its rendezvous store to MASTER_ADDR: give the node the address it resolves to.
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         if argv and argv[0] in ("torchrun", "python", "python3"):
@@ -249,15 +238,21 @@ class Kubelet:
             ports={p["name"]: p["containerPort"] for p in container.get("ports") or [] if "name" in p},
             message_policy=container.get("terminationMessagePolicy") or "File",
             markers=markers,
+            peers=peers,
         )
         if self.running[key].probe is not None:
             self.set_ready(self.running[key], False)  # a kubelet's verdict until the first probe passes
+        declared = {v["name"]: v.get("value") for v in container.get("env") or []}
+        translated = {
+            k: env[k] for k in declared if k.endswith(("_PORT", "_ENDPOINT")) and env.get(k) != declared[k]
+        }
         log.info(
-            "started %s/%s on %s at %s: %s",
+            "started %s/%s on %s at %s (%s): %s",
             meta["namespace"],
             meta["name"],
             pod["spec"]["nodeName"],
             address,
+            ", ".join(f"{k}={v}" for k, v in sorted(translated.items())) or "no ports translated",
             " ".join(argv),
         )
 
@@ -298,7 +293,10 @@ class Kubelet:
                     self.set_ready(rp, False)
 
     def forget(self, uid: str) -> None:
-        self.release(self.running.pop(uid))
+        """The pod's processes are gone: its address leaves lo and its secrets leave the disk."""
+        rp = self.running.pop(uid)
+        self.net.release(rp.address)
+        podspec.scrub(rp.dir)
         self.finished.add(uid)
 
     def signal_pod(self, rp: RunningPod, sig: int) -> None:
@@ -345,6 +343,10 @@ class Kubelet:
                 self.report_exit(rp, code)
                 self.forget(uid)
         self.probe_due()
+        # A host port is free again once its pod is gone and none of the pods naming it runs here (a
+        # peer still shutting down must not reach another job's store on a reused port).
+        in_use = set(self.running).union(*(rp.peers for rp in self.running.values()))
+        self.ports.release(lambda ns, uid: self.serves(ns) and uid not in by_uid and uid not in in_use)
         agents = self.cluster.running()
         # Every pod here shares one network namespace: a new pod must not start while a deleted one is
         # still shutting down, or it could find that pod's ports (rendezvous, metrics) still bound —
@@ -363,14 +365,15 @@ class Kubelet:
                 or agents.get(f"kwok-{node}") is None
             ):
                 continue
+            meta = pod["metadata"]
             try:
                 self.start(pod, pods)
-            except NotYet as e:
-                log.info("not starting %s yet: %s", pod["metadata"]["name"], e)
+            except podnet.NotYet as e:
+                podspec.scrub(self.root / meta["namespace"] / meta["name"])  # written again next time
+                log.info("not starting %s yet: %s", meta["name"], e)
             except Exception as e:
-                log.warning(
-                    "cannot start %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], e
-                )
+                podspec.scrub(self.root / meta["namespace"] / meta["name"])
+                log.warning("cannot start %s/%s: %s", meta["namespace"], meta["name"], e)
                 self.finished.add(uid)
 
     def run(self, interval: float = 0.5) -> None:
@@ -397,7 +400,8 @@ class Kubelet:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 rp.proc.wait(max(0.1, deadline - time.monotonic()))
             self.kill_pod(rp)
-            self.release(rp)
+            self.net.release(rp.address)
+            podspec.scrub(rp.dir)
 
 
 def main(argv: list[str] | None = None) -> int:

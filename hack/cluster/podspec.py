@@ -1,13 +1,17 @@
 """What the development kubelet (local_kubelet.py) makes of a pod's spec on this machine: its volumes as
 local directories (Secret volumes as files, a PersistentVolumeClaim as its bound PV's hostPath), a
 ServiceAccount token bound to the pod, and the container's environment with the image's absolute paths
-rewritten to those local files.
+rewritten to those local files (podnet.py then rewrites its DNS names and ports).
+
+Everything secret the kubelet writes for a pod lies under its directory's `volumes/` (Secret volumes, and
+emptyDirs) and `serviceaccount/` (the token): `scrub` removes both once the pod's processes are gone, as
+a kubelet tears down a terminated pod's volumes, so no key outlives its pod on this disk.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +90,9 @@ def container_env(
     container: dict[str, Any],
     files: dict[str, Path],
     address: str,
-    resolve: Callable[[str], str],
 ) -> dict[str, str]:
     """The container's env: values, downward API fields, Secret keys; a value naming a mount path (or
-    below it) or the termination message path is rewritten to the local file; DNS names → addresses."""
+    below it) or the termination message path is rewritten to the local file."""
     meta = pod["metadata"]
     env: dict[str, str] = {}
     for var in container.get("env") or []:
@@ -110,5 +113,15 @@ def container_env(
             if value == mount_path or value.startswith(mount_path + "/"):
                 value = str(local) + value[len(mount_path) :]
                 break
-        env[var["name"]] = resolve(value)
+        env[var["name"]] = value
     return env
+
+
+SECRET_DIRS = ("volumes", "serviceaccount")
+
+
+def scrub(pod_dir: Path) -> None:
+    """Removes the pod's volumes (Secret files, emptyDirs) and its ServiceAccount token; its log,
+    termination message and address stay for whoever reads them."""
+    for name in SECRET_DIRS:
+        shutil.rmtree(pod_dir / name, ignore_errors=True)

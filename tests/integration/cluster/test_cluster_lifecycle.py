@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from localcluster import ClusterError, LocalCluster
+from cluster_processes import ClusterError
+from localcluster import LocalCluster
 from tests.kube import Kube
 
 pytestmark = pytest.mark.cluster

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from kubernetes.client.rest import ApiException
 
 from tests.kube import Kube
+from tests.unit.operator.test_admission import EDIT_CASES
 
 pytestmark = pytest.mark.cluster
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -128,4 +130,28 @@ def test_kubectl_explain_and_short_names(crds: Kube, namespace: str) -> None:
     crds.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(tj("short")))
     listed = crds.kubectl("get", "tj", "-n", namespace).stdout
     header = listed.splitlines()[0].split()
-    assert header[:6] == ["NAME", "PHASE", "NODES", "RESTARTS", "STEP", "CHECKPOINT"]
+    assert header[:5] == ["NAME", "PHASE", "NODES", "RESTARTS", "STEP"] and "CHECKPOINT" in header
+
+
+def test_kubectl_explain_shows_defaults(crds: Kube) -> None:
+    explain = crds.kubectl("explain", "trainingjob.spec.checkpoint", "--recursive=false").stdout
+    assert "Default: 3." in explain  # keep
+    explain = crds.kubectl("explain", "trainingjob.spec.checkpoint.encryption").stdout
+    assert "Default: Retain." in explain and "Default: true." in explain
+
+
+@pytest.mark.parametrize(("case", "status", "change", "field"), EDIT_CASES, ids=[c[0] for c in EDIT_CASES])
+def test_the_apiserver_rejects_edits_a_started_job_cannot_take(
+    crds: Kube, namespace: str, case: str, status: dict, change: dict, field: str | None
+) -> None:
+    """The CRD's CEL transition rules, on the same cases as the webhook's (test_admission.py)."""
+    g, v, plural = "aidc.dev", "v1alpha1", "trainingjobs"
+    crds.custom.create_namespaced_custom_object(g, v, namespace, plural, tj(case, nodes=2))
+    crds.custom.patch_namespaced_custom_object_status(g, v, namespace, plural, case, {"status": status})
+    try:
+        crds.custom.patch_namespaced_custom_object(g, v, namespace, plural, case, {"spec": change})
+    except ApiException as e:
+        assert field is not None, f"{case}: rejected: {e.body}"
+        assert e.status == 422 and f"{field} cannot change" in e.body, e.body
+        return
+    assert field is None, f"{case}: the apiserver accepted an edit of {field}"

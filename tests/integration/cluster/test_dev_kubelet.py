@@ -1,11 +1,15 @@
 """The development kubelet on the local control plane, with real processes: a node's power cut kills its
 pods' whole process trees and addresses at once and nobody reports or restarts them; deleting a pod
-leaves none of its processes behind; a container's termination message reaches its pod's status."""
+leaves none of its processes behind; a container's termination message reaches its pod's status; no
+Secret file outlives its pod; jobs on the same master port each get a port space of their own."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +17,13 @@ import proctree
 import pytest
 from kubernetes import client
 
+from tests.e2e.helpers import status
 from tests.kube import Kube, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 PODTREE = Path(__file__).with_name("podtree.py")
+BARRIER_TRAINER = Path(__file__).with_name("barrier_trainer.py")
+ROOT = Path(__file__).resolve().parents[3]
 ROLES = ("main", "child", "grandchild")
 
 
@@ -159,3 +166,177 @@ def test_termination_message_from_the_file_else_the_log_tail_on_error(
     )
     assert got["by-logs"].exit_code == 3 and "boom: the log tail" in got["by-logs"].message
     assert got["file-policy"].exit_code == 3 and not got["file-policy"].message  # policy File: the file only
+
+
+# key files ------------------------------------------------------------------------------------------
+def keyed_pod(name: str, command: list[str]) -> dict[str, Any]:
+    """A pod with the Secret `key` as a volume (as a job's checkpoint key is) and in its environment."""
+    body = pod(
+        name,
+        command,
+        env=[
+            {"name": "KEY_FILE", "value": "/keys/key"},
+            {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "key", "key": "key"}}},
+        ],
+        volumeMounts=[{"name": "key", "mountPath": "/keys", "readOnly": True}],
+    )
+    body["spec"]["volumes"] = [{"name": "key", "secret": {"secretName": "key"}}]
+    return body
+
+
+def create_key(kube: Kube, namespace: str) -> bytes:
+    key = secrets.token_hex(16).encode()
+    kube.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "key"}, "stringData": {"key": key.decode()}}
+    )
+    return key
+
+
+def holding(root: Path, key: bytes) -> list[Path]:
+    """The files under root that hold the key."""
+    out = []
+    for f in root.rglob("*"):
+        try:
+            if f.is_file() and key in f.read_bytes():
+                out.append(f)
+        except OSError:  # removed meanwhile
+            continue
+    return out
+
+
+def tokens(pod_dir: Path) -> bool:
+    return (pod_dir / "serviceaccount" / "token").exists()
+
+
+def test_no_key_file_outlives_its_pod(kube: Kube, namespace: str, dev_kubelet: Path) -> None:
+    key = create_key(kube, namespace)
+    sleep = ["python", "-c", "import time; time.sleep(600)"]
+    check_key = [
+        "python",
+        "-c",
+        "import os, sys; sys.exit(0 if os.path.isfile(os.environ['KEY_FILE']) else 9)",
+    ]
+    kube.core.create_namespaced_pod(namespace, keyed_pod("keyed", sleep))
+    kube.core.create_namespaced_pod(namespace, keyed_pod("done", check_key))
+    wait_for("the key in keyed's volume", lambda: holding(dev_kubelet / "keyed", key), timeout=180)
+    # A pod that exited keeps its object (and log) but, as a kubelet tears down a terminated pod's
+    # volumes, not its key; it really had the key file while it ran (exit 0).
+    wait_for(
+        "done to succeed",
+        lambda: kube.core.read_namespaced_pod("done", namespace).status.phase == "Succeeded",
+        timeout=180,
+    )
+    wait_for("done's key gone", lambda: not holding(dev_kubelet / "done", key), timeout=60)
+    assert not tokens(dev_kubelet / "done") and (dev_kubelet / "done" / "log").exists()
+
+    kube.core.delete_namespaced_pod("keyed", namespace)
+    kube.core.delete_namespaced_secret("key", namespace)
+    wait_for("no file holding the key", lambda: not holding(dev_kubelet, key), timeout=120)
+    assert not tokens(dev_kubelet / "keyed")
+
+
+class KubeletProcess:
+    """local_kubelet.py for one namespace, as the dev_kubelet fixture starts it, to stop and restart."""
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        assert kube.local is not None
+        self.state = kube.local.state_dir
+        log = (self.state / "logs" / f"kubelet-{namespace}.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "hack" / "cluster" / "local_kubelet.py"),
+                "--state-dir",
+                str(self.state),
+                "--namespace",
+                namespace,
+            ],
+            env={**kube.env(), "PYTHONPATH": f"{ROOT / 'hack' / 'cluster'}:{ROOT / 'operator'}"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def crash(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def kubelets(kube: Kube) -> Iterator[list[KubeletProcess]]:
+    if kube.local is None:
+        pytest.skip("needs the project's local cluster")
+    started: list[KubeletProcess] = []
+    yield started
+    for k in started:
+        k.stop()
+
+
+def test_a_restarted_kubelet_removes_what_a_crashed_one_left_of_deleted_pods(
+    kube: Kube, namespace: str, kubelets: list[KubeletProcess]
+) -> None:
+    key = create_key(kube, namespace)
+    kubelets.append(KubeletProcess(kube, namespace))
+    pods_dir = kubelets[0].state / "pods" / namespace
+    kube.core.create_namespaced_pod(namespace, keyed_pod("tree", ["python", str(PODTREE)]))
+    wait_for("tree's process tree", lambda: len(pids(pods_dir / "tree")) == 3, timeout=180, interval=0.5)
+    assert holding(pods_dir / "tree", key)
+    uid = (pods_dir / "tree" / "uid").read_text()
+    procs = pids(pods_dir / "tree")
+    try:
+        kubelets[0].crash()  # nobody stops the pod's processes nor removes its files
+        kube.core.delete_namespaced_pod("tree", namespace, grace_period_seconds=0)
+        wait_for("the pod gone", lambda: not kube.pods(namespace), timeout=60)
+        assert holding(pods_dir, key) and any(proctree.alive(p) for p in procs.values())
+
+        kubelets.append(KubeletProcess(kube, namespace))
+        wait_for("no file holding the key", lambda: not holding(pods_dir, key), timeout=120)
+        wait_for("the gone pod's processes killed", lambda: not any(map(proctree.alive, procs.values())), 60)
+    finally:
+        proctree.send(proctree.find({proctree.POD: uid}), 9)  # whatever of it a failed test left running
+
+
+# per-pod ports --------------------------------------------------------------------------------------
+def test_jobs_on_the_default_master_port_all_run_at_once(
+    kube: Kube, namespace: str, dev_kubelet: Path, operator: Any
+) -> None:
+    """Two single-node and two 2-node jobs, all on masterPort 29500, their rendezvous stores all bound at
+    once (their workers wait for each other before training): every one succeeds."""
+    assert kube.local is not None
+    # Not under /tmp: the kubelet maps that to each pod's own /tmp volume, as a container's is its own.
+    barrier = kube.local.state_dir / "barriers" / namespace
+    barrier.mkdir(parents=True)
+    jobs = {"solo-a": 1, "solo-b": 1, "pair-a": 2, "pair-b": 2}
+    command = ["python", str(BARRIER_TRAINER), "--example", "mlp", "--steps", "10", "--eval-every", "0"]
+    env = [
+        {"name": "BARRIER_DIR", "value": str(barrier)},
+        {"name": "BARRIER_COUNT", "value": str(sum(jobs.values()))},
+    ]
+    for name, nodes in jobs.items():
+        kube.create_cr(
+            "TrainingJob",
+            namespace,
+            name,
+            {"command": command, "env": env, "nodes": nodes, "procPerNode": 1, "gpusPerNode": 0},
+        )
+
+    def phases() -> dict[str, str | None]:
+        return {name: status(kube, namespace, name).get("phase") for name in jobs}
+
+    # torch's start-up in 10 processes on a loaded 2-core machine: a budget, not a goal
+    wait_for(
+        "every job to finish",
+        lambda: all(p in ("Succeeded", "Failed") for p in phases().values()),
+        timeout=900,
+        interval=2,
+    )
+    assert phases() == dict.fromkeys(jobs, "Succeeded"), {n: status(kube, namespace, n) for n in jobs}
+    assert {p.name for p in barrier.iterdir()} == {f"{n}-a0-{r}" for n, k in jobs.items() for r in range(k)}

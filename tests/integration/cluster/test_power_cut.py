@@ -14,7 +14,8 @@ from pathlib import Path
 import proctree
 import pytest
 
-from localcluster import LocalCluster, pick_pod_net, pod_address_label
+from localcluster import LocalCluster
+from pod_addresses import pick_pod_net, pod_address_label
 from tests.kube import wait_for
 
 pytestmark = pytest.mark.cluster
