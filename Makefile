@@ -52,8 +52,11 @@ run: cluster-up crds ## set up everything, start the cluster + operator, run the
 	@bash hack/run-demo.sh $(STATE)
 
 bench: venv cluster-build ## run the benchmarks (see docs/benchmarks.md)
-	@for b in bench/*.py; do case $$b in */_*|*/plot.py) continue;; esac; echo "== $$b"; $(PY) $$b; done
+	@for b in bench/*.py; do case $$b in */_*|*/plot.py|*/suite_under_load.py) continue;; esac; echo "== $$b"; $(PY) $$b; done
 	@$(MAKE) --no-print-directory plots
+
+test-under-load: venv cluster-build lint ## the whole suite quiet, then with a busy loop on every core (bench/suite_under_load.py)
+	@$(PY) bench/suite_under_load.py
 
 helm-lint: cluster-build ## helm lint the chart, then its golden-file, schema and RBAC tests
 	@"$$($(CLUSTER) build 2>/dev/null)/helm" lint charts/aidc-operator --strict

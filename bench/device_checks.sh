@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check the project owes, as one short run for a lent GPU machine (the `device` tool):
-# NCCL training and resume through torchrun, FSDP on CUDA, the trainer-overhead benchmark (in one
+# NCCL training and resume through torchrun, GPU energy (trainer and server), FSDP on CUDA, the trainer-overhead benchmark (in one
 # process, then across torchrun processes) and the checkpoint-stall benchmark. It uses the machine's
 # python3 (torch with CUDA, cryptography, prometheus-client, numpy), not the project venv, which is
 # too large to carry. Each step has its own time limit so one hang cannot spend the whole lease;
@@ -42,6 +42,21 @@ ck=(--checkpoint-dir "$work/ck" --checkpoint-every-steps 100 --key-dir "$work/ke
 step ddp-bf16 120 "${run[@]}" --steps 300 --precision bf16 "${ck[@]}"
 step ddp-resume 90 "${run[@]}" --steps 400 --precision bf16 "${ck[@]}"
 grep -h '"event": "resume"' "$out/ddp-resume.log" | head -n 1
+# Issue 17's energy: the job's NVML energy summed over every GPU of every rank (energy_source "nvml"
+# and a positive energy_joules in the done event; "unavailable: ..." says why not), beside the
+# driver's own counter; then the server's meter over the same GPUs while a matmul loop runs.
+grep -h '"event": "done"' "$out/ddp-bf16.log" | head -n 1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,total_energy_consumption --format=csv,noheader
+step server-energy 60 env PYTHONPATH="$PWD/server:$PYTHONPATH" "$py" -c '
+import time, torch
+from aidc_server.energy import EnergyMeter
+meter = EnergyMeter()
+x = torch.randn(4096, 4096, device="cuda" if torch.cuda.is_available() else "cpu")
+end = time.monotonic() + 10
+while time.monotonic() < end:
+    x = (x @ x).tanh()
+meter.sample()
+print("server energy over 10 s of matmuls:", meter.reading())'
 step fsdp 90 "${run[@]}" --steps 200 --parallel fsdp --checkpoint-dir "$work/fsdp" --checkpoint-every-steps 100
 
 # Issue 4's open goal: aidc vs a plain DDP loop, <= 2 % with checkpointing off.
