@@ -23,6 +23,9 @@ WRAPPED_KEY_BYTES = KEY_BYTES + 8  # RFC 3394 key wrap adds one 64-bit block
 CURRENT = "current-key-id"
 LABEL_KEY_FOR = "aidc.dev/checkpoint-key-for"
 ANNOTATION_CREATED = "aidc.dev/key-created-at"
+# The uid of the job that made the Secret: tells a key kept from an earlier job of the same name from
+# one this job made in a pass that failed before its status said so (creation times have 1 s grain).
+ANNOTATION_CREATED_FOR = "aidc.dev/key-created-for-uid"
 # On the TrainingJob: set (or change) to any value to rotate the key once; the Secret remembers the
 # last value it acted on, so a GitOps re-apply of the same value does not rotate again.
 ANNOTATION_ROTATE = "aidc.dev/rotate-key"
@@ -51,7 +54,10 @@ def key_secret(
         owner,
         name,
         {LABEL_JOB: owner.name, LABEL_KEY_FOR: owner.name},
-        annotations={ANNOTATION_CREATED: now.strftime("%Y-%m-%dT%H:%M:%SZ")},
+        annotations={
+            ANNOTATION_CREATED: now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            ANNOTATION_CREATED_FOR: owner.uid,
+        },
     )
     if retain:
         meta.pop("ownerReferences")
@@ -199,8 +205,13 @@ def ownership_change(secret: dict[str, Any], owner: Owner, retain: bool) -> tupl
     return None
 
 
-def predates(secret: dict[str, Any], job_created: str | None) -> bool:
+def predates(secret: dict[str, Any], job_uid: str, job_created: str | None) -> bool:
     """Was this Secret made before the job existed, i.e. kept from an earlier job of the same name?"""
+    made_for = (secret["metadata"].get("annotations") or {}).get(ANNOTATION_CREATED_FOR)
+    if made_for:
+        return made_for != job_uid
+    # A Secret from before the annotation existed: by creation time (1 s grain, so a job re-created
+    # within the same second as its predecessor's key reads as not earlier: no Event, nothing else).
     made = secret["metadata"].get("creationTimestamp")
     if not made or not job_created:
         return False

@@ -157,7 +157,11 @@ def ensure_key(
             ),
         )
     key_id = check.key_id
-    if fresh and created is None and keys.predates(secret, body["metadata"].get("creationTimestamp")):
+    if (
+        fresh
+        and created is None
+        and keys.predates(secret, owner.uid, body["metadata"].get("creationTimestamp"))
+    ):
         _key_action("adopt", owner, name, [key_id or ""], "existing Secret of an earlier job of this name")
         events.append(
             lifecycle.Event(

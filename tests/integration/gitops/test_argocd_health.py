@@ -94,19 +94,22 @@ def test_trainingjob_health_while_queued_by_kueue(kube: Kube, operator, namespac
 
 @pytest.mark.cluster
 def test_inferenceservice_health_while_it_has_no_ready_replica(kube: Kube, operator, namespace: str) -> None:
+    # Its model volume is a claim that does not exist, so no replica can ever be placed: a state that
+    # stays put (kwok marks a placed pod Ready, which would race an emptyDir server to Ready).
+    claim = {"persistentVolumeClaim": {"claimName": "no-such-claim"}}
     isvc = {
         "apiVersion": "aidc.dev/v1alpha1",
         "kind": "InferenceService",
         "metadata": {"name": "svc"},
-        "spec": {"model": {"storage": {"volume": {"emptyDir": {}}, "path": "models/svc"}}},
+        "spec": {"model": {"storage": {"volume": claim, "path": "models/svc"}}},
     }
     kube.custom.create_namespaced_custom_object("aidc.dev", "v1alpha1", namespace, "inferenceservices", isvc)
-    obj = wait_for(
-        "svc status",
-        lambda: (
-            (o := kube.get_cr("inferenceservices", namespace, "svc")).get("status", {}).get("phase") and o
-        ),
-        timeout=90,
-    )
-    assert obj["status"]["phase"] != "Ready", "kwok runs no model server"
+
+    def unplaceable() -> dict[str, Any] | None:
+        o = kube.get_cr("inferenceservices", namespace, "svc")
+        reasons = {c.get("reason") for c in (o.get("status") or {}).get("conditions") or []}
+        return o if o.get("status", {}).get("phase") and "VolumeNotFound" in reasons else None
+
+    obj = wait_for("svc reported waiting for its missing claim", unplaceable, timeout=240)
+    assert obj["status"]["phase"] != "Ready"
     assert health("InferenceService", obj) == ("Progressing", obj["status"]["phase"])

@@ -103,11 +103,17 @@ def test_retention_decides_ownership_of_a_found_secret() -> None:
 
 
 def test_predates_tells_an_earlier_jobs_secret_from_our_own() -> None:
-    s = secret()
+    s = secret()  # made for OWNER (uid "uid")
+    same_second = "2026-11-26T12:00:00Z"
     s["metadata"]["creationTimestamp"] = "2026-11-26T12:00:00+00:00"  # as the client's models render it
-    assert keys.predates(s, "2026-11-26T12:00:01Z")
-    assert not keys.predates(s, "2026-11-26T12:00:00Z")
-    assert not keys.predates(s, None)
+    # By the uid it was made for: exact even when the job was re-created within the same second.
+    assert keys.predates(s, "new-uid", same_second)
+    assert not keys.predates(s, "uid", "2026-11-26T12:00:01Z")
+    # A Secret made before the annotation existed: by creation time.
+    del s["metadata"]["annotations"][keys.ANNOTATION_CREATED_FOR]
+    assert keys.predates(s, "new-uid", "2026-11-26T12:00:01Z")
+    assert not keys.predates(s, "new-uid", same_second)
+    assert not keys.predates(s, "new-uid", None)
 
 
 def test_key_action_line_is_one_json_object_with_fixed_keys_and_ids_only() -> None:
