@@ -6,6 +6,8 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
@@ -39,6 +41,15 @@ def status(kube: Kube, ns: str, name: str) -> dict:
 def key_data(kube: Kube, ns: str, name: str) -> dict[str, bytes]:
     data = kube.core.read_namespaced_secret(name, ns).data or {}
     return {k: base64.b64decode(v) for k, v in data.items()}
+
+
+def absent(read: Callable[..., object], *args: str) -> bool:
+    """True once read(*args) answers 404 (the object is gone)."""
+    try:
+        read(*args)
+    except client.ApiException as e:
+        return e.status == 404
+    return False
 
 
 def reasons(kube: Kube, ns: str, name: str) -> list[str]:
@@ -127,14 +138,8 @@ def test_key_retention_delete_cascades_with_the_job(kube: Kube, operator, namesp
     assert [r.kind for r in secret.metadata.owner_references or []] == ["TrainingJob"]
     kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "trainingjobs", "tmp")
 
-    def gone() -> bool:
-        try:
-            kube.core.read_namespaced_secret("tmp-ckpt-key", namespace)
-        except client.ApiException as e:
-            return e.status == 404
-        return False
-
-    wait_for("key Secret garbage-collected", gone, timeout=60)
+    secret_gone = partial(absent, kube.core.read_namespaced_secret, "tmp-ckpt-key", namespace)
+    wait_for("key Secret garbage-collected", secret_gone, timeout=60)
 
 
 def test_old_key_ids_are_pruned_once_no_retained_checkpoint_uses_them(
@@ -213,13 +218,7 @@ def test_reapplied_job_with_delete_takes_ownership_of_a_retained_key(
     kept = key_data(kube, namespace, "again-ckpt-key")
     kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "trainingjobs", "again")
 
-    def job_gone() -> bool:
-        try:
-            kube.get_cr("trainingjobs", namespace, "again")
-        except client.ApiException as e:
-            return e.status == 404
-        return False
-
+    job_gone = partial(absent, kube.get_cr, "trainingjobs", namespace, "again")
     wait_for("first job deleted", job_gone, timeout=60)
     assert not kube.core.read_namespaced_secret("again-ckpt-key", namespace).metadata.owner_references
 
@@ -244,11 +243,5 @@ def test_reapplied_job_with_delete_takes_ownership_of_a_retained_key(
 
     kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "trainingjobs", "again")
 
-    def secret_gone() -> bool:
-        try:
-            kube.core.read_namespaced_secret("again-ckpt-key", namespace)
-        except client.ApiException as e:
-            return e.status == 404
-        return False
-
+    secret_gone = partial(absent, kube.core.read_namespaced_secret, "again-ckpt-key", namespace)
     wait_for("key Secret garbage-collected with the job that said Delete", secret_gone, timeout=90)
