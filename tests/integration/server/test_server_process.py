@@ -75,9 +75,11 @@ class GatedBody:
 
 
 def refuses_connections(base: str) -> bool:
+    """No new request is answered: the connection is refused, or (racing the listener's close) it was
+    still in the accept backlog and is reset unanswered."""
     try:
         httpx.get(f"{base}/v2/health/live", timeout=10)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
         return True
     return False
 
