@@ -19,6 +19,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from . import kubeio, metrics
 from .cache import Key, Store
@@ -26,6 +27,10 @@ from .cache import Key, Store
 log = logging.getLogger("aidc.cache")
 PAGE = 500
 WATCH_SECONDS = 300  # the apiserver ends each watch after about this long; we resume (jittered)
+# The apiserver's watch cache sends a bookmark about once a minute on every watch that asked for them,
+# so a stream silent this long is stalled, not quiet: give it up and resume from the last version
+# (cheap) rather than wait out WATCH_SECONDS with deletions unseen.
+WATCH_IDLE_SECONDS = 150
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,15 @@ class Resource:
     def path(self, namespace: str | None) -> str:
         base = "/api/v1" if self.group_version == "v1" else f"/apis/{self.group_version}"
         return f"{base}/namespaces/{namespace}/{self.plural}" if namespace else f"{base}/{self.plural}"
+
+
+def _timed_out(e: BaseException) -> bool:
+    """urllib3 reports a read timeout mid-stream as a ProtocolError wrapping it."""
+    while e is not None:
+        if isinstance(e, ReadTimeoutError) or "timed out" in str(e):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
 
 
 class Gone(Exception):
@@ -77,6 +91,7 @@ class Informer(threading.Thread):
         self.resource, self.store, self.namespace = resource, store, namespace
         self.accepts, self.on_synced = accepts, on_synced
         self.synced = threading.Event()
+        self.last_version = ""  # the newest resourceVersion the current watch delivered
         self._stop = threading.Event()
         self._events = metrics.WATCH_EVENTS.labels(resource.kind)  # one label lookup, not one per event
 
@@ -117,7 +132,8 @@ class Informer(threading.Thread):
             allowWatchBookmarks="true",
             timeoutSeconds=str(seconds),
         )
-        resp = _get(self.resource.path(self.namespace), query, seconds + 30)
+        resp = _get(self.resource.path(self.namespace), query, min(seconds + 30, WATCH_IDLE_SECONDS))
+        self.last_version = version
         try:
             for line in iter_resp_lines(resp):
                 if self._stop.is_set():
@@ -131,6 +147,7 @@ class Informer(threading.Thread):
                         raise Gone(obj.get("message", ""))
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                self.last_version = version
                 if kind == "BOOKMARK" or not self._keep(obj):
                     continue
                 self._events.inc()
@@ -149,7 +166,13 @@ class Informer(threading.Thread):
                     self.on_synced()
                 backoff = 1.0
                 while not self._stop.is_set():
-                    version = self.watch(version)
+                    try:
+                        version = self.watch(version)
+                    except (ReadTimeoutError, ProtocolError) as e:
+                        if not _timed_out(e):
+                            raise
+                        log.info("watch of %s went silent; resuming", self.resource.plural)
+                        version = self.last_version
             except Gone:
                 log.info("watch of %s too old; listing again", self.resource.plural)
             except Exception as e:  # an apiserver restart, a network blip, missing RBAC: retry

@@ -23,6 +23,10 @@ from .api import GROUP, VERSION
 DEFAULT_QPS = 100.0
 DEFAULT_BURST = 200
 POOL_SIZE = 64
+# A request the apiserver never answers must not hold a reconcile worker for good: every call but a
+# watch gets these (connect, read) seconds unless it names its own. The apiserver itself gives up on
+# a non-watch request after 60 s.
+REQUEST_TIMEOUT = (10.0, 90.0)
 
 
 class TokenBucket:
@@ -77,6 +81,8 @@ def _instrument(api_client: client.ApiClient, bucket: TokenBucket) -> client.Api
         verb, resource = request_kind(method, url)
         if verb != "watch":
             bucket.acquire()
+            if kwargs.get("_request_timeout") is None:
+                kwargs["_request_timeout"] = REQUEST_TIMEOUT
         metrics.API_REQUESTS.labels(verb, resource).inc()
         return send(method, url, *args, **kwargs)
 
@@ -249,6 +255,16 @@ def delete_pod(namespace: str, name: str, force: bool) -> dict[str, Any] | None:
         return None
     terminating = isinstance(result, dict) and (result.get("metadata") or {}).get("deletionTimestamp")
     return result if terminating else None
+
+
+def read_pod(namespace: str, name: str) -> dict[str, Any] | None:
+    """The pod as stored now (one GET), None when it does not exist."""
+    try:
+        return raw(core().read_namespaced_pod(name, namespace, _preload_content=False))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 def read_secret(namespace: str, name: str) -> dict[str, Any] | None:

@@ -17,6 +17,11 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter(
     "aidc_reconcile_errors_total", "Reconcile passes that hit an API error", ["resource"]
 )
+SLOW_PASSES = Counter(
+    "aidc_reconcile_slow_passes_total",
+    "Times a reconcile pass was still running after another SLOW_PASS_SECONDS (60 s)",
+    ["resource"],
+)
 JOB_PHASE = Gauge(
     "aidc_trainingjob_phase", "1 for the phase each TrainingJob is in", ["namespace", "name", "phase"]
 )

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +29,9 @@ from ..workqueue import WorkQueue
 
 JITTER_FROM = 60.0  # requeues this long or longer are spread out, so resyncs never come in a wave
 MAX_ERROR_BACKOFF = 300.0
+# A pass reads the cache and makes a few bounded API calls: one still running after this long is stuck
+# somewhere, and the log says where (code locations only), every this many seconds until it returns.
+SLOW_PASS_SECONDS = 60.0
 
 
 class EventLike(Protocol):
@@ -67,6 +73,7 @@ class Controller:
         self.active: set[Key] = set()
         self.queue: WorkQueue[Key] = WorkQueue()
         self._errors: dict[Key, int] = {}
+        self._threads: dict[Key, int] = {}  # key -> the worker thread running its pass
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -120,15 +127,36 @@ class Controller:
             try:
                 if key in self.active:
                     metrics.QUEUE_WAIT.labels(self.kind).observe(waited)
-                    delay = await loop.run_in_executor(executor, self._pass, key)
+                    delay = await self._watched(loop.run_in_executor(executor, self._pass, key), key)
                     if delay is not None and key in self.active:
                         self.queue.schedule(key, delay)
             finally:
                 self.queue.done(key)
 
+    async def _watched(self, running: asyncio.Future[float | None], key: Key) -> float | None:
+        """Awaits a pass, logging where it is whenever it has run SLOW_PASS_SECONDS more."""
+        waited = 0.0
+        while True:
+            done, _ = await asyncio.wait({running}, timeout=SLOW_PASS_SECONDS)
+            if done:
+                return running.result()
+            waited += SLOW_PASS_SECONDS
+            metrics.SLOW_PASSES.labels(self.kind).inc()
+            self.log.warning(
+                "pass for %s/%s still running after %.0fs, at %s", *key, waited, self._where(key)
+            )
+
+    def _where(self, key: Key) -> str:
+        frame = sys._current_frames().get(self._threads.get(key, -1))
+        if frame is None:
+            return "?"
+        stack = traceback.extract_stack(frame)[-4:]
+        return " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(stack))
+
     def _pass(self, key: Key) -> float | None:
         """One pass and its Events (worker thread). Returns when to look again (None: gone)."""
         namespace, name = key
+        self._threads[key] = threading.get_ident()
         started = time.monotonic()
         metrics.PASSES.labels(self.kind).inc()
         try:
@@ -150,6 +178,7 @@ class Controller:
                 self.log.exception("reconcile %s/%s failed; retrying in %.0fs", namespace, name, delay)
             return delay
         finally:
+            self._threads.pop(key, None)
             metrics.RECONCILE_SECONDS.labels(self.kind).observe(time.monotonic() - started)
         self._errors.pop(key, None)
         if outcome is None:

@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import admission, kubeio, lifecycle, metrics, volumes
+from .. import admission, kubeio, lifecycle, metrics, stale_pods, volumes
 from ..api import GROUP, VERSION
 from ..api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from ..builders import trainingjob as build
@@ -40,6 +40,7 @@ TICKING = {
 }
 log = logging.getLogger("aidc.trainingjob")
 _status_written: dict[tuple[str, str], float] = {}  # job → monotonic time of our last status write
+_stale = stale_pods.StalePods(STORE, kubeio.read_pod, time.monotonic)
 
 
 def _now() -> dt.datetime:
@@ -137,7 +138,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     attempt = status.get("attempt", 0)
     prereq = lifecycle.Prerequisites()
     finished = status.get("phase") in lifecycle.FINISHED
-    pods = STORE.pods_with(LABEL_JOB, namespace, name)
+    pods = _stale.confirm(STORE.pods_with(LABEL_JOB, namespace, name), _now())
     if not finished and not spec.suspend:
         _ensure_children(owner, spec, attempt, pods)
         # What pods need (volume, key) is checked when a gang is about to start: not again for every pod
