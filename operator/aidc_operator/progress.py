@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import gang_pods as gp
-from .api.trainingjob import CheckpointRef, Evaluation, Progress, TrainingJobStatus
+from .api.trainingjob import BackupRef, CheckpointRef, Evaluation, Progress, TrainingJobStatus
 
 ANNOTATION_PROGRESS = "aidc.dev/progress"
 ANNOTATION_CHECKPOINT = "aidc.dev/last-checkpoint"
+ANNOTATION_BACKUP = "aidc.dev/last-backup"
 
 _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
@@ -104,9 +105,9 @@ def clear_eta(status: TrainingJobStatus) -> None:
 
 def lift(status: TrainingJobStatus, pods: list[dict[str, Any]], finished: bool) -> float | None:
     """Lift rank 0's reports (annotations on its own pod) into the status: progress with its ETA, the
-    latest evaluation, the newest checkpoint, how energy is measured. Returns the running attempt's
-    energy: its rank 0's report, else what the status last said (its pod may be gone); an older
-    attempt's energy was closed into energyJoulesPrevious and is not counted again."""
+    latest evaluation, the newest checkpoint and backup copy, how energy is measured. Returns the
+    running attempt's energy: its rank 0's report, else what the status last said (its pod may be
+    gone); an older attempt's energy was closed into energyJoulesPrevious and is not counted again."""
     st = status
     joules = None
     if st.energy_joules is not None:
@@ -121,6 +122,11 @@ def lift(status: TrainingJobStatus, pods: list[dict[str, Any]], finished: bool) 
             if gp.attempt(pod) == st.attempt:
                 measured = energy(report)
                 joules, st.energy = measured.joules, measured.text or st.energy
+        if (copy := gp.annotation_json(pod, ANNOTATION_BACKUP)) is not None:
+            with contextlib.suppress(ValueError):
+                backup = BackupRef.model_validate(copy)
+                if st.last_backup is None or backup.step >= st.last_backup.step:
+                    st.last_backup = backup
         if (ckpt := gp.annotation_json(pod, ANNOTATION_CHECKPOINT)) is not None:
             try:
                 ref = CheckpointRef.model_validate(ckpt)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .api.trainingjob import CheckpointSpec
 from .conditions import get_condition, set_condition
 from .lifecycle import Event, Plan
 
@@ -29,6 +30,47 @@ _VOLUMES = re.compile(r"volume|persistentvolumeclaim", re.IGNORECASE)
 class Trouble:
     reason: str  # VolumeNotFound | VolumeNotBound | Unschedulable
     message: str
+
+
+def _claim_name(volume: dict[str, Any] | None) -> str | None:
+    claim = (volume or {}).get("persistentVolumeClaim")
+    name = claim.get("claimName") if isinstance(claim, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def checkpoint_claims(ckpt: CheckpointSpec) -> list[tuple[str, str]]:
+    """(field, claim name) of each PersistentVolumeClaim the checkpoint settings name: the checkpoint
+    volume's, then the backup volume's. The check before a gang starts looks each one up."""
+    named = [("spec.checkpoint.volume", _claim_name(ckpt.volume))]
+    if ckpt.backup is not None:
+        named.append(("spec.checkpoint.backup.volume", _claim_name(ckpt.backup.volume)))
+    return [(where, name) for where, name in named if name]
+
+
+def backup_problems(ckpt: CheckpointSpec) -> list[str]:
+    """What is wrong with spec.checkpoint.backup (the webhook and the reconciler both ask)."""
+    backup, path = ckpt.backup, "spec.checkpoint.backup"
+    if backup is None:
+        return []
+    if ckpt.volume is None:
+        return [
+            f"{path}: needs spec.checkpoint.volume (without one the checkpoints live in the pod's emptyDir, "
+            "and a backup of those is not what it looks like); set spec.checkpoint.volume too"
+        ]
+    sources = sorted(k for k in backup.volume if k != "name")
+    if len(sources) != 1:
+        return [f"{path}.volume: needs exactly one volume source, got {sources or 'none'}"]
+    if sources == ["emptyDir"]:
+        return [f"{path}.volume: an emptyDir does not outlive the pod; use a persistentVolumeClaim"]
+    claim = _claim_name(backup.volume)
+    if sources == ["persistentVolumeClaim"] and claim is None:
+        return [f"{path}.volume.persistentVolumeClaim.claimName: required"]
+    if claim is not None and claim == _claim_name(ckpt.volume):
+        return [
+            f"{path}.volume.persistentVolumeClaim.claimName: {claim!r} is spec.checkpoint.volume's claim "
+            "too; a backup needs a volume of its own"
+        ]
+    return []
 
 
 def claims(pod: dict[str, Any]) -> list[str]:

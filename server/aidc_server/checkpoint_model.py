@@ -1,7 +1,8 @@
 """A TorchModel whose weights come from the newest verified aidc checkpoint.
 
-The trainer's checkpoint module owns the format: it verifies sha256s and decrypts in memory, so
-plaintext weights never touch the disk here either. Version = checkpoint step.
+The trainer's checkpoint modules own the format (one file per rank, or DCP shards): they verify
+sha256s and decrypt in memory, so plaintext weights never touch the disk here either. The network
+is built only by a registered factory (aidc_trainer.model_registry). Version = checkpoint step.
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from aidc_server.model import LoadedNetwork, TorchModel, check_runs, infer_signature
+from aidc_server.model import LoadedNetwork, TorchModel, check_runs, infer_signature, place_network
 from aidc_server.quantize import quantize_int8
+
+if TYPE_CHECKING:
+    from aidc_trainer.checkpoint_sharded_load import ServableModel
+    from aidc_trainer.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +46,14 @@ class CheckpointModel(TorchModel):
         key_dir: str | Path | None = None,
         kek_file: str | Path | None = None,
         quantize: str | None = None,
+        registry: ModelRegistry | None = None,
     ) -> None:
         super().__init__(name)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.key_dir = key_dir
         self.kek_file = kek_file
         self.quantize = quantize
+        self.registry = registry  # None: aidc_trainer.model_registry.default_registry()
         self._refused: set[int] = set()  # newer steps that failed to load; not retried every poll
 
     @property
@@ -86,8 +94,10 @@ class CheckpointModel(TorchModel):
     def _load_newest(self) -> tuple[LoadedNetwork | None, str]:
         # Imported here so the HTTP layer (and its tests) do not need the trainer package.
         from aidc_trainer import checkpoint as ckpt
+        from aidc_trainer.checkpoint_sharded_load import load_servable
         from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError
         from aidc_trainer.keyring import KeyRing
+        from aidc_trainer.model_registry import UnregisteredModelError, default_registry
 
         where = str(self.checkpoint_dir)
         if not self.checkpoint_dir.is_dir():
@@ -97,35 +107,37 @@ class CheckpointModel(TorchModel):
         skipped: list[str] = []
         loaded = None
         try:
+            registry = self.registry or default_registry()
             keyring = KeyRing.from_dir(self.key_dir, kek_file=self.kek_file) if self.key_dir else None
             for path in reversed(ckpt.list_checkpoints(self.checkpoint_dir)):
                 try:
-                    loaded = ckpt.load_checkpoint(path, keyring, rank=0)
+                    loaded = load_servable(path, keyring, registry)
                     break
                 except CheckpointCorruptError as e:
                     log.warning("model %s: skipping %s: %s", self.name, path.name, e)
                     skipped.append(f"{path.name} refused ({e.reason}): {e}")
         except MissingKeyError as e:
             return None, f"cannot decrypt checkpoint: {e}"
-        except Exception as e:  # unreadable files, unpickling errors…: not ready, never a crash
-            log.exception("model %s: cannot read checkpoints in %s", self.name, where)
-            return None, f"cannot read checkpoint: {type(e).__name__}: {e}"
+        except UnregisteredModelError as e:
+            # Not an older checkpoint's problem: the server is not configured for this model.
+            log.error("model %s: %s", self.name, e)
+            return None, str(e)
+        except Exception as e:  # unreadable files, a factory that fails…: not ready, never a crash
+            log.exception("model %s: cannot load checkpoints in %s", self.name, where)
+            return None, f"cannot load checkpoint: {type(e).__name__}: {e}"
         if loaded is None:
             if not skipped:
                 return None, f"no checkpoint in {where} yet"
             return None, "no checkpoint passed verification; " + "; ".join(skipped[:3])
         try:
             network = self._build(loaded)
-        except Exception as e:  # a manifest that names a bad factory must not crash the server
+        except Exception as e:  # a network that cannot be probed or quantized must not crash the server
             log.exception("model %s: cannot build the network of step %s", self.name, loaded.step)
             return None, f"cannot build model from checkpoint step {loaded.step}: {type(e).__name__}: {e}"
         return network, ""
 
-    def _build(self, loaded) -> LoadedNetwork:
-        from aidc_trainer import checkpoint as ckpt
-
-        module: nn.Module = ckpt.build_model_from_manifest(loaded.manifest)
-        module.load_state_dict(loaded.state["model"], strict=True)
+    def _build(self, loaded: ServableModel) -> LoadedNetwork:
+        module: nn.Module = loaded.module
         module.eval()
         config = (loaded.manifest.get("model") or {}).get("config") or {}
         max_seq_len = next((config[k] for k in _CONTEXT_KEYS if isinstance(config.get(k), int)), None)
@@ -133,4 +145,5 @@ class CheckpointModel(TorchModel):
         if self.quantize == "int8":
             module = quantize_int8(module)
             check_runs(module, inputs)  # refuse a quantized network that cannot run, at load time
-        return LoadedNetwork(module=module, version=str(loaded.step), inputs=inputs, outputs=outputs)
+        network = LoadedNetwork(module=module, version=str(loaded.step), inputs=inputs, outputs=outputs)
+        return place_network(network, self.placement)  # on the GPU / in bf16 as --device/--precision say

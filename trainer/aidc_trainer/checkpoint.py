@@ -1,6 +1,7 @@
 """Checkpoint format, asynchronous atomic save, verification and resume (docs/contracts.md, DESIGN §6).
 
-Layout under the checkpoint root::
+Layout under the checkpoint root (format 1, written by rank 0 for DDP and single-process runs:
+replicated state, so one writer is the least I/O; FSDP writes DCP shards, ``checkpoint_sharded``)::
 
     step-000000100/
         rank-0.bin        model + optimiser + rank-0 RNG state (replicated state is written once)
@@ -180,6 +181,7 @@ class Checkpointer:
     group: Any = None
     run_id: str = "0"
     on_saved: Callable[[SaveResult], None] | None = None
+    backup_root: Path | None = None  # spec.checkpoint.backup: resume falls back to it (checkpoint_backup)
     _inflight: concurrent.futures.Future[SaveResult] | None = field(default=None, init=False, repr=False)
     last: SaveResult | None = field(default=None, init=False)
     # Saves that did not land (training carries on after a periodic one; the trainer decides).
@@ -211,7 +213,8 @@ class Checkpointer:
         payload = self._snap.copy(tree)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # non_blocking device→host copies must land before the thread reads
-        self._inflight = self._start(step, payload, dict(extra or {}))
+        extra = dict(extra or {})
+        self._inflight = self._start(step, lambda: self._write(step, payload, extra))
         if block:
             self.wait()
         return time.perf_counter() - t0
@@ -231,16 +234,14 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
 
-    def _start(
-        self, step: int, payload: dict[str, Any], extra: dict[str, Any]
-    ) -> concurrent.futures.Future[SaveResult]:
+    def _start(self, step: int, work: Callable[[], SaveResult]) -> concurrent.futures.Future[SaveResult]:
         # A daemon thread, not an executor: if training dies while a save waits on a dead peer,
         # the process must still exit (the half-written temp directory is never published).
         fut: concurrent.futures.Future[SaveResult] = concurrent.futures.Future()
 
         def body() -> None:
             try:
-                fut.set_result(self._write(step, payload, extra))
+                fut.set_result(work())
             except BaseException as e:
                 fut.set_exception(e)
 
@@ -266,11 +267,32 @@ class Checkpointer:
                     torch.save(payload, hf)  # type: ignore[arg-type]
                 f.flush()
                 os.fsync(f.fileno())
-            mine = {"ok": True, "name": name, "size": hf.size, "sha256": hf.sha.hexdigest()}
+            mine = {
+                "ok": True,
+                "name": name,
+                "files": {name: {"size": hf.size, "sha256": hf.sha.hexdigest()}},
+            }
         except Exception as e:  # e.g. ENOSPC: report to rank 0 so nobody publishes a partial checkpoint
             cause = hf.error if hf is not None and hf.error is not None else e
             mine = {"ok": False, "name": name, "error": f"{type(cause).__name__}: {cause}"}
         del payload
+        return self._conclude(step, tmp, mine, extra, t0, key_id)
+
+    def _conclude(
+        self,
+        step: int,
+        tmp: Path,
+        mine: dict[str, Any],
+        extra: dict[str, Any],
+        t0: float,
+        key_id: str | None,
+        header: dict[str, Any] | None = None,
+    ) -> SaveResult:
+        """Every rank's files are written (or failed): rank 0 publishes, all ranks agree on the outcome.
+
+        ``mine`` is ``{"ok": True, "name": who, "files": {name: {size, sha256}}}`` or
+        ``{"ok": False, "name": who, "error": text}``; ``header`` overrides manifest fields (format…).
+        """
         results = self._gather(mine)
         failed = [r for r in results if not r["ok"]]
         err: str | None = None
@@ -279,6 +301,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             err = publish.summarise(failed)
         else:
+            files = {n: meta for r in results for n, meta in r["files"].items()}
             if self.rank == 0:
                 try:
                     publish.publish(
@@ -286,11 +309,12 @@ class Checkpointer:
                         tmp,
                         step,
                         self.world_size,
-                        results,
+                        files,
                         key_id,
                         self.keyring,
                         self.model_spec,
                         extra,
+                        header,
                     )
                 except Exception as e:  # EROFS, ENOSPC on the manifest, a failed rename or fsync…
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -313,7 +337,8 @@ class Checkpointer:
             res = SaveResult(step, False, error=err, seconds=time.perf_counter() - t0)
             self.failures, self.last_failure = self.failures + 1, res
         else:
-            size = sum(r["size"] for r in results) if self.rank == 0 else mine["size"]
+            own = results if self.rank == 0 else [mine]
+            size = sum(m["size"] for r in own for m in r["files"].values())
             res = SaveResult(step, True, self.root / step_dir_name(step), time.perf_counter() - t0, size)
         if self.on_saved is not None:
             try:
@@ -341,8 +366,11 @@ class Checkpointer:
         return out
 
     def retained_key_ids(self) -> list[str]:
-        """Key ids the checkpoints still on disk were written with (see ``checkpoint_publish``)."""
-        return publish.retained_key_ids(self.root)
+        """Key ids the checkpoints still on disk were written with (see ``checkpoint_publish``), backup
+        copies included: the operator must not prune a key that only a backup copy still needs."""
+        if self.backup_root is None:
+            return publish.retained_key_ids(self.root)
+        return sorted({*publish.retained_key_ids(self.root), *publish.retained_key_ids(self.backup_root)})
 
     def cleanup_stale(self) -> None:
         """Remove temp/trash dirs left by killed runs (rank 0, before training starts)."""
@@ -353,7 +381,7 @@ class Checkpointer:
     def resume(self, on_no_valid: str = "Fail") -> LoadedCheckpoint | None:
         """Collective: see :func:`aidc_trainer.checkpoint_resume.resume`."""
         return checkpoint_resume.resume(
-            self.root, self.keyring, self.rank, self.world_size, self.group, on_no_valid
+            self.root, self.keyring, self.rank, self.world_size, self.group, on_no_valid, self.backup_root
         )
 
 

@@ -10,13 +10,12 @@ import datetime as dt
 import errno
 import hashlib
 import hmac
-import importlib
 import io
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from aidc_trainer.crypto import DecryptingReader, read_header
 from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, WrongKeyError
 from aidc_trainer.keyring import KeyRing
+from aidc_trainer.model_registry import ModelRegistry, default_registry
 
 # Same logger name as before the split: operators' log filters and tests select on it.
 log = logging.getLogger("aidc_trainer.checkpoint")
@@ -241,10 +241,14 @@ def load_checkpoint(path: str | os.PathLike[str], keyring: KeyRing | None, rank:
     """Verify and load one checkpoint for ``rank``: rank-0's shared state plus the rank's own state.
 
     Decrypts in memory only. ``state["rank"]`` is None when the checkpoint has no file for ``rank``
-    (the world grew).
+    (the world grew). A sharded (DCP) checkpoint gives ``state["model"]`` only, as full tensors.
     """
     path = Path(path)
     manifest = read_manifest(path, keyring)
+    if manifest.get("layout") == "dcp":  # sharded (format 2): full tensors of the model, in memory
+        from aidc_trainer.checkpoint_sharded import load_full
+
+        return load_full(path, keyring)
     shared = _plaintext(path, manifest, rank_file(0), _read_checked(path, manifest, rank_file(0)), keyring)
     state = _torch_load(shared)
     if rank != 0:
@@ -274,21 +278,16 @@ def load_latest(
     return None
 
 
-def build_model_from_manifest(manifest: dict[str, Any]) -> torch.nn.Module:
+def build_model_from_manifest(
+    manifest: dict[str, Any], registry: ModelRegistry | None = None
+) -> torch.nn.Module:
     """Rebuild the network described by ``manifest["model"]`` ({"factory": "mod:fn", "config": {...}}).
 
-    Imports the factory module: only use manifests you trust (an encrypted checkpoint's manifest is
-    authenticated by its MAC).
+    The factory is looked up in ``registry`` (default: built-ins, ``aidc.models`` entry points and the
+    ``AIDC_MODEL_FACTORIES`` allowlist), never imported off the manifest: an unencrypted manifest has
+    no MAC. Raises :class:`~aidc_trainer.model_registry.UnregisteredModelError` for any other name.
     """
-    spec = manifest.get("model") or {}
-    factory = spec.get("factory")
-    if not isinstance(factory, str) or ":" not in factory:
-        raise CheckpointCorruptError(
-            f"manifest model factory {factory!r} is not 'module:function'", "manifest"
-        )
-    module_name, _, attr = factory.partition(":")
-    fn: Callable[..., torch.nn.Module] = getattr(importlib.import_module(module_name), attr)
-    return fn(**(spec.get("config") or {}))
+    return (registry or default_registry()).build(manifest.get("model") or {})
 
 
 # Filesystems that cannot fsync a directory say so with these; anything else (EIO…) is a real failure.

@@ -32,23 +32,29 @@ def publish(
     tmp: Path,
     step: int,
     world_size: int,
-    results: list[dict[str, Any]],
+    files: dict[str, dict[str, Any]],
     key_id: str | None,
     keyring: KeyRing | None,
     model_spec: dict[str, Any],
     extra: dict[str, Any],
+    header: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the manifest (last, with its MAC) into ``tmp`` and rename it to the step's directory."""
+    """Write the manifest (last, with its MAC) into ``tmp`` and rename it to the step's directory.
+
+    ``files``: every file of the checkpoint, ``{name: {"size", "sha256"}}`` as stored; ``header``:
+    fields a layout adds or overrides (a sharded checkpoint's format, parallelism, layout…).
+    """
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
         "world_size": world_size,
         "key_id": key_id,
-        "files": {r["name"]: {"size": r["size"], "sha256": r["sha256"]} for r in results},
+        "files": {n: {"size": m["size"], "sha256": m["sha256"]} for n, m in sorted(files.items())},
         "model": model_spec,
         "time": utc_now(),
         "job": os.environ.get("AIDC_JOB_NAME"),
         "extra": extra,
+        **(header or {}),
     }
     if key_id is not None:
         assert keyring is not None

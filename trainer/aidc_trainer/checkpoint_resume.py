@@ -27,6 +27,7 @@ from aidc_trainer.checkpoint_format import (
     fsync_dir,
     list_checkpoints,
     load_checkpoint,
+    read_manifest,
     step_dir_name,
 )
 from aidc_trainer.errors import CheckpointCorruptError, MissingKeyError, NoValidCheckpointError
@@ -52,8 +53,12 @@ def resume(
     world_size: int,
     group: Any = None,
     on_no_valid: str = "Fail",
+    backup: Path | None = None,
 ) -> LoadedCheckpoint | None:
     """Collective: load the newest checkpoint every rank can verify and decrypt.
+
+    ``backup``: a second root (spec.checkpoint.backup) tried only when ``root`` has no checkpoint that
+    verifies; the policy applies when neither has one (``checkpoint_backup.resume_with_backup``).
 
     Returns None when there is no checkpoint, or when none verifies and the policy is StartFresh
     (after the damaged ones were moved aside). Raises :class:`MissingKeyError` on every rank if any
@@ -63,6 +68,17 @@ def resume(
     import torch.distributed as dist
 
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if backup is not None:
+        from aidc_trainer.checkpoint_backup import resume_with_backup
+
+        return resume_with_backup(
+            lambda r, policy: resume(r, keyring, rank, world_size, group, policy),
+            lambda r, bad, policy: _no_valid_checkpoint(r, bad, rank, distributed, group, policy),
+            root,
+            backup,
+            on_no_valid,
+            rank,
+        )
     steps = [_step_of(p) for p in list_checkpoints(root)]
     if distributed:  # rank 0's view of the volume and its policy: every rank decides alike
         box: list[Any] = [(steps, on_no_valid)]
@@ -73,7 +89,7 @@ def resume(
         path = root / step_dir_name(step)
         loaded, status, why = None, _OK, ""
         try:
-            loaded = load_checkpoint(path, keyring, rank)
+            loaded = _open(path, keyring, rank, world_size)
         except MissingKeyError as e:  # includes WrongKeyError
             status, why = _KEY, str(e)
         except (CheckpointCorruptError, OSError) as e:
@@ -101,11 +117,29 @@ def resume(
     return None
 
 
+def _open(path: Path, keyring: KeyRing | None, rank: int, world_size: int) -> LoadedCheckpoint:
+    """Verify (and, for the single-writer layout, load) what this rank needs of one checkpoint.
+
+    A sharded (DCP) checkpoint is only verified here, this rank's share of its files, and comes
+    back with an empty ``state``: once every rank agreed on it, the caller loads it collectively
+    (``checkpoint_sharded.restore_training_state``).
+    """
+    manifest = read_manifest(path, keyring)
+    if manifest.get("layout") == "dcp":
+        from aidc_trainer.checkpoint_sharded import verify_share  # imports DCP: only when needed
+
+        verify_share(path, manifest, rank, world_size)
+        return LoadedCheckpoint(step=int(manifest["step"]), path=path, manifest=manifest, state={})
+    return load_checkpoint(path, keyring, rank)
+
+
 def _no_valid_checkpoint(
     root: Path, bad: list[tuple[str, str]], rank: int, distributed: bool, group: Any, policy: str
 ) -> None:
     names = [n for n, _ in bad]
     summary = f"{len(bad)} checkpoint(s) in {root}, none verifies"
+    if policy == "Fallback":  # the caller tries the backup root next (checkpoint_backup.FALLBACK)
+        raise NoValidCheckpointError(summary, bad)
     if policy != "StartFresh":
         log.error(
             "%s: refusing to start (nothing in the directory was changed; "

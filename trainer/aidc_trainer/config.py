@@ -21,6 +21,8 @@ ENV = {
     "checkpoint_every_steps": "AIDC_CHECKPOINT_EVERY_STEPS",
     "checkpoint_every_seconds": "AIDC_CHECKPOINT_EVERY_SECONDS",
     "checkpoint_keep": "AIDC_CHECKPOINT_KEEP",
+    "checkpoint_backup_dir": "AIDC_CHECKPOINT_BACKUP_DIR",
+    "checkpoint_backup_keep": "AIDC_CHECKPOINT_BACKUP_KEEP",
     "on_no_valid_checkpoint": "AIDC_ON_NO_VALID_CHECKPOINT",
     "key_dir": "AIDC_KEY_DIR",
     "kek_file": "AIDC_KEK_FILE",
@@ -44,7 +46,7 @@ class TrainConfig:
         default="fp32", metadata={"help": "fp32 | bf16 | fp16 (autocast; fp16 adds GradScaler)"}
     )
     parallel: str = field(
-        default="ddp", metadata={"help": "ddp | fsdp (FSDP2, full-state checkpoints) | none"}
+        default="ddp", metadata={"help": "ddp | fsdp (FSDP2, sharded DCP checkpoints) | none"}
     )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     deterministic: bool = field(default=True, metadata={"help": "deterministic kernels (bitwise resume)"})
@@ -66,6 +68,16 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     checkpoint_every_seconds: float = 0.0
     checkpoint_keep: int = 3
+    checkpoint_backup_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "second root: rank 0 copies each checkpoint there (verified, keep-N); resume falls "
+            "back to it when the checkpoint dir has none that verifies"
+        },
+    )
+    checkpoint_backup_keep: int = field(
+        default=0, metadata={"help": "copies kept in the backup dir (0: --checkpoint-keep)"}
+    )
     key_dir: str | None = None
     kek_file: str | None = None
     resume: bool = field(default=True, metadata={"help": "resume from the newest valid checkpoint"})
@@ -100,6 +112,11 @@ class TrainConfig:
         need(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         need(self.checkpoint_every_seconds >= 0, "checkpoint_every_seconds must be >= 0")
         need(self.checkpoint_keep >= 1, "checkpoint_keep must be >= 1")
+        need(self.checkpoint_backup_keep >= 0, "checkpoint_backup_keep must be >= 0")
+        if self.checkpoint_backup_dir:
+            need(bool(self.checkpoint_dir), "checkpoint_backup_dir needs checkpoint_dir")
+            same = os.path.realpath(self.checkpoint_backup_dir) == os.path.realpath(self.checkpoint_dir or "")
+            need(not same, "checkpoint_backup_dir must differ from checkpoint_dir")
         onv = self.on_no_valid_checkpoint
         need(onv in ON_NO_VALID_CHECKPOINT, f"on_no_valid_checkpoint must be Fail|StartFresh, got {onv!r}")
         need(self.kek_file is None or self.key_dir is not None, "kek_file needs key_dir")

@@ -51,6 +51,7 @@ _TAG = 16
 _REC = struct.Struct(">I")
 _IDX = struct.Struct(">QB")
 _MAX_RECLASSIFY = 4096  # bound the work spent explaining a failed chunk
+RECORD_OVERHEAD = _REC.size + _NONCE + _TAG  # bytes a record adds to its plaintext chunk
 
 
 def key_check(key: bytes) -> bytes:
@@ -294,6 +295,13 @@ class DecryptingReader:
             "tampered",
             self._name,
         )
+
+    def open_chunk(self, index: int, nonce: bytes, ciphertext: bytes, final: bool) -> bytes:
+        """Verify and decrypt one record read at random (``index``: its position in the file).
+
+        Raises as :meth:`chunks` does, so random-access readers classify failures the same way.
+        """
+        return self._open(index, nonce, ciphertext, final)
 
     def read_all(self) -> bytes:
         return b"".join(self.chunks())

@@ -33,6 +33,10 @@ class CheckpointCorruptError(Exception):
         self.reason = reason
         self.path = path
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None]]:
+        # picklable with its reason: DCP gathers each rank's exception to every rank
+        return (type(self), (str(self.args[0]), self.reason, self.path))
+
 
 class ConfigError(ValueError):
     """Invalid training configuration (trainer exit code 4)."""

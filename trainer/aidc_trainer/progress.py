@@ -24,6 +24,7 @@ log = logging.getLogger("aidc_trainer.progress")
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PROGRESS = "aidc.dev/progress"
 LAST_CHECKPOINT = "aidc.dev/last-checkpoint"
+LAST_BACKUP = "aidc.dev/last-backup"
 
 
 def evaluation_report(step: int, result: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +66,10 @@ class ProgressReporter:
         if key_ids is not None:
             report["keyIds"] = key_ids
         self._update(LAST_CHECKPOINT, report)
+
+    def backup(self, step: int, path: str) -> None:
+        """The newest checkpoint copied to the backup root (checkpoint_backup)."""
+        self._update(LAST_BACKUP, {"step": step, "path": path, "time": utc_now()})
 
     def _update(self, key: str, value: dict[str, Any]) -> None:
         with self._lock:

@@ -11,14 +11,17 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from aidc_trainer import checkpoint_sharded as sharded
 from aidc_trainer import distributed as D
 from aidc_trainer.cadence import DEFAULT_CLOCK, Clock
 from aidc_trainer.checkpoint import Checkpointer, SaveResult
+from aidc_trainer.checkpoint_backup import writer_for
 from aidc_trainer.config import TrainConfig
 from aidc_trainer.control_sync import ControlSync
 from aidc_trainer.data import ShardedBatches, eval_shard
@@ -31,6 +34,7 @@ from aidc_trainer.progress import ProgressReporter
 from aidc_trainer.recipe import Recipe
 from aidc_trainer.run_report import RunReport
 
+BACKUP_CLOSE_SECONDS = 600.0
 log = logging.getLogger("aidc_trainer")
 
 __all__ = ["Result", "Trainer", "run"]
@@ -83,7 +87,9 @@ class Trainer:
 
         self.ckpt: Checkpointer | None = None
         if cfg.checkpoint_dir:
-            self.ckpt = Checkpointer(
+            # FSDP: every rank writes its own shards (DCP); otherwise rank 0 writes the replica.
+            kind = sharded.ShardedCheckpointer if self.fsdp else Checkpointer
+            self.ckpt = kind(
                 root=cfg.checkpoint_dir,  # type: ignore[arg-type]
                 rank=env.rank,
                 world_size=env.world_size,
@@ -93,8 +99,11 @@ class Trainer:
                 group=env.ckpt_group,
                 run_id=env.run_id,
                 on_saved=self._on_saved,
+                backup_root=Path(cfg.checkpoint_backup_dir) if cfg.checkpoint_backup_dir else None,
             )
         self.progress = ProgressReporter(cfg.checkpoint_dir) if env.is_main else None
+        # rank 0's background copier to spec.checkpoint.backup (None without one)
+        self.backup = writer_for(cfg, env.run_id, self.progress)
         gpus = env.world_size if env.device.type == "cuda" else 0
         self.accounting = Accounting(gpus, clock)
         self.metrics.gpu_seconds.set_function(self.accounting.gpu_seconds)
@@ -111,17 +120,7 @@ class Trainer:
         return self.env.distributed and self.cfg.parallel == "fsdp"
 
     def _shared_state(self) -> dict[str, Any]:
-        if self.fsdp:  # collective: gathers full (unsharded) tensors to rank 0's CPU
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-            s = {"model": model_sd, "optimizer": optim_sd}
-        else:
-            s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.precision.scaler.is_enabled():
-            s["scaler"] = self.precision.scaler.state_dict()
-        return s
+        return sharded.training_state(self.model, self.optimizer, self.precision.scaler, self.fsdp)
 
     def _restore(self) -> None:
         if self.ckpt is None or not self.cfg.resume:
@@ -133,25 +132,19 @@ class Trainer:
         if loaded is None:
             log.info("no valid checkpoint: starting from step 0", extra={"event": "resume", "step": 0})
             return
-        st = loaded.state
-        if self.fsdp:  # every rank holds the full state (read from rank-0's file) and keeps its shard
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            opts = StateDictOptions(full_state_dict=True)
-            set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=st["model"],
-                optim_state_dict=st["optimizer"],
-                options=opts,
-            )
-        else:
-            self.model.load_state_dict(st["model"])
-            self.optimizer.load_state_dict(st["optimizer"])
-        if "scaler" in st and self.precision.scaler.is_enabled():
-            self.precision.scaler.load_state_dict(st["scaler"])
-        if st.get("rank") and loaded.manifest.get("world_size") == self.env.world_size:
-            D.set_rng_state(st["rank"])
+        rng = sharded.restore_training_state(  # collective when the checkpoint is sharded
+            loaded,
+            self.model,
+            self.optimizer,
+            self.precision.scaler,
+            self.keyring,
+            self.env.ckpt_group,
+            self.env.rank,
+            self.env.world_size,
+            self.fsdp,
+        )
+        if rng is not None:
+            D.set_rng_state(rng)
         else:  # world size changed: data order is still exact, rank-local RNG is re-derived
             torch.manual_seed(D.rank_seed(self.cfg.seed, self.env.rank, loaded.step))
         self.start_step = loaded.step
@@ -167,6 +160,8 @@ class Trainer:
     def _on_saved(self, res: SaveResult) -> None:  # runs on the checkpoint thread
         assert self.ckpt is not None
         self.report.saved(res, self.ckpt.retained_key_ids)
+        if self.backup is not None and res.ok and res.path is not None:
+            self.backup.submit(res.path)
 
     def _save(self, step: int, block: bool, extra: dict[str, Any]) -> None:
         assert self.ckpt is not None
@@ -373,6 +368,9 @@ class Trainer:
 
     def _finish(self, step: int, done: bool = True) -> None:
         failed = self.ckpt.failures if self.ckpt is not None else 0
+        if self.backup is not None:  # the last checkpoint's copy, reported before the reporter closes
+            # Bounded: a hung backup volume must not keep a finished job's pod running for good.
+            self.backup.close(timeout=BACKUP_CLOSE_SECONDS)
         loop_seconds = getattr(self, "_loop_seconds", None)
         self.report.finish(step, done, self.start_step, failed, loop_seconds)
 

@@ -239,6 +239,13 @@ def trainingjob_crd() -> dict[str, Any]:
             },
             {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.lastCheckpoint.step"},
             {
+                "name": "Backup",
+                "type": "integer",
+                "jsonPath": ".status.lastBackup.step",
+                "description": "newest checkpoint step copied to spec.checkpoint.backup",
+                "priority": 1,
+            },
+            {
                 "name": "Energy-J",
                 "type": "number",
                 "jsonPath": ".status.energyJoules",

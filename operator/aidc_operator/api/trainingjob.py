@@ -39,6 +39,18 @@ class EncryptionSpec(ApiModel):
     """What happens to the key Secret when the job is deleted. Retain keeps checkpoints readable."""
 
 
+class BackupSpec(ApiModel):
+    """A second volume to which rank 0 copies every published checkpoint (bytes as stored, so still
+    encrypted), verifies the copy against the manifest and keeps the newest N. Resume falls back to it when
+    the checkpoint volume has no checkpoint that verifies."""
+
+    volume: KubeObject
+    """A Volume source mounted read-write at /checkpoint-backup, in practice a persistentVolumeClaim (on
+    other storage than spec.checkpoint.volume's claim); an emptyDir would not outlive the pod."""
+    keep: int | None = Field(default=None, ge=1, le=1000)
+    """Copies to keep on the backup volume. Default: spec.checkpoint.keep."""
+
+
 class CheckpointSpec(ApiModel):
     """Where and how often the trainer checkpoints."""
 
@@ -57,6 +69,9 @@ class CheckpointSpec(ApiModel):
     """When checkpoints exist but none verifies: Fail (the trainer refuses to start and touches nothing;
     condition NoValidCheckpoint names the files) or StartFresh (the damaged checkpoints are moved aside,
     never deleted, and training starts from step 0)."""
+    backup: BackupSpec | None = None
+    """Backup copies of each checkpoint on a second volume (same cluster; needs spec.checkpoint.volume).
+    Default: none."""
 
 
 class FailurePolicy(ApiModel):
@@ -152,6 +167,19 @@ class CheckpointRef(ApiModel):
     key Secret)."""
 
 
+class BackupRef(ApiModel):
+    """The newest checkpoint copy the trainer reported on the backup volume."""
+
+    model_config = ConfigDict(extra="ignore")  # the trainer may report more than we keep
+
+    step: int
+    """Optimizer step of the copied checkpoint."""
+    path: str = ""
+    """Directory of the copy inside the backup volume."""
+    time: str | None = None
+    """When the copy was verified and in place (RFC 3339)."""
+
+
 class Progress(ApiModel):
     """Training progress reported by rank 0."""
 
@@ -231,6 +259,8 @@ class TrainingJobStatus(ApiModel):
     (like a Job's completions)."""
     last_checkpoint: CheckpointRef | None = None
     """Newest checkpoint the trainer reported."""
+    last_backup: BackupRef | None = None
+    """Newest checkpoint copied to spec.checkpoint.backup and verified there."""
     progress: Progress | None = None
     """Training progress."""
     start_time: str | None = None

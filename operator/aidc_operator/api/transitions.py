@@ -58,6 +58,7 @@ FROZEN: tuple[Frozen, ...] = (
     ),
     Frozen("checkpoint.keep", "the trainer reads it when a pod starts"),
     Frozen("checkpoint.onNoValidCheckpoint", "the trainer reads it when a pod starts"),
+    Frozen("checkpoint.backup", "the pods mount the backup volume and the trainer reads keep when it starts"),
     Frozen("checkpoint.encryption.enabled", "the existing checkpoints are stored that way"),
     Frozen("checkpoint.encryption.keySecretRef", "the existing checkpoints are encrypted with that key"),
     Frozen("checkpoint.encryption.kekSecretRef", "the existing checkpoints' key is wrapped by it"),

@@ -18,6 +18,7 @@ from .common import (
 )
 
 CHECKPOINT_MOUNT = "/checkpoints"
+BACKUP_MOUNT = "/checkpoint-backup"  # spec.checkpoint.backup, read-write: rank 0 copies checkpoints there
 KEY_MOUNT = "/var/run/aidc/keys"
 KEK_MOUNT = "/var/run/aidc/kek"
 METRICS_PORT = 9400
@@ -119,6 +120,10 @@ def aidc_env(owner: Owner, spec: TrainingJobSpec, attempt: int) -> list[dict[str
         # termination message: the restart policy reads causes there, not in log text.
         {"name": "AIDC_TERMINATION_LOG", "value": TERMINATION_LOG},
     ]
+    if ckpt.backup is not None:
+        env.append({"name": "AIDC_CHECKPOINT_BACKUP_DIR", "value": f"{BACKUP_MOUNT}/{owner.name}"})
+        keep = ckpt.keep if ckpt.backup.keep is None else ckpt.backup.keep
+        env.append({"name": "AIDC_CHECKPOINT_BACKUP_KEEP", "value": str(keep)})
     if ckpt.every_steps:
         env.append({"name": "AIDC_CHECKPOINT_EVERY_STEPS", "value": str(ckpt.every_steps)})
     if ckpt.every_seconds:
@@ -138,7 +143,7 @@ def _user_env(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def volumes(owner: Owner, spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts): shared memory for NCCL/dataloaders, a writable /tmp under a read-only root,
-    the checkpoint volume and the key Secrets (read-only files, owner-only mode)."""
+    the checkpoint volume (and its backup's) and the key Secrets (read-only files, owner-only mode)."""
     ckpt_source = spec.checkpoint.volume or {"emptyDir": {}}
     vols = [
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
@@ -150,6 +155,9 @@ def volumes(owner: Owner, spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], 
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
     ]
+    if spec.checkpoint.backup is not None:
+        vols.append({**spec.checkpoint.backup.volume, "name": "checkpoint-backup"})
+        mounts.append({"name": "checkpoint-backup", "mountPath": BACKUP_MOUNT})
     key_secret = key_secret_name(owner, spec)
     if key_secret:
         vols.append({"name": "ckpt-key", "secret": {"secretName": key_secret, "defaultMode": 0o440}})

@@ -78,20 +78,21 @@ def _invalid(body: dict[str, Any], message: str) -> Outcome:
 
 
 def _ensure_volume(owner: Owner, spec: TrainingJobSpec) -> lifecycle.Prerequisites | None:
-    claim = ((spec.checkpoint.volume or {}).get("persistentVolumeClaim") or {}).get("claimName")
-    if not claim:
-        return None
-    try:
-        kubeio.core().read_namespaced_persistent_volume_claim(claim, owner.namespace)
-    except ApiException as e:
-        if e.status == 404:
-            return lifecycle.Prerequisites(
-                False,
-                "CheckpointVolumeReady",
-                "PersistentVolumeClaimMissing",
-                f"PersistentVolumeClaim {claim!r} not found",
-            )
-        raise
+    # The checkpoint volume's claim, then the backup's (spec.checkpoint.backup): a gang that cannot
+    # mount either would only sit Pending.
+    for where, claim in volumes.checkpoint_claims(spec.checkpoint):
+        try:
+            kubeio.core().read_namespaced_persistent_volume_claim(claim, owner.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                of = "" if where == "spec.checkpoint.volume" else f" ({where})"
+                return lifecycle.Prerequisites(
+                    False,
+                    "CheckpointVolumeReady",
+                    "PersistentVolumeClaimMissing",
+                    f"PersistentVolumeClaim {claim!r} not found{of}",
+                )
+            raise
     return None
 
 
