@@ -9,7 +9,7 @@ STATE    ?= $(CURDIR)/.state/cluster
 export PYTHONPATH := operator:trainer:server:hack/cluster
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv cluster-build cluster-up cluster-down cluster-status crds lint format test test-unit \
+.PHONY: help venv cluster-build cluster-up cluster-down cluster-status gateway-api crds lint format test test-unit \
         run bench helm-lint images plots clean
 
 help: ## list targets
@@ -18,7 +18,7 @@ help: ## list targets
 venv: ## create the cached virtualenv (.venv -> ~/.cache/aidc/venv-<hash>)
 	@bash hack/venv.sh
 
-cluster-build: venv ## build etcd, kube-*, kubectl, kwok, helm, kueue from pinned Go modules (cached; AIDC_KUEUE=0: no kueue)
+cluster-build: venv ## build etcd, kube-*, kubectl, kwok, helm, kueue, metrics-server from pinned Go modules (cached; AIDC_KUEUE=0: no kueue)
 	@$(CLUSTER) build
 
 cluster-up: cluster-build ## start the local control plane with kwok GPU nodes (STATE=dir for a second one)
@@ -26,6 +26,9 @@ cluster-up: cluster-build ## start the local control plane with kwok GPU nodes (
 
 cluster-down: ## stop the local control plane started from STATE
 	@if [ -x $(PY) ]; then $(CLUSTER) down --state-dir $(STATE); else echo "nothing to stop"; fi
+
+gateway-api: venv ## install the Gateway API CRDs (hack/gateway-api/go.mod pin) into the cluster at STATE
+	@$(PY) hack/cluster/gateway_api.py --kubeconfig $(STATE)/kubeconfig
 
 cluster-status: ## show the local control plane's processes
 	@$(CLUSTER) status --state-dir $(STATE)

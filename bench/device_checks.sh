@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check the project owes, as one short run for a lent GPU machine (the `device` tool):
-# NCCL training and resume through torchrun, GPU energy (trainer and server), FSDP on CUDA, the trainer-overhead benchmark (in one
+# NCCL training and resume through torchrun, GPU energy (trainer and server), FSDP on CUDA (and its sharded DCP
+# checkpoints, resumed on fewer GPUs), the trainer-overhead benchmark (in one
 # process, then across torchrun processes) and the checkpoint-stall benchmark. It uses the machine's
 # python3 (torch with CUDA, cryptography, prometheus-client, numpy), not the project venv, which is
 # too large to carry. Each step has its own time limit so one hang cannot spend the whole lease;
@@ -58,8 +59,21 @@ while time.monotonic() < end:
 meter.sample()
 print("server energy over 10 s of matmuls:", meter.reading())'
 step fsdp 90 "${run[@]}" --steps 200 --parallel fsdp --checkpoint-dir "$work/fsdp" --checkpoint-every-steps 100
+# Issue 15: FSDP checkpoints as encrypted DCP shards over NCCL (each rank writes its own shards,
+# async), then a resume on one GPU fewer where there are several (DCP reshards N -> M).
+dcp=(--parallel fsdp --checkpoint-dir "$work/fsdp-dcp" --checkpoint-every-steps 100 --key-dir "$work/keys")
+step fsdp-dcp 90 "${run[@]}" --steps 200 "${dcp[@]}"
+fewer=("$py" -m torch.distributed.run --standalone "--nproc-per-node=$((gpus > 1 ? gpus - 1 : 1))" -m aidc_trainer --eval-every 100)
+step fsdp-dcp-resume 90 "${fewer[@]}" --steps 300 "${dcp[@]}"
+grep -h '"event": "resume"' "$out/fsdp-dcp-resume.log" | head -n 1
+"$py" -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["format"], m["layout"], "world", m["world_size"], sorted(m["files"]))' \
+  "$work/fsdp-dcp/step-000000300/manifest.json"
 
 # Issue 4's open goal: aidc vs a plain DDP loop, <= 2 % with checkpointing off.
 TAIL=3 step overhead-in-process 150 "$py" bench/trainer_overhead.py --in-process --steps 2000 --reps 10
 TAIL=7 step overhead-torchrun 180 "$py" bench/trainer_overhead.py --nproc 1 --steps 2000 --reps 3
 TAIL=12 step checkpoint 120 "$py" bench/checkpoint.py --params-m 250 --reps 3 --crypto-mb 1024
+
+# Issue 16's CUDA inference: the transformer served by the server's own model and batcher code on the
+# GPU (fp32, bf16; pinned batch buffers) against the CPU path; prints rows/s, exits 1 on a mismatch.
+TAIL=5 step serving-gpu 120 env PYTHONPATH="$PWD/server:$PYTHONPATH" "$py" bench/serving_gpu.py --requests 512

@@ -4,6 +4,7 @@
     .venv/bin/python bench/serving.py                       # both models, concurrency 1, 8, 32
     .venv/bin/python bench/serving.py --models mlp --concurrency 16 --duration 5
     .venv/bin/python bench/serving.py --accuracy-only        # int8 quantization accuracy change
+    .venv/bin/python bench/serving.py --grpc                 # also their gRPC ports (bench/_serving_grpc.py)
 
 What it does, in order:
 1. Trains the trainer's example MLP and small transformer with the real trainer CLI (a few hundred
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+GRPC_SUFFIX = "/grpc"  # a server's gRPC rows: "aidc/grpc", "kserve/grpc"
 MODELS = {
     # name: (trainer example, trainer args, one request's input tensor)
     "mlp": ("mlp", ["--steps", "300"], {"datatype": "FP32", "shape": [1, 10]}),
@@ -60,7 +62,7 @@ MODELS = {
 # --------------------------------------------------------------------------------- KServe side
 
 
-def serve_kserve(checkpoint_dir: str, model_name: str, port: int, threads: int) -> None:
+def serve_kserve(checkpoint_dir: str, model_name: str, port: int, threads: int, grpc_port: int = 0) -> None:
     """Runs inside KServe's venv: the model as KServe's docs write a custom v2 model."""
     import torch
     from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
@@ -90,7 +92,13 @@ def serve_kserve(checkpoint_dir: str, model_name: str, port: int, threads: int) 
             out.set_data_from_numpy(y, binary_data=False)
             return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id)
 
-    server = ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
+    server = ModelServer(
+        http_port=port,
+        grpc_port=grpc_port or 8081,
+        enable_grpc=bool(grpc_port),
+        workers=1,
+        enable_latency_logging=False,
+    )
     # KServe's log config puts uvicorn's access log at INFO (one line per request, as aidc_server
     # does not do); KSERVE_LOGLEVEL does not reach it. Silence it so neither server logs requests.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
@@ -218,6 +226,8 @@ def memory_mib(pid: int) -> tuple[float, float]:
 
 
 class Server:
+    grpc_port: int | None = None  # with --grpc: its Open Inference Protocol gRPC port
+
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, log: Path) -> None:
         self.name, self.port, self.log = name, port, log
         self._log_file = log.open("w")
@@ -254,10 +264,15 @@ def start_aidc(model: str, ckpt: Path, args, log: Path, fast_io: Path | None = N
         "--max-latency-ms", str(args.max_latency_ms), "--torch-threads", str(args.torch_threads),
         "--log-level", "warning",
     ]  # fmt: skip
+    # Always a port of its own: two servers on gRPC's default 8081 would share it (SO_REUSEPORT).
+    grpc_port = free_port() if args.grpc else 0
+    cmd += ["--grpc-port", str(grpc_port)]
     env = _env(args)
     if fast_io is not None:  # uvloop + httptools borrowed from KServe's venv (uvicorn picks them up)
         env["PYTHONPATH"] = f"{env['PYTHONPATH']}{os.pathsep}{fast_io}"
-    return Server("aidc+uvloop" if fast_io else "aidc", cmd, env, port, log)
+    server = Server("aidc+uvloop" if fast_io else "aidc", cmd, env, port, log)
+    server.grpc_port = grpc_port or None
+    return server
 
 
 def start_kserve(kserve_python: str, model: str, ckpt: Path, args, log: Path) -> Server:
@@ -266,8 +281,12 @@ def start_kserve(kserve_python: str, model: str, ckpt: Path, args, log: Path) ->
         kserve_python, str(Path(__file__).resolve()), "--serve-kserve", "--checkpoint", str(ckpt),
         "--serve-model", model, "--serve-port", str(port), "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
+    grpc_port = free_port() if args.grpc else 0
+    cmd += ["--serve-grpc-port", str(grpc_port)]
     env = _env(args) | {"KSERVE_LOGLEVEL": "WARNING"}  # no per-request access/timing log lines
-    return Server("kserve", cmd, env, port, log)
+    server = Server("kserve", cmd, env, port, log)
+    server.grpc_port = grpc_port or None
+    return server
 
 
 def _env(args) -> dict[str, str]:
@@ -347,33 +366,37 @@ def bench_model(
     try:
         reference = None  # aidc's answer; every other server must agree
         ready_rss: dict[str, float] = {}
+        targets = load_targets(servers, model, path, body, args)
         for server in servers:
             server.wait_ready(model)
             ready_rss[server.name] = memory_mib(server.proc.pid)[0]
-            got = answer(server, model, body)
+        for name, _server, _, ask in targets:
+            got = ask()
             if reference is None:
                 reference = got
             elif not np.allclose(reference, got, rtol=1e-4, atol=1e-5):
-                raise RuntimeError(f"{server.name} and aidc disagree on {model}: not the same model?")
+                raise RuntimeError(f"{name} and aidc disagree on {model}: not the same model?")
         for c in args.concurrency:
-            pooled: dict[str, list] = {s.name: [[], 0, 0.0] for s in servers}
-            batches_before = {s.name: batch_stats(s) for s in servers}
+            # name -> [latencies, errors, seconds, rows batched, batches]
+            pooled: dict[str, list] = {t[0]: [[], 0, 0.0, 0.0, 0.0] for t in targets}
             for round_ in range(args.rounds):
-                order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
-                for server in order:
-                    latencies, errors, seconds = run_load(server.port, path, body, c, args, warm=round_ == 0)
-                    pooled[server.name][0] += latencies
-                    pooled[server.name][1] += errors
-                    pooled[server.name][2] += seconds
-            for server in servers:
-                latencies, errors, seconds = pooled[server.name]
+                order = targets[round_ % len(targets) :] + targets[: round_ % len(targets)]
+                for name, server, drive, _ in order:
+                    before = batch_stats(server)
+                    latencies, errors, seconds = drive(c, round_ == 0)
+                    after = batch_stats(server)
+                    pooled[name][0] += latencies
+                    pooled[name][1] += errors
+                    pooled[name][2] += seconds
+                    if before and after:  # this protocol's batches alone: the targets take turns
+                        pooled[name][3] += after[0] - before[0]
+                        pooled[name][4] += after[1] - before[1]
+            for name, _server, _, _ in targets:
+                latencies, errors, seconds, batched_rows, batches = pooled[name]
                 ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-                r = Result(
-                    server.name, model, c, len(latencies), errors, seconds, *np.percentile(ms, [50, 99])
-                )
-                before, after = batches_before[server.name], batch_stats(server)
-                if before and after and after[1] > before[1]:
-                    r.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+                r = Result(name, model, c, len(latencies), errors, seconds, *np.percentile(ms, [50, 99]))
+                if batches:
+                    r.mean_batch = batched_rows / batches
                 batching = f", {r.mean_batch:.1f} rows/batch" if r.mean_batch else ""
                 print(
                     f"  {r.server:11s} {model:12s} c={c:<3d} {r.rps:8.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
@@ -395,6 +418,35 @@ def bench_model(
         for server in servers:
             server.stop()
     return results
+
+
+def load_targets(servers: list[Server], model: str, path: str, body: bytes, args) -> list[tuple]:
+    """(name, server, drive(concurrency, warm), one answer) per server and protocol."""
+    targets: list[tuple] = [
+        (
+            s.name,
+            s,
+            lambda c, warm, s=s: run_load(s.port, path, body, c, args, warm),
+            lambda s=s: answer(s, model, body),
+        )
+        for s in servers
+    ]
+    if args.grpc:
+        sys.path[:0] = [str(ROOT / "server")]  # the generated stubs (aidc_server.proto)
+        import _serving_grpc as serving_grpc
+
+        request = serving_grpc.infer_request(model, MODELS[model][2])
+        for s in servers:
+            address = f"127.0.0.1:{s.grpc_port}"
+            targets.append(
+                (
+                    s.name + GRPC_SUFFIX,
+                    s,
+                    lambda c, warm, a=address: serving_grpc.run_grpc_load(a, request, c, args, warm),
+                    lambda a=address: serving_grpc.answer(a, request),
+                )
+            )
+    return targets
 
 
 def batch_stats(server: Server) -> tuple[float, float] | None:
@@ -463,9 +515,10 @@ def print_table(results: list[Result]) -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     by = {(r.server, r.model, r.concurrency): r for r in results}
     for r in results:
-        k = by.get(("kserve", r.model, r.concurrency))
+        suffix = GRPC_SUFFIX if r.server.endswith(GRPC_SUFFIX) else ""  # gRPC against KServe's gRPC
+        k = by.get(("kserve" + suffix, r.model, r.concurrency))
         ratio = p99 = ""
-        if k and r.server != "kserve" and k.rps:
+        if k and r.server != k.server and k.rps:
             ratio = f"**{r.rps / k.rps:.2f}x**"
             p99 = "lower" if r.p99_ms <= k.p99_ms else "higher"
         print(
@@ -511,6 +564,11 @@ def main() -> int:
         action="store_true",
         help="also run aidc_server with uvloop + httptools (KServe's default I/O), borrowed from its venv",
     )
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="also drive each server's Open Inference Protocol gRPC port (raw tensor contents)",
+    )
     p.add_argument("--accuracy-only", action="store_true")
     p.add_argument("--json", type=Path, help="also write the results here")
     # internal: the KServe side, run with KServe's venv python
@@ -518,10 +576,13 @@ def main() -> int:
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--serve-model", help=argparse.SUPPRESS)
     p.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--serve-grpc-port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_kserve:
         sys.argv = sys.argv[:1]  # KServe parses sys.argv itself at import
-        serve_kserve(args.checkpoint, args.serve_model, args.serve_port, args.torch_threads)
+        serve_kserve(
+            args.checkpoint, args.serve_model, args.serve_port, args.torch_threads, args.serve_grpc_port
+        )
         return 0
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]

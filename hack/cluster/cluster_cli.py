@@ -1,5 +1,6 @@
 """The command line of the local cluster: `python hack/cluster/localcluster.py up|down|status|build`
-(the Makefile's cluster-* targets). Its help is localcluster.py's docstring."""
+(the Makefile's cluster-* targets), and `metrics-server` (start it on a running cluster, for the HPA).
+Its help is localcluster.py's docstring."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=localcluster.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["up", "down", "status", "build"])
+    ap.add_argument("command", choices=["up", "down", "status", "build", "metrics-server"])
     ap.add_argument(
         "--state-dir", type=Path, default=Path(os.environ.get("AIDC_STATE_DIR", ROOT / ".state" / "cluster"))
     )
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                 import kueue
 
                 kueue.build()
+            import metrics_server  # here, not at the top: it imports localcluster
+
+            metrics_server.build()
         elif args.command == "up":
             c = LocalCluster(
                 state,
@@ -57,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"stopped the cluster in {state}")
             else:
                 log(f"no cluster recorded in {state}")
+        elif args.command == "metrics-server":
+            import metrics_server
+
+            metrics_server.start(LocalCluster.load(state))
         else:
             return status(state)
     except ClusterError as e:

@@ -19,7 +19,10 @@ from cryptography.x509.oid import NameOID
 from cluster_processes import ClusterError
 
 # Identities write_pki issues; issue_identity refuses these names so it never overwrites one.
-RESERVED_IDENTITIES = ("ca", "sa", "apiserver", "admin", "controller-manager", "scheduler", "kwok")
+RESERVED_IDENTITIES = (
+    *("ca", "sa", "apiserver", "admin", "controller-manager", "scheduler", "kwok"),
+    *("front-proxy-ca", "front-proxy-client"),
+)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -111,6 +114,21 @@ def write_pki(pki: Path) -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     (pki / "sa.pub").write_bytes(sa_pub)
+    write_front_proxy(pki)
+
+
+def write_front_proxy(pki: Path) -> None:
+    """The aggregation layer's own CA and the client cert the apiserver presents when it proxies to an
+    extension apiserver (metrics-server): a CA of its own, as kubeadm does, so no other client cert of
+    the cluster can assert X-Remote-User to an extension apiserver."""
+    key = new_key()
+    name = x509_name("aidc-front-proxy-ca")
+    ca = issue_cert(name, key, name, key, ca=True)
+    (pki / "front-proxy-ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    client_key = new_key()
+    cert = issue_cert(x509_name("front-proxy-client"), client_key, name, key)
+    (pki / "front-proxy-client.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (pki / "front-proxy-client.key").write_bytes(pem_key(client_key))
 
 
 def issue_identity(pki: Path, user: str) -> None:

@@ -55,6 +55,24 @@ def apiserver(c: LocalCluster) -> list[str]:
         "--profiling=false",
         "--v=1",
         *audit_flags(c),
+        *aggregation_flags(c),
+    ]
+
+
+def aggregation_flags(c: LocalCluster) -> list[str]:
+    """The aggregation layer (APIServices such as metrics-server's v1beta1.metrics.k8s.io): the front
+    proxy's client cert and CA, and routing to an APIService's endpoint address rather than its
+    Service's ClusterIP, which nothing routes on this machine."""
+    pki = c.pki
+    return [
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+        f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+        "--enable-aggregator-routing=true",
     ]
 
 
@@ -102,6 +120,8 @@ def controller_manager(c: LocalCluster) -> list[str]:
         f"--node-monitor-grace-period={c.node_monitor_grace_period}",
         "--node-monitor-period=2s",
         "--horizontal-pod-autoscaler-sync-period=5s",  # default 15 s: tests see HPA status sooner
+        # default 5 min: the autoscaling test sees a scale-down within a minute of the load stopping
+        "--horizontal-pod-autoscaler-downscale-stabilization=20s",
         "--v=1",
     ]
 

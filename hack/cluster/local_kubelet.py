@@ -29,6 +29,8 @@ so this process watches pods bound to kwok nodes that carry an aidc label and, f
 - once a pod's processes are gone (it exited, was deleted, its node lost power, or the kubelet stopped),
   removes its Secret files, emptyDirs and token from the state dir (podspec.scrub); on start, does the
   same (and kills any process left) for the pod directories of pods that no longer exist;
+- serves each node's /metrics/resource (kubelet_metrics.py: real CPU and memory of each pod's processes)
+  at the node's InternalIP and advertised port, for metrics-server and so the HPA;
 - when its node's kwok agent is gone, treats the node as powered off: LocalCluster.stop_node_agent has
   already killed the node's pod processes and addresses in one go (a power cut), and if the agent died
   otherwise this does the same; either way nobody reports anything for those pods and they never restart.
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kubelet_metrics
 import podnet
 import podspec
 import podstatus
@@ -105,6 +108,11 @@ class Kubelet:
                 "which the apiserver's pod proxy refuses"
             )
         self.clean_up_gone_pods()
+        self.endpoints = kubelet_metrics.NodeEndpoints(self.core, self.cluster, self.pod_refs)
+
+    def pod_refs(self) -> list[kubelet_metrics.PodRef]:  # called from the metrics servers' threads
+        pods = list(self.running.values())
+        return [kubelet_metrics.PodRef(p.namespace, p.name, p.container, p.node, p.markers) for p in pods]
 
     def serves(self, namespace: str) -> bool:
         return not self.namespaces or namespace in self.namespaces
@@ -343,6 +351,7 @@ class Kubelet:
                 self.report_exit(rp, code)
                 self.forget(uid)
         self.probe_due()
+        self.endpoints.maintain()
         # A host port is free again once its pod is gone and none of the pods naming it runs here (a
         # peer still shutting down must not reach another job's store on a reused port).
         in_use = set(self.running).union(*(rp.peers for rp in self.running.values()))
@@ -402,6 +411,7 @@ class Kubelet:
             self.kill_pod(rp)
             self.net.release(rp.address)
             podspec.scrub(rp.dir)
+        self.endpoints.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import volumes
 from .api import InferenceServiceSpec, TrainingJobSpec, transitions
 from .builders import inferenceservice as isvc_build
 from .builders.trainingjob import RESERVED_ENV, RESERVED_ENV_PREFIXES
@@ -131,6 +132,7 @@ def validate_trainingjob(name: str, spec: Any) -> list[str]:
             f"spec.masterPort: {TRAINER_METRICS_PORT} is the trainer's metrics port; choose another"
         )
     problems += _volume_problems("spec.checkpoint.volume", tj.checkpoint.volume)
+    problems += volumes.backup_problems(tj.checkpoint)
     if not tj.command[0].strip():
         problems.append("spec.command[0]: must name a program or module")
     problems += _image_problems("spec.image", tj.image)
@@ -192,6 +194,8 @@ def validate_inferenceservice(name: str, spec: Any) -> list[str]:
                 )
         if model.quantize == "int8" and isvc.gpus > 0:
             problems.append(f"{path}.quantize: int8 runs on CPU; use gpus: 0 or quantize: none")
+        if model.quantize == "int8" and isvc.precision != "fp32":
+            problems.append(f"{path}.quantize: int8 does not combine with precision {isvc.precision}")
     for where in ("limits", "requests"):
         section = isvc.resources.get(where)
         if isinstance(section, dict) and GPU in section:

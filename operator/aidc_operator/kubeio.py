@@ -298,9 +298,28 @@ def apply(obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, 
         result = client.AutoscalingV2Api(api()).patch_namespaced_horizontal_pod_autoscaler(
             name, ns, obj, **kw
         )
+    elif kind == "HTTPRoute":
+        group, version = obj["apiVersion"].split("/")
+        result = custom().patch_namespaced_custom_object(group, version, ns, "httproutes", name, obj, **kw)
     else:
         raise ValueError(f"no apply for kind {kind}")
     return raw(result)
+
+
+def remove_child(kind: str, namespace: str, name: str) -> None:
+    """Delete a Service or HTTPRoute we made (gone already is fine)."""
+    try:
+        if kind == "Service":
+            core().delete_namespaced_service(name, namespace)
+        elif kind == "HTTPRoute":
+            custom().delete_namespaced_custom_object(
+                "gateway.networking.k8s.io", "v1", namespace, "httproutes", name
+            )
+        else:
+            raise ValueError(f"no delete for kind {kind}")
+    except ApiException as e:
+        if e.status != 404:
+            raise
 
 
 def delete_deployment(namespace: str, name: str) -> None:

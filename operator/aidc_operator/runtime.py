@@ -20,6 +20,9 @@ class RunConfig:
     # start-up); "on" insists, "off" ignores queue labels' queues (such jobs wait with a condition).
     kueue: str = os.environ.get("AIDC_KUEUE", "auto")
     kueue_served: bool = False  # what start-up found
+    # Does the cluster serve gateway.networking.k8s.io/v1 (checked at start-up)? Only then are
+    # HTTPRoutes watched and canaries that name a gateway split by route weight.
+    gateway_api_served: bool = False
 
 
 CONFIG = RunConfig()

@@ -43,6 +43,7 @@ class ServerReport:
 
     versions: frozenset[str] = frozenset()  # checkpoint steps the ready servers serve
     not_ready: str | None = None  # the first unready server's own reason
+    unanswered: int = 0  # running servers that gave neither (still starting, or too slow to answer)
 
 
 def server_reason(body: str | bytes | None) -> str | None:
@@ -73,9 +74,11 @@ def plan_status(
     now: str,
     report: ServerReport = ServerReport(),
     placement: Trouble | None = None,
+    routed: bool = False,
 ) -> InferenceServiceStatus:
     """The status the observed world adds up to (pure). placement: why the servers' pods are not placed
-    (a missing or unbound claim, the scheduler's words), when they are not."""
+    (a missing or unbound claim, the scheduler's words), when they are not. routed: an HTTPRoute splits
+    the traffic by weight (builders/httproute.py), not the replica ratio."""
     st = old.model_copy(deep=True)
     st.observed_generation = generation
     st.url = build.url(owner, spec)
@@ -142,6 +145,8 @@ def plan_status(
             f"{ready}/{canary_wanted} canary replicas ready; canary gets ~{share}% of connections "
             f"(asked {percent}%: the split follows the ready-replica ratio)"
         )
+        if routed:
+            message = f"{ready}/{canary_wanted} canary replicas ready; the HTTPRoute sends it {percent}%"
         ok = "True" if ready >= canary_wanted else "False"
         set_condition(
             conds,
@@ -167,6 +172,22 @@ def transition_events(old: InferenceServiceStatus, new: InferenceServiceStatus) 
         good = (cond.status == "True") != (cond.type == "Invalid")
         events.append(Event("Normal" if good else "Warning", cond.reason or cond.type, cond.message))
     return events
+
+
+# A running server that has not said whether it is ready (still importing torch, or too busy to answer
+# in time): no pod event comes while its probe keeps failing, so ask again soon. One that gave its reason
+# is asked again now and then: the reason may change with no event either.
+ASK_AGAIN_SECONDS = 5.0
+REASON_RECHECK_SECONDS = 30.0
+
+
+def ask_again(report: ServerReport, ready: int) -> float:
+    """When the next pass should ask unready servers again (RESYNC_SECONDS: nothing to ask)."""
+    if ready:
+        return RESYNC_SECONDS
+    if report.unanswered:
+        return ASK_AGAIN_SECONDS
+    return REASON_RECHECK_SECONDS if report.not_ready else RESYNC_SECONDS
 
 
 def version_recheck(spec: InferenceServiceSpec, primary: Resolution, report: ServerReport) -> float:

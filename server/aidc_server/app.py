@@ -22,11 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aidc_server import __version__
 from aidc_server.batching import DynamicBatcher, rows
+from aidc_server.binary import HEADER, OCTET_STREAM, decode_http_request, encode_binary_response
 from aidc_server.energy import EnergyMeter
 from aidc_server.errors import InvalidInput, ModelNotReady, NotFound, PayloadTooLarge, ServingError
 from aidc_server.metrics import CONTENT_TYPE, ServerMetrics
 from aidc_server.model import Model
-from aidc_server.tensors import decode_request, encode_response
+from aidc_server.tensors import encode_response
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class ServingOptions:
     max_batch_size: int = 32
     max_latency_ms: float = 5.0
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024  # --max-request-bytes (spec.maxRequestBytes)
     watch_seconds: float = 0.0  # 0: no hot swap; a model that failed to load is still retried
     retry_seconds: float = 5.0
 
@@ -71,18 +72,23 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
 
 
+_LIMIT = "(the server's --max-request-bytes, spec.maxRequestBytes of an InferenceService)"
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than `limit` bytes without reading it all first."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the limit of {limit} bytes {_LIMIT}"
+            )
         return await request.body()  # the server enforces Content-Length; no need to count
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes {_LIMIT}")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -102,6 +108,7 @@ def create_app(
             max_latency_s=options.max_latency_ms / 1000.0,
             pending_arrivals=lambda: state.arriving,
             on_batch=state.metrics.batch_child.observe,
+            allocate=model.host_allocator(),
         )
         state.batcher.start()
         # NVML init and the baseline reading block: off the event loop, before the first request.
@@ -128,7 +135,7 @@ def create_app(
 
     @app.get("/v2")
     async def server_metadata() -> Response:
-        return _json({"name": "aidc-server", "version": __version__, "extensions": []})
+        return _json({"name": "aidc-server", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     @app.get("/v2/health/live")
     async def live() -> Response:
@@ -177,7 +184,9 @@ def create_app(
             try:
                 body = await read_body(request, options.max_body_bytes)
                 target = resolve(name, version)
-                parsed = decode_request(body)
+                parsed = decode_http_request(
+                    body, request.headers.get("content-type"), request.headers.get(HEADER), target.inputs
+                )
                 parsed.inputs = target.validate(parsed.inputs)
                 if parsed.outputs is not None:  # checked before spending a forward pass on it
                     known = sorted(spec.name for spec in target.outputs)
@@ -191,6 +200,9 @@ def create_app(
             state.metrics.inferences_child.inc(rows(parsed.inputs))
             if parsed.outputs is not None:
                 outputs = {o: outputs[o] for o in parsed.outputs if o in outputs}
+            if any(parsed.wants_binary(o) for o in outputs):
+                content, length = encode_binary_response(name, ran_version or "", outputs, parsed)
+                return Response(content, media_type=OCTET_STREAM, headers={HEADER: str(length)})
             return Response(
                 encode_response(name, ran_version or "", outputs, parsed.id), media_type="application/json"
             )
@@ -207,7 +219,7 @@ def create_app(
             state.metrics.latency_child.observe(time.perf_counter() - started)
 
     # The hot path is a plain route: FastAPI's dependency solving would cost more than a small
-    # model's forward pass, and there is nothing for it to validate that decode_request doesn't.
+    # model's forward pass, and there is nothing for it to validate that decode_http_request doesn't.
     app.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
     app.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
 

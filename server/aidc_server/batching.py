@@ -7,6 +7,8 @@ request has waited `max_latency`, or as soon as no other request is on its way i
 runs on one worker thread; while it computes, new requests queue up and form the next batch.
 A lone request whose forward pass has been measured shorter than a thread hand-off (`inline_max_s`)
 runs on the event loop instead: for a small model the two thread switches cost more than the math.
+A model on a GPU hands the batcher an allocator of pinned host memory: every request's rows are
+copied once into one pinned buffer per input, which then goes to the GPU in a single transfer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 # predict(batch) -> (tag, outputs); the tag (the model version that ran) goes to every request.
 PredictFn = Callable[[Arrays], tuple[Any, Arrays]]
+# (shape, dtype) -> an uninitialised array to assemble a batch in (aidc_server.device.Allocator).
+Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
 def signature(inputs: Arrays) -> tuple:
@@ -39,10 +43,19 @@ def rows(inputs: Arrays) -> int:
     return next(iter(inputs.values())).shape[0]
 
 
-def concat(batch: list[Arrays]) -> Arrays:
-    if len(batch) == 1:
+def concat(batch: list[Arrays], allocate: Allocator | None = None) -> Arrays:
+    """One array per input with every request's rows; in `allocate`'s memory when given (even for a
+    lone request: pinned memory is what makes the device copy one transfer)."""
+    if len(batch) == 1 and allocate is None:
         return batch[0]
-    return {name: np.concatenate([item[name] for item in batch]) for name in batch[0]}
+    out = {}
+    for name in batch[0]:
+        parts = [item[name] for item in batch]
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        buffer = (allocate or np.empty)(shape, parts[0].dtype)
+        np.concatenate(parts, out=buffer)
+        out[name] = buffer
+    return out
 
 
 def split(outputs: Arrays, sizes: list[int]) -> list[Arrays]:
@@ -73,6 +86,7 @@ class DynamicBatcher:
         on_batch: Callable[[int], None] = lambda size: None,
         inline_max_s: float = 0.0003,
         clock: Callable[[], float] = time.perf_counter,
+        allocate: Allocator | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -83,6 +97,7 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.inline_max_s = inline_max_s
         self.clock = clock  # times forward passes; injectable so tests need not depend on speed
+        self.allocate = allocate  # batch buffers (pinned host memory for a GPU model); None: numpy
         # Moving average of a lone request's forward pass per row: an overestimate for more rows
         # (fixed costs dominate a small model), which errs towards the worker thread.
         self._row_s: float | None = None
@@ -189,7 +204,7 @@ class DynamicBatcher:
     ) -> list[tuple[Any, Arrays] | BaseException]:
         started = self.clock()
         try:
-            tag, outputs = self.predict(concat([p.inputs for p in live]))
+            tag, outputs = self.predict(concat([p.inputs for p in live], self.allocate))
             if len(live) == 1 and sizes[0] > 0:  # an empty request says nothing about the per-row cost
                 row_s = (self.clock() - started) / sizes[0]
                 self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s

@@ -1,7 +1,8 @@
 """Models the server can host, KServe-style: load() then predict(); no HTTP in here.
 
 `Model` is the interface the protocol layer sees. `TorchModel` serves any nn.Module with a declared
-signature; `aidc_server.checkpoint_model.CheckpointModel` builds one from an aidc checkpoint.
+signature; `aidc_server.checkpoint_model.CheckpointModel` builds one from an aidc checkpoint. Where
+the network runs (CPU or GPU, fp32/bf16/fp16) is its `Placement` (aidc_server.device).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from aidc_server.device import Allocator, Placement
 from aidc_server.errors import InvalidInput
-from aidc_server.tensors import DATATYPE_OF, TensorSpec
+from aidc_server.tensors import DATATYPE_OF, DTYPES, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class Model:
     def predict_versioned(self, inputs: dict[str, np.ndarray]) -> tuple[str | None, dict[str, np.ndarray]]:
         """predict() plus the version that actually ran (a hot swap may land between batches)."""
         return self.version, self.predict(inputs)
+
+    def host_allocator(self) -> Allocator | None:
+        """How the batcher allocates batch buffers (pinned memory for a GPU model); None: numpy's."""
+        return None
 
     def refresh(self) -> bool:
         """Look for a newer artifact and swap it in; return True if the version changed."""
@@ -126,16 +132,34 @@ class LoadedNetwork:
     version: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    placement: Placement = field(default_factory=Placement)
+
+
+def place_network(network: LoadedNetwork, placement: Placement) -> LoadedNetwork:
+    """The network on its device in its precision, after one dummy batch ran there (so a network
+    that cannot run in that precision is refused at load time, and the first request pays no warm-up)."""
+    if placement == network.placement:
+        return network
+    module = placement.place_module(network.module)
+    placed = dataclasses.replace(network, module=module, placement=placement)
+    _probe(module, network.inputs, 2, placement)
+    return placed
 
 
 class TorchModel(Model):
     """Serves an nn.Module taking one tensor and returning one tensor (or a dict of them)."""
 
-    def __init__(self, name: str, network: LoadedNetwork | None = None) -> None:
+    def __init__(
+        self, name: str, network: LoadedNetwork | None = None, placement: Placement | None = None
+    ) -> None:
         super().__init__(name)
+        self.placement = placement or Placement()  # where load() puts each network it builds
         self.network = network
         if network is not None:
-            self._set_network(network)
+            self._set_network(place_network(network, self.placement))
+
+    def host_allocator(self) -> Allocator | None:
+        return self.placement.host_allocator()
 
     def _set_network(self, network: LoadedNetwork) -> None:
         # One reference assignment: a batch already running keeps the network it started with.
@@ -168,14 +192,17 @@ class TorchModel(Model):
 
 
 def run_network(network: LoadedNetwork, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    tensors = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in network.inputs]
+    place = network.placement
+    tensors = [place.to_device(inputs[s.name]) for s in network.inputs]
     with torch.inference_mode():
         result = network.module(*tensors)
     if isinstance(result, torch.Tensor):
         result = (result,)
     if isinstance(result, dict):
         result = tuple(result[s.name] for s in network.outputs)
-    return {s.name: t.detach().cpu().numpy() for s, t in zip(network.outputs, result, strict=True)}
+    return {
+        s.name: place.to_host(t, DTYPES.get(s.datatype)) for s, t in zip(network.outputs, result, strict=True)
+    }
 
 
 def infer_signature(
@@ -216,12 +243,14 @@ def check_runs(module: nn.Module, inputs: list[TensorSpec]) -> None:
     _probe(module, inputs, 2)
 
 
-def _probe(module: nn.Module, inputs: list[TensorSpec], size: int) -> tuple[torch.Tensor, ...]:
+def _probe(
+    module: nn.Module, inputs: list[TensorSpec], size: int, placement: Placement | None = None
+) -> tuple[torch.Tensor, ...]:
+    place = placement or Placement()
     args = []
     for spec in inputs:
         shape = [size if d == -1 else d for d in spec.shape]
-        dtype = np.dtype(next(k for k, v in DATATYPE_OF.items() if v == spec.datatype))
-        args.append(torch.zeros(shape, dtype=getattr(torch, dtype.name)))
+        args.append(place.to_device(np.zeros(shape, dtype=DTYPES[spec.datatype])))
     with torch.inference_mode():
         out = module(*args)
     if isinstance(out, dict):

@@ -1,34 +1,71 @@
-"""Process entry: settings -> model -> app -> uvicorn, with a graceful drain on SIGTERM.
+"""Process entry: settings -> model -> app -> uvicorn (+ gRPC on the same loop), with a graceful drain.
 
 Drain: readiness turns false at once (so the Service stops routing here) while the server keeps
 answering for --drain-seconds; then it stops accepting connections, lets the requests in flight
 finish (at most --drain-timeout-seconds: uvicorn's graceful shutdown) and exits 0. SIGINT or a
-second signal skips the drain window.
+second signal skips the drain window. The gRPC service (grpc_api) follows the same steps: not ready,
+then refusing new calls, then finishing those in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 
+import grpc
 import uvicorn
 
 from aidc_server.app import ServerState, ServingOptions, create_app
 from aidc_server.checkpoint_model import CheckpointModel
 from aidc_server.config import Settings, parse_args
+from aidc_server.device import PlacementError, placement_from_settings
+from aidc_server.grpc_api import start_grpc_server
+from aidc_trainer.model_registry import ModelRegistry, parse_allowlist
 
 log = logging.getLogger("aidc_server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state: ServerState,
+        drain_s: float,
+        start_grpc: Callable[[], Awaitable[grpc.aio.Server]] | None = None,
+    ) -> None:
         super().__init__(config)
         self.serving = state
         self.drain_s = drain_s
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.start_grpc = start_grpc
+        self.grpc: grpc.aio.Server | None = None
+        self.failed = False
+
+    async def startup(self, sockets=None) -> None:  # type: ignore[override]
+        await super().startup(sockets)
+        if self.should_exit or self.start_grpc is None:
+            return
+        # After the lifespan startup, so a gRPC call never finds the batcher missing.
+        try:
+            self.grpc = await self.start_grpc()
+        except Exception as e:
+            log.error("cannot serve gRPC: %s", e)
+            self.failed = True
+            self.should_exit = True
+
+    async def shutdown(self, sockets=None) -> None:  # type: ignore[override]
+        if self.grpc is not None:
+            # gRPC refuses new calls now, with HTTP's listener; its calls in flight get the same
+            # grace. As one of uvicorn's tasks it is awaited before the lifespan shutdown closes
+            # the batcher those calls still need.
+            stopping = asyncio.create_task(self.grpc.stop(self.config.timeout_graceful_shutdown))
+            self.server_state.tasks.add(stopping)  # type: ignore[arg-type]
+            stopping.add_done_callback(self.server_state.tasks.discard)  # type: ignore[arg-type]
+        await super().shutdown(sockets)
 
     async def serve(self, sockets=None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
@@ -68,11 +105,14 @@ def build_server(settings: Settings) -> DrainingServer:
         key_dir=settings.key_dir,
         kek_file=settings.kek_file,
         quantize=settings.quantize,
+        registry=ModelRegistry(parse_allowlist(settings.model_factories)),
     )
+    model.placement = placement_from_settings(settings.device, settings.precision, settings.quantize)
+    log.info("model %s will run on %s", model.name, model.placement.describe())
     options = ServingOptions(
         max_batch_size=settings.max_batch_size,
         max_latency_ms=settings.max_latency_ms,
-        max_body_bytes=settings.max_body_bytes,
+        max_body_bytes=settings.max_request_bytes,
         watch_seconds=settings.watch_seconds,
         retry_seconds=settings.retry_seconds,
     )
@@ -89,7 +129,13 @@ def build_server(settings: Settings) -> DrainingServer:
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
     )
-    return DrainingServer(config, app.state.serving, settings.drain_seconds)
+    state = app.state.serving
+    start_grpc = None
+    if settings.grpc_port:
+        start_grpc = functools.partial(
+            start_grpc_server, state, settings.host, settings.grpc_port, settings.tls_cert, settings.tls_key
+        )
+    return DrainingServer(config, state, settings.drain_seconds, start_grpc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    server = build_server(settings)
+    try:
+        server = build_server(settings)
+    except PlacementError as e:  # e.g. --quantize int8 on a GPU: say why, as a bad flag would
+        log.error("%s", e)
+        return 2
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and not server.failed else 1

@@ -118,6 +118,10 @@ tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, delete]
+{{- /* Weighted canaries (spec.canary.gateway; used only when the cluster serves the Gateway API). */}}
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes]
+  verbs: [list, watch, create, patch, delete]
 {{- end -}}
 
 {{- define "aidc.rules.cluster" -}}

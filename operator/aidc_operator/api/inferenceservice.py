@@ -47,7 +47,13 @@ class Replicas(ApiModel):
     max: int = Field(default=1, ge=1, le=1000)
     """Most replicas."""
     target_cpu_utilization: int = Field(default=80, ge=1, le=100)
-    """Average CPU utilisation (percent of requests) the autoscaler aims for."""
+    """Average CPU utilisation (percent of requests) the autoscaler aims for (metric: cpu)."""
+    metric: Literal["cpu", "inflight"] = "cpu"
+    """What the autoscaler scales on: cpu, a Resource metric (metrics.k8s.io, e.g. metrics-server;
+    set resources.requests.cpu), or inflight, the Pods metric aidc_server_requests_in_flight (a
+    custom-metrics adapter such as prometheus-adapter must serve it; docs/serving.md has the rule)."""
+    target_inflight_requests: int = Field(default=8, ge=1, le=100000)
+    """Average in-flight inference requests per pod the autoscaler aims for (metric: inflight)."""
 
 
 class Batching(ApiModel):
@@ -59,13 +65,26 @@ class Batching(ApiModel):
     """Longest a request waits for others to fill a batch."""
 
 
+class GatewayRef(ApiModel):
+    """A Gateway API Gateway the canary's traffic split is routed through."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS1123)
+    """The Gateway's name."""
+    namespace: str | None = Field(default=None, min_length=1, max_length=63, pattern=DNS1123)
+    """The Gateway's namespace (default: the InferenceService's); its listeners must allow the route."""
+    section_name: str | None = Field(default=None, min_length=1, max_length=253, pattern=DNS1123)
+    """One listener of the Gateway; unset attaches to every listener that allows the route."""
+
+
 class Canary(ApiModel):
     """A second model version receiving a share of the traffic."""
 
     traffic_percent: int = Field(ge=0, le=100)
-    """Share of requests (by replica count) sent to the canary."""
+    """Share of requests sent to the canary: by HTTPRoute weight with a gateway, else by replica ratio."""
     model: ModelSpec
     """The canary's model."""
+    gateway: GatewayRef | None = None
+    """Split by weight at this Gateway: an HTTPRoute sends trafficPercent to the <name>-canary Service."""
 
 
 class InferenceServiceSpec(ApiModel):
@@ -82,7 +101,11 @@ class InferenceServiceSpec(ApiModel):
     resources: KubeObject = Field(default_factory=dict)
     """Container resources per replica."""
     gpus: int = Field(default=0, ge=0, le=16)
-    """nvidia.com/gpu per replica."""
+    """nvidia.com/gpu per replica; with gpus the model runs on the (first) GPU, else on the CPU."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Weights and float inputs cast to this for inference (bf16/fp16 mainly for GPUs)."""
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    """Largest inference request body a server accepts; larger ones get 413."""
     env: KubeList = Field(default_factory=list)
     """Extra environment variables."""
     port: int = Field(default=8080, ge=1024, le=65535)

@@ -63,8 +63,15 @@ class Unresolvable(Exception):
 
 # The server's wiring, set by the operator; other AIDC_* tuning in spec.env reaches the server as given.
 RESERVED_ENV = frozenset(
-    {"AIDC_CHECKPOINT_DIR", "AIDC_MODEL_NAME", "AIDC_KEY_DIR", "AIDC_KEK_FILE", "AIDC_PORT"}
+    {"AIDC_CHECKPOINT_DIR", "AIDC_MODEL_NAME", "AIDC_KEY_DIR", "AIDC_KEK_FILE", "AIDC_PORT", "AIDC_GRPC_PORT"}
 )
+# The server's Open Inference Protocol gRPC port (its --grpc-port default), in the pod and on the Service.
+GRPC_PORT = 8081
+
+
+def grpc_port(spec: InferenceServiceSpec) -> int:
+    """8081, unless spec.port (HTTP) took it."""
+    return GRPC_PORT if spec.port != GRPC_PORT else GRPC_PORT + 1
 
 
 def resolve_storage(model: ModelSpec) -> ResolvedModel:
@@ -142,9 +149,14 @@ def server_env(
         # The canary serves under the primary's name: one URL, whichever pod answers.
         "AIDC_MODEL_NAME": model_name_of(spec, owner.name),
         "AIDC_PORT": str(spec.port),
+        "AIDC_GRPC_PORT": str(grpc_port(spec)),
         "AIDC_MAX_BATCH_SIZE": str(spec.batching.max_batch_size),
         "AIDC_MAX_LATENCY_MS": str(spec.batching.max_latency_ms),
         "AIDC_QUANTIZE": model.quantize,
+        # The GPU the device plugin gives the pod, or the CPU: never a silent fallback either way.
+        "AIDC_DEVICE": "cuda" if spec.gpus else "cpu",
+        "AIDC_PRECISION": spec.precision,
+        "AIDC_MAX_REQUEST_BYTES": str(spec.max_request_bytes),
         "AIDC_WATCH_SECONDS": str(model.watch_seconds),
     }
     if resolved.key_secret:
@@ -244,7 +256,10 @@ def deployment(
             [v for v in [*spec.env, *tmpl.env] if v["name"] not in RESERVED_ENV],
             server_env(owner, spec, model, resolved),
         ),
-        "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": spec.port, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": grpc_port(spec), "protocol": "TCP"},
+        ],
         "resources": resources(spec),
         "readinessProbe": _probe("/v2/health/ready", scheme, period=5, failures=2),
         # Liveness answers from the event loop (inference runs off it), so a busy server stays alive.
@@ -298,10 +313,11 @@ def deployment(
     }
 
 
-def service(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
-    """One ClusterIP Service for primary and canary; 0 % / 100 % canary narrow it to one role."""
+def service(owner: Owner, spec: InferenceServiceSpec, routed: bool = False) -> dict[str, Any]:
+    """One ClusterIP Service for primary and canary; 0 % / 100 % canary narrow it to one role. routed:
+    an HTTPRoute splits by weight (builders/httproute.py), so this Service is the primary's alone."""
     sel = {LABEL_ISVC: owner.name}
-    if spec.canary and spec.canary.traffic_percent <= 0:
+    if routed or (spec.canary and spec.canary.traffic_percent <= 0):
         sel[LABEL_ROLE] = PRIMARY
     elif spec.canary and spec.canary.traffic_percent >= 100:
         sel[LABEL_ROLE] = CANARY
@@ -315,14 +331,49 @@ def service(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": sel,
-            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"},
+                {
+                    "name": "grpc",
+                    "port": GRPC_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+            ],
+        },
+    }
+
+
+# The model server's gauge of requests being handled (server/aidc_server/metrics.py), as a
+# custom-metrics adapter serves it per pod (metric: inflight).
+INFLIGHT_METRIC = "aidc_server_requests_in_flight"
+
+
+def autoscaler_metric(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """cpu: utilisation against the containers' CPU requests (set spec.resources.requests.cpu, or the
+    HPA has nothing to measure against and holds at its bounds); inflight: average in-flight requests
+    per pod, a Pods metric."""
+    r = spec.replicas
+    if r.metric == "inflight":
+        return {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": INFLIGHT_METRIC},
+                "target": {"type": "AverageValue", "averageValue": str(r.target_inflight_requests)},
+            },
+        }
+    return {
+        "type": "Resource",
+        "resource": {
+            "name": "cpu",
+            "target": {"type": "Utilization", "averageUtilization": r.target_cpu_utilization},
         },
     }
 
 
 def autoscaler(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
-    """HPA on the primary Deployment: CPU utilisation against the containers' CPU requests (set
-    spec.resources.requests.cpu, or the HPA has nothing to measure against and holds at its bounds)."""
+    """HPA on the primary Deployment, on the metric spec.replicas.metric names."""
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -335,17 +386,6 @@ def autoscaler(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
             },
             "minReplicas": spec.replicas.min,
             "maxReplicas": spec.replicas.max,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {
-                            "type": "Utilization",
-                            "averageUtilization": spec.replicas.target_cpu_utilization,
-                        },
-                    },
-                }
-            ],
+            "metrics": [autoscaler_metric(spec)],
         },
     }

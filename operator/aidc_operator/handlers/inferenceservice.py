@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from .. import admission, kubeio, lifecycle, metrics, volumes
 from ..api import GROUP, VERSION
 from ..api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ModelSpec
+from ..builders import httproute as routing
 from ..builders import inferenceservice as build
 from ..builders.common import LABEL_ISVC, LABEL_ROLE, Owner
 from ..cache import INFERENCESERVICE, TRAININGJOB
@@ -30,6 +31,7 @@ from ..serving_status import (
     Event,
     Resolution,
     ServerReport,
+    ask_again,
     plan_status,
     ready_replicas,
     server_reason,
@@ -41,7 +43,7 @@ from .validation import describe_validation_error
 
 PLURAL = "inferenceservices"
 PROBED_PODS = 5  # servers asked per pass: enough to explain, cheap at any scale
-PROXY_TIMEOUT_SECONDS = 2
+PROXY_TIMEOUT_SECONDS = 5
 RESYNC_SECONDS = lifecycle.RESYNC_SECONDS  # events wake a pass; this is only the safety net
 WAITING_RESYNC_SECONDS = 30.0  # model source missing: TrainingJob events wake us; this is a fallback
 INITIAL_SCALE_MANAGER = "aidc-operator-initial-scale"
@@ -155,6 +157,7 @@ def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> Se
     model = build.model_name_of(spec, name)
     versions: set[str] = set()
     not_ready: str | None = None
+    unanswered = 0
     core = kubeio.core()
     pods = [
         p
@@ -179,11 +182,13 @@ def _server_reports(namespace: str, name: str, spec: InferenceServiceSpec) -> Se
             versions.update(str(v) for v in meta.get("versions") or [])
         except ApiException as e:
             reason = server_reason(e.body)
-            if reason and not_ready is None:
+            if reason is None:
+                unanswered += 1
+            elif not_ready is None:
                 not_ready = f"pod {pod_name}: {reason}"
         except Exception:
-            continue
-    return ServerReport(frozenset(versions), not_ready)
+            unanswered += 1
+    return ServerReport(frozenset(versions), not_ready, unanswered)
 
 
 def _apply_children(
@@ -213,7 +218,8 @@ def _apply_children(
             "HorizontalPodAutoscaler",
             events,
         )
-    _apply(build.service(owner, spec), STORE.get("Service", namespace, name), "Service", events)
+    routed = routing.routed(spec, CONFIG.gateway_api_served)
+    _apply(build.service(owner, spec, routed), STORE.get("Service", namespace, name), "Service", events)
 
     canary_dep = STORE.get("Deployment", namespace, canary_name)
     canary_wanted = 0
@@ -228,7 +234,26 @@ def _apply_children(
         desired = build.deployment(owner, spec, build.CANARY, canary.model, replicas=canary_wanted)
         canary_dep = _apply(desired, canary_dep, "canary Deployment", events)
 
+    _apply_route(owner, spec, routed, events)
     return primary_dep, canary_dep, canary_wanted
+
+
+def _apply_route(owner: Owner, spec: InferenceServiceSpec, routed: bool, events: list[Event]) -> None:
+    """A weighted canary's `<name>-canary` Service and HTTPRoute (builders/httproute.py), or neither:
+    both go when the canary or its gateway does."""
+    namespace, name = owner.namespace, owner.name
+    canary_svc = routing.canary_service_name(name)
+    if routed:
+        svc = routing.canary_service(owner, spec)
+        _apply(svc, STORE.get("Service", namespace, canary_svc), "Service", events)
+        route = routing.http_route(owner, spec)
+        _apply(route, STORE.get(routing.KIND, namespace, name), routing.KIND, events)
+        return
+    for kind, child in ((routing.KIND, name), ("Service", canary_svc)):
+        if (existing := STORE.get(kind, namespace, child)) is not None:
+            kubeio.remove_child(kind, namespace, child)
+            STORE.delete(kind, existing)  # the next pass must not delete (and tell) it again
+            events.append(Event("Normal", "Deleted", f"deleted {kind} {child}"))
 
 
 def _rejected(e: ApiException) -> bool:
@@ -291,7 +316,13 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         _now(),
         report,
         placing,
+        routing.routed(spec, CONFIG.gateway_api_served),
     )
+    route = STORE.get(routing.KIND, namespace, name)
+    if cond := routing.route_condition(name, spec, CONFIG.gateway_api_served, route):
+        set_condition(st.conditions, routing.CONDITION, *cond, _now(), generation)
+    else:
+        st.conditions = [c for c in st.conditions if c.type != routing.CONDITION]
     events += transition_events(old, st)
     new_status = st.model_dump(by_alias=True, mode="json")
     if new_status != {k: (body.get("status") or {}).get(k) for k in new_status}:
@@ -299,6 +330,7 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
     metrics.ISVC_READY.labels(namespace, name).set(st.ready_replicas)
     waiting = primary.model is None or (canary is not None and canary.model is None)
     requeue = WAITING_RESYNC_SECONDS if waiting else version_recheck(spec, primary, report)
+    requeue = min(requeue, ask_again(report, ready_replicas(primary_dep)))
     return Outcome(min(requeue, recheck + 1) if recheck is not None else requeue, events, body)
 
 

@@ -11,7 +11,8 @@ TrainingJobs and InferenceServices through kopf. Each change wakes only the obje
 - a Lease that stops (or resumes) being renewed → the same jobs (the watchdog below: a lapse is the
   *absence* of events, so it is noticed by time, once a second, over the nodes our jobs concern);
 - a TrainingJob → itself and the InferenceServices that serve it;
-- with Kueue, a Workload we made → its job (by the same aidc label as a pod).
+- with Kueue, a Workload we made → its job (by the same aidc label as a pod);
+- with the Gateway API served, an HTTPRoute we made → its InferenceService (same label).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import logging
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from .. import kubeio, metrics, queueing, volumes
+from ..builders import httproute
 from ..builders.common import LABEL_ISVC, LABEL_JOB, MANAGED_BY
 from ..cache import INFERENCESERVICE, LEASE, NODE, POD, TRAININGJOB
 from ..informer import Informer, Resource
@@ -56,6 +59,9 @@ KUEUE = (
     Resource(queueing.WORKLOAD, queueing.API_VERSION, "workloads", selector=_SELECTOR),
     Resource(queueing.FLAVOR, queueing.API_VERSION, "resourceflavors", namespaced=False),
 )
+
+# With the Gateway API: the HTTPRoutes of weighted canaries (their status says whether a Gateway took them).
+ROUTES = Resource(httproute.KIND, httproute.API_VERSION, httproute.PLURAL, selector=_SELECTOR)
 
 
 def namespace_filter(patterns: list[str]) -> tuple[list[str | None], Any]:
@@ -154,6 +160,13 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
             raise kopf.PermanentError(f"--kueue on, but the cluster does not serve {queueing.API_VERSION}")
     if CONFIG.kueue_served:
         informers += [Informer(KUEUE[0], STORE, ns, accepts) for ns in scopes] + [Informer(KUEUE[1], STORE)]
+    # A watch of a resource the cluster does not serve would never sync (and no pass would run).
+    try:
+        CONFIG.gateway_api_served = await loop.run_in_executor(None, kubeio.serves, httproute.API_VERSION)
+    except ApiException as e:  # optional: weighted canaries say so in their Routed condition
+        logger.warning(f"cannot tell whether the Gateway API is served ({e.status}); not watching HTTPRoutes")
+    if CONFIG.gateway_api_served:
+        informers += [Informer(ROUTES, STORE, ns, accepts) for ns in scopes]
 
     def on_synced() -> None:
         if all(i.synced.is_set() for i in informers):
@@ -170,7 +183,8 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
     logger.info(
         f"watching {len(informers)} resource scopes; passes start once the cache has synced "
         f"({CONFIG.job_workers} TrainingJob and {CONFIG.service_workers} InferenceService workers; "
-        f"Kueue integration {'on' if CONFIG.kueue_served else 'off'})"
+        f"Kueue integration {'on' if CONFIG.kueue_served else 'off'}; "
+        f"Gateway API {'served' if CONFIG.gateway_api_served else 'not served'})"
     )
 
 

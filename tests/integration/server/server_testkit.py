@@ -121,12 +121,19 @@ class ServerProcess:
         self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=tls_ca) if tls_ca else True
         pythonpath = os.pathsep.join(str(ROOT / p) for p in ("server", "trainer"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aidc_server", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            # gRPC off unless a test asks for it (its own --grpc-port, later on the line, wins): tests
+            # run side by side, and the default port is one for all of them.
+            [*self.command(self.port), *args],
             env={**os.environ, "PYTHONPATH": pythonpath, "AIDC_TORCH_THREADS": "1", **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+
+    @staticmethod
+    def command(port: int) -> list[str]:
+        base = [sys.executable, "-m", "aidc_server", "--host", "127.0.0.1", "--port", str(port)]
+        return [*base, "--grpc-port", "0"]
 
     def wait_live(self, timeout: float = 180) -> None:
         def live() -> bool:

@@ -111,7 +111,23 @@ def test_pod_is_hardened_and_probed_on_v2_health() -> None:
     assert mounts_of(dep)["/tmp"]["name"] == "tmp"
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTP"}
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": 8081, "protocol": "TCP"},
+    ]
+
+
+@pytest.mark.parametrize(("port", "grpc"), [(8080, 8081), (9000, 8081), (8081, 8082)])
+def test_grpc_is_a_named_port_of_the_pod_and_the_service(port: int, grpc: int) -> None:
+    s = spec(port=port, env=[{"name": "AIDC_GRPC_PORT", "value": "1"}])
+    dep = build.deployment(OWNER, s, build.PRIMARY, build.resolve_training_job(training_job()))
+    ports = {p["name"]: p["containerPort"] for p in container(dep)["ports"]}
+    assert ports == {"http": port, "grpc": grpc}  # never the HTTP port twice
+    assert env_of(dep)["AIDC_GRPC_PORT"] == str(grpc)  # the wiring is ours, not spec.env's
+    svc_ports = {p["name"]: p for p in build.service(OWNER, s)["spec"]["ports"]}
+    assert svc_ports["grpc"] == {
+        "name": "grpc", "port": 8081, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc",
+    }  # fmt: skip
 
 
 def test_tls_switches_probes_service_and_url_to_https() -> None:
@@ -249,6 +265,7 @@ def test_the_model_server_accepts_every_setting_the_operator_renders() -> None:
     settings = parse_args([], environ=env_of(build.deployment(OWNER, s, build.PRIMARY, resolved)))
     assert settings.checkpoint_dir == "/checkpoints/mnist-ddp" and settings.model_name == "mnist"
     assert (settings.port, settings.max_batch_size, settings.max_latency_ms) == (9000, 8, 3.0)
+    assert settings.grpc_port == 8081
     assert settings.quantize == "int8" and settings.watch_seconds == 7.0
     assert (settings.drain_seconds, settings.drain_timeout_seconds) == (0.5, 0.5)
     assert settings.key_dir == "/var/run/aidc/keys" and settings.kek_file == "/var/run/aidc/kek/kek"

@@ -190,3 +190,17 @@ def test_a_server_that_cannot_be_placed_is_reported_by_its_volume_not_its_checkp
     assert any(e.type == "Warning" and e.reason == "VolumeNotFound" for e in events)
     # Placed, the same servers' unreadiness is theirs to explain again.
     assert cond(status(primary_dep=dep(0)), "Ready").reason == "NoReadyReplicas"
+
+
+def test_unready_servers_are_asked_again_until_they_say_why() -> None:
+    """A server still starting answers nothing, and no pod event follows while its probe keeps failing:
+    the InferenceService must not wait for the 5-minute resync to learn why it is not ready."""
+    from aidc_operator.lifecycle import RESYNC_SECONDS
+    from aidc_operator.serving_status import ASK_AGAIN_SECONDS, REASON_RECHECK_SECONDS, ask_again
+
+    starting = ServerReport(unanswered=1)
+    explained = ServerReport(not_ready="pod p: no checkpoint passed verification")
+    assert ask_again(starting, ready=0) == ASK_AGAIN_SECONDS
+    assert ask_again(explained, ready=0) == REASON_RECHECK_SECONDS
+    assert ask_again(ServerReport(), ready=0) == RESYNC_SECONDS  # no running server to ask
+    assert ask_again(starting, ready=1) == RESYNC_SECONDS  # serving: pod events tell us the rest

@@ -51,6 +51,8 @@ def test_environment_fills_what_flags_leave_out():
         ["--checkpoint-dir", "/ck", "--model-name", "m", "--quantize", "int4"],
         ["--checkpoint-dir", "/ck", "--model-name", "m", "--tls-cert", "c.pem"],
         ["--checkpoint-dir", "/ck", "--model-name", "m", "--max-batch-size", "0"],
+        ["--checkpoint-dir", "/ck", "--model-name", "m", "--port", "8081"],  # the gRPC default
+        ["--checkpoint-dir", "/ck", "--model-name", "m", "--grpc-port", "-1"],
     ],
 )
 def test_bad_settings_exit_with_usage(argv, capsys):

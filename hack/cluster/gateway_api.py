@@ -1,0 +1,111 @@
+"""The Gateway API CRDs (standard channel, sigs.k8s.io/gateway-api pinned in hack/gateway-api/go.mod) for
+the local cluster: only the tests of weighted canaries (an HTTPRoute per InferenceService) need them, so
+they are installed on demand, not with every cluster start.
+
+The module is fetched with `go mod download` into the Go module cache (the proxy the other builds use);
+its config/crd/standard/*.yaml are copied once into $AIDC_CACHE/gateway-api-<version>/ (read-only in
+the module cache; keyed by version so a new pin never mixes files). No Gateway controller runs here: the
+apiserver stores and validates Gateways and routes, which is what the operator's tests check.
+
+    python hack/cluster/gateway_api.py [--kubeconfig FILE]   # copy the CRDs; with a cluster, install them
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = "sigs.k8s.io/gateway-api"
+PIN = ROOT / "hack" / "gateway-api"  # go.mod/go.sum pinning MODULE
+CHANNEL = "standard"
+# CRDs the apiserver must report Established before a test may use them.
+CRDS = ("gateways", "gatewayclasses", "httproutes", "grpcroutes", "referencegrants")
+
+
+class GatewayAPIError(RuntimeError):
+    pass
+
+
+def _go_env() -> dict[str, str]:
+    env = {**os.environ, "GOFLAGS": "-mod=readonly"}
+    if not shutil.which("go", path=env.get("PATH")) and Path("/usr/local/go/bin/go").exists():
+        env["PATH"] = f"/usr/local/go/bin:{env.get('PATH', '')}"
+    if not shutil.which("go", path=env.get("PATH")):
+        raise GatewayAPIError("the Gateway API CRDs come from a Go module: needs a Go toolchain on PATH")
+    return env
+
+
+def _go(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(["go", *args], cwd=PIN, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GatewayAPIError(f"go {' '.join(args)} in {PIN} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def crd_dir() -> Path:
+    """$AIDC_CACHE/gateway-api-<version>/ holding the standard channel's CRD YAMLs (copied on first use;
+    a lock lets two clones share the copy)."""
+    env = _go_env()
+    _go(env, "mod", "download", MODULE)
+    version = _go(env, "list", "-m", "-f", "{{.Version}}", MODULE)
+    cache = Path(os.environ.get("AIDC_CACHE", Path.home() / ".cache" / "aidc"))
+    out = cache / f"gateway-api-{version}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".gateway-api.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / ".complete").exists():
+            src = Path(_go(env, "list", "-m", "-f", "{{.Dir}}", MODULE)) / "config" / "crd" / CHANNEL
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            # CRDs only: the channel's ValidatingAdmissionPolicy (safe upgrades) guards clusters that
+            # switch channels, which a throwaway test cluster never does.
+            for f in sorted(src.glob("gateway.networking.k8s.io_*.yaml")):
+                if "_vap_" not in f.name:
+                    shutil.copyfile(f, out / f.name)
+            (out / ".complete").touch()
+        return out
+
+
+def install(kubectl: list[str]) -> Path:
+    """Apply the CRDs with the given kubectl command line (binary and --kubeconfig) and wait until they
+    are Established; idempotent."""
+    directory = crd_dir()
+    for args in (
+        ["apply", "--server-side", "--force-conflicts", "-f", str(directory)],
+        ["wait", "--for=condition=Established", "--timeout=60s"]
+        + [f"crd/{name}.gateway.networking.k8s.io" for name in CRDS],
+    ):
+        proc = subprocess.run([*kubectl, *args], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise GatewayAPIError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kubeconfig", type=Path, help="install into this cluster (else only copy the CRDs)")
+    ap.add_argument("--kubectl", help="kubectl binary (default: the one the local cluster builds)")
+    args = ap.parse_args(argv)
+    try:
+        if args.kubeconfig:
+            if args.kubectl is None:
+                from localcluster import build_binaries  # cached after the first build
+
+                args.kubectl = str(build_binaries() / "kubectl")
+            print(install([args.kubectl, f"--kubeconfig={args.kubeconfig}"]))
+        else:
+            print(crd_dir())
+    except GatewayAPIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

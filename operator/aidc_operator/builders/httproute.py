@@ -1,0 +1,118 @@
+"""Weighted canaries: an InferenceService whose canary names a Gateway (spec.canary.gateway) → a Gateway
+API HTTPRoute splitting requests by weight, and a `<name>-canary` Service for the canary's pods.
+
+Pure functions, like builders/inferenceservice.py. Routed, the `<name>` Service selects the primary's
+pods only (the Gateway does the split, so the Service must not split again by replica ratio), and the
+route sends 100-p % of requests to it and p % to `<name>-canary`. Without a gateway, or on a cluster
+that does not serve the Gateway API, nothing here is rendered and the split stays the replica ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api.inferenceservice import InferenceServiceSpec
+from . import inferenceservice as isvc
+from .common import LABEL_ISVC, Owner, metadata
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+API_VERSION = f"{GATEWAY_GROUP}/v1"
+KIND = "HTTPRoute"
+PLURAL = "httproutes"
+CONDITION = "Routed"  # the InferenceService's condition about its HTTPRoute
+
+
+def routed(spec: InferenceServiceSpec, gateway_api_served: bool) -> bool:
+    """Is the canary split done by an HTTPRoute?"""
+    return spec.canary is not None and spec.canary.gateway is not None and gateway_api_served
+
+
+def weights(traffic_percent: int) -> tuple[int, int]:
+    """(primary, canary) backendRef weights: relative, so percentages summing to 100 say it directly."""
+    p = min(max(traffic_percent, 0), 100)
+    return 100 - p, p
+
+
+def canary_service_name(name: str) -> str:
+    return isvc.deployment_name(name, isvc.CANARY)
+
+
+def canary_service(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The canary's own Service: the primary's ports (http, and whatever else it exposes), only the
+    canary's pods."""
+    primary = isvc.service(owner, spec, routed=True)
+    return {
+        **primary,
+        "metadata": metadata(owner, canary_service_name(owner.name), {LABEL_ISVC: owner.name}),
+        "spec": {**primary["spec"], "selector": isvc.selector(owner, isvc.CANARY)},
+    }
+
+
+def _http_port(service: dict[str, Any]) -> int:
+    return next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
+
+
+def http_route(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The HTTPRoute, named after the InferenceService and owned by it (deleted with it). It matches the
+    model's v2 URLs only (/v2/models/<model>…, matched by path element), so several InferenceServices
+    can share one Gateway and hostname."""
+    assert spec.canary is not None and spec.canary.gateway is not None
+    gw = spec.canary.gateway
+    parent: dict[str, Any] = {"group": GATEWAY_GROUP, "kind": "Gateway", "name": gw.name}
+    if gw.namespace:
+        parent["namespace"] = gw.namespace
+    if gw.section_name:
+        parent["sectionName"] = gw.section_name
+    port = _http_port(isvc.service(owner, spec, routed=True))
+    primary_weight, canary_weight = weights(spec.canary.traffic_percent)
+    backends = [
+        (isvc.deployment_name(owner.name, isvc.PRIMARY), primary_weight),
+        (canary_service_name(owner.name), canary_weight),
+    ]
+    model = isvc.model_name_of(spec, owner.name)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": metadata(owner, owner.name, {LABEL_ISVC: owner.name}),
+        "spec": {
+            "parentRefs": [parent],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": f"/v2/models/{model}"}}],
+                    "backendRefs": [
+                        {"group": "", "kind": "Service", "name": name, "port": port, "weight": weight}
+                        for name, weight in backends
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def route_condition(
+    name: str, spec: InferenceServiceSpec, gateway_api_served: bool, route: dict[str, Any] | None
+) -> tuple[str, str, str] | None:
+    """(status, reason, message) of the Routed condition; None when no gateway is named (no condition).
+    Accepted is the Gateway controller's word (route.status.parents); before any controller answers,
+    the route exists but whether traffic flows through it is Unknown."""
+    if spec.canary is None or spec.canary.gateway is None:
+        return None
+    if not gateway_api_served:
+        return (
+            "False",
+            "GatewayAPINotServed",
+            f"spec.canary.gateway: the cluster does not serve {API_VERSION} (install the Gateway API "
+            "CRDs, then restart the operator); the split follows the ready-replica ratio meanwhile",
+        )
+    gw = spec.canary.gateway
+    primary_weight, canary_weight = weights(spec.canary.traffic_percent)
+    where = f"{gw.namespace}/{gw.name}" if gw.namespace else gw.name
+    split = f"HTTPRoute {name}: {primary_weight}% to the primary, {canary_weight}% to the canary, via {where}"
+    parents = ((route or {}).get("status") or {}).get("parents") or []
+    accepted = [c for p in parents for c in p.get("conditions") or [] if c.get("type") == "Accepted"]
+    refused = [c for c in accepted if c.get("status") == "False"]
+    if refused:
+        return "False", refused[0].get("reason") or "NotAccepted", f"{split}: {refused[0].get('message', '')}"
+    if accepted:
+        return "True", "Accepted", f"{split}; accepted by the Gateway"
+    return "Unknown", "RouteApplied", f"{split}; no Gateway controller has accepted it yet"
