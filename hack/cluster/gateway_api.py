@@ -13,12 +13,13 @@ apiserver stores and validates Gateways and routes, which is what the operator's
 from __future__ import annotations
 
 import argparse
-import fcntl
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import go_modules
+from cluster_processes import ClusterError
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = "sigs.k8s.io/gateway-api"
@@ -28,39 +29,19 @@ CHANNEL = "standard"
 CRDS = ("gateways", "gatewayclasses", "httproutes", "grpcroutes", "referencegrants")
 
 
-class GatewayAPIError(RuntimeError):
+class GatewayAPIError(ClusterError):
     pass
-
-
-def _go_env() -> dict[str, str]:
-    env = {**os.environ, "GOFLAGS": "-mod=readonly"}
-    if not shutil.which("go", path=env.get("PATH")) and Path("/usr/local/go/bin/go").exists():
-        env["PATH"] = f"/usr/local/go/bin:{env.get('PATH', '')}"
-    if not shutil.which("go", path=env.get("PATH")):
-        raise GatewayAPIError("the Gateway API CRDs come from a Go module: needs a Go toolchain on PATH")
-    return env
-
-
-def _go(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(["go", *args], cwd=PIN, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise GatewayAPIError(f"go {' '.join(args)} in {PIN} failed: {proc.stderr.strip()}")
-    return proc.stdout.strip()
 
 
 def crd_dir() -> Path:
     """$AIDC_CACHE/gateway-api-<version>/ holding the standard channel's CRD YAMLs (copied on first use;
     a lock lets two clones share the copy)."""
-    env = _go_env()
-    _go(env, "mod", "download", MODULE)
-    version = _go(env, "list", "-m", "-f", "{{.Version}}", MODULE)
-    cache = Path(os.environ.get("AIDC_CACHE", Path.home() / ".cache" / "aidc"))
-    out = cache / f"gateway-api-{version}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".gateway-api.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    env = go_modules.go_env("the Gateway API CRDs (they come from a Go module)", cgo=True)
+    go_modules.go(PIN, env, "mod", "download", MODULE)
+    version = go_modules.module_field(PIN, env, MODULE, "Version")
+    with go_modules.cached("gateway-api", version, under="") as out:
         if not (out / ".complete").exists():
-            src = Path(_go(env, "list", "-m", "-f", "{{.Dir}}", MODULE)) / "config" / "crd" / CHANNEL
+            src = Path(go_modules.module_field(PIN, env, MODULE, "Dir")) / "config" / "crd" / CHANNEL
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             # CRDs only: the channel's ValidatingAdmissionPolicy (safe upgrades) guards clusters that
@@ -101,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(install([args.kubectl, f"--kubeconfig={args.kubeconfig}"]))
         else:
             print(crd_dir())
-    except GatewayAPIError as e:
+    except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -18,7 +18,6 @@ LocalCluster starts it unless told not to (LocalCluster(kueue=False), --no-kueue
 from __future__ import annotations
 
 import base64
-import fcntl
 import ipaddress
 import json
 import os
@@ -34,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import go_modules
 from cluster_pki import issue_cert, kubeconfig, new_key, pem_key, x509_name
 from cluster_processes import ClusterError, free_port, log
 from localcluster import ROOT
@@ -75,28 +75,11 @@ exec "$@"
 
 
 def _go_env() -> dict[str, str]:
-    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly"}
-    if not shutil.which("go", path=env.get("PATH")) and Path("/usr/local/go/bin/go").exists():
-        env["PATH"] = f"/usr/local/go/bin:{env.get('PATH', '')}"  # the official tarball's place
-    if not shutil.which("go", path=env.get("PATH")):
-        raise ClusterError(
-            "building Kueue needs a Go toolchain >= 1.25 on PATH (https://go.dev/doc/install);"
-            " or set AIDC_KUEUE=0 to start the cluster without Kueue"
-        )
-    return env
+    return go_modules.go_env("building Kueue (or set AIDC_KUEUE=0 to start the cluster without it)")
 
 
 def _go_list(env: dict[str, str], field: str) -> str:
-    proc = subprocess.run(
-        ["go", "list", "-m", "-f", "{{." + field + "}}", MODULE],
-        cwd=PIN,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise ClusterError(f"go list {MODULE} in {PIN} failed: {proc.stderr.strip()}")
-    return proc.stdout.strip()
+    return go_modules.module_field(PIN, env, MODULE, field)
 
 
 def build() -> Path:
@@ -104,11 +87,7 @@ def build() -> Path:
     cores) and reused afterwards; a lock lets two clones share one build."""
     env = _go_env()
     version = _go_list(env, "Version")
-    cache = Path(os.environ.get("AIDC_CACHE", Path.home() / ".cache" / "aidc")) / "bin"
-    out = cache / f"kueue-{version}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".kueue.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with go_modules.cached("kueue", version) as out:
         if (out / ".complete").exists():
             log(f"kueue {version}: cached in {out}")
         else:

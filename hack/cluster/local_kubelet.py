@@ -53,13 +53,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes import client, config
+
 import kubelet_metrics
 import podnet
 import podspec
 import podstatus
 import proctree
-from kubernetes import client, config
-
 from localcluster import ROOT, LocalCluster, pod_address_label
 
 log = logging.getLogger("local-kubelet")

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import proctree
-
 import component_args
 import kwok_nodes
+import proctree
 from cluster_pki import issue_identity, kubeconfig, write_pki
 from cluster_processes import ClusterError, Processes, free_port, http_ok, log, port_in_use
 from kwok_nodes import FLEET

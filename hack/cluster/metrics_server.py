@@ -21,10 +21,8 @@ instead of the upstream Deployment:
 from __future__ import annotations
 
 import base64
-import fcntl
 import ipaddress
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -37,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import go_modules
 from cluster_pki import issue_cert, kubeconfig, new_key, pem_key, x509_name
 from cluster_processes import ClusterError, free_port, log
 from localcluster import ROOT
@@ -56,20 +55,11 @@ RESOLUTION = "10s"  # how often it scrapes the kubelets: metrics-server's minimu
 
 
 def _go_env() -> dict[str, str]:
-    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly"}
-    if not shutil.which("go", path=env.get("PATH")) and Path("/usr/local/go/bin/go").exists():
-        env["PATH"] = f"/usr/local/go/bin:{env.get('PATH', '')}"  # the official tarball's place
-    if not shutil.which("go", path=env.get("PATH")):
-        raise ClusterError("building metrics-server needs a Go toolchain >= 1.26 on PATH")
-    return env
+    return go_modules.go_env("building metrics-server")
 
 
 def _go_list(env: dict[str, str], field: str) -> str:
-    argv = ["go", "list", "-m", "-f", "{{." + field + "}}", MODULE]
-    proc = subprocess.run(argv, cwd=PIN, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ClusterError(f"go list {MODULE} in {PIN} failed: {proc.stderr.strip()}")
-    return proc.stdout.strip()
+    return go_modules.module_field(PIN, env, MODULE, field)
 
 
 def build() -> Path:
@@ -77,11 +67,7 @@ def build() -> Path:
     minutes on 2 cores) and reused afterwards; a lock lets two clones share one build."""
     env = _go_env()
     version = _go_list(env, "Version")
-    cache = Path(os.environ.get("AIDC_CACHE", Path.home() / ".cache" / "aidc")) / "bin"
-    out = cache / f"metrics-server-{version}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".metrics-server.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with go_modules.cached("metrics-server", version) as out:
         if (out / ".complete").exists():
             log(f"metrics-server {version}: cached in {out}")
         else:

@@ -15,9 +15,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import metrics_server
 import pytest
 
+import metrics_server
 from tests.e2e.helpers import hostpath_claim
 from tests.e2e.test_train_recover_serve import train_into
 from tests.kube import Kube, wait_for

@@ -24,12 +24,19 @@ from aidc_trainer.checkpoint_format import (
 )
 from aidc_trainer.keyring import KeyRing
 
-__all__ = ["cleanup_stale", "discard", "prune", "publish", "retained_key_ids", "summarise"]
+__all__ = [
+    "cleanup_stale",
+    "discard",
+    "prune",
+    "publish",
+    "retained_key_ids",
+    "summarise",
+    "write_manifest",
+]
 
 
-def publish(
-    root: Path,
-    tmp: Path,
+def write_manifest(
+    directory: Path,
     step: int,
     world_size: int,
     files: dict[str, dict[str, Any]],
@@ -38,8 +45,8 @@ def publish(
     model_spec: dict[str, Any],
     extra: dict[str, Any],
     header: dict[str, Any] | None = None,
-) -> Path:
-    """Write the manifest (last, with its MAC) into ``tmp`` and rename it to the step's directory.
+) -> None:
+    """Write ``directory``'s manifest (with its MAC when encrypted), durably.
 
     ``files``: every file of the checkpoint, ``{name: {"size", "sha256"}}`` as stored; ``header``:
     fields a layout adds or overrides (a sharded checkpoint's format, parallelism, layout…).
@@ -59,13 +66,30 @@ def publish(
     if key_id is not None:
         assert keyring is not None
         manifest["mac"] = _manifest_mac(keyring.key(key_id), manifest)
-    part = tmp / (MANIFEST + ".part")
+    part = directory / (MANIFEST + ".part")
     with open(part, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(part, tmp / MANIFEST)
-    fsync_dir(tmp)
+    os.replace(part, directory / MANIFEST)
+    fsync_dir(directory)
+
+
+def publish(
+    root: Path,
+    tmp: Path,
+    step: int,
+    world_size: int,
+    files: dict[str, dict[str, Any]],
+    key_id: str | None,
+    keyring: KeyRing | None,
+    model_spec: dict[str, Any],
+    extra: dict[str, Any],
+    header: dict[str, Any] | None = None,
+) -> Path:
+    """Write the manifest last (:func:`write_manifest`) into ``tmp`` and rename it to the step's
+    directory."""
+    write_manifest(tmp, step, world_size, files, key_id, keyring, model_spec, extra, header)
     final = root / step_dir_name(step)
     if final.exists():  # a stale or corrupt copy of this step from an earlier attempt
         discard(final)

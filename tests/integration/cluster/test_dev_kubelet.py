@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import proctree
 import pytest
 from kubernetes import client
 
+import proctree
 from tests.e2e.helpers import status
 from tests.kube import Kube, wait_for
 

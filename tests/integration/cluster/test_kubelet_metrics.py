@@ -12,11 +12,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import kubelet_metrics
-import proctree
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import kubelet_metrics
+import proctree
 from cluster_pki import write_pki
 from cluster_processes import free_port
 from tests.kube import wait_for

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import proctree
 import pytest
 
+import proctree
 from localcluster import LocalCluster
 from pod_addresses import pick_pod_net, pod_address_label
 from tests.kube import wait_for

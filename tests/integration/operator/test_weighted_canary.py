@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gateway_api
 import pytest
 from kubernetes.client import ApiException
 
+import gateway_api
 from tests.conftest import OperatorProcess
 from tests.kube import Kube, wait_for
 

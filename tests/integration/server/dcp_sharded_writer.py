@@ -19,7 +19,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from aidc_trainer.checkpoint_format import _manifest_mac, step_dir_name, utc_now
+from aidc_trainer import checkpoint_publish as publish
+from aidc_trainer import checkpoint_sharded as sharded
+from aidc_trainer.checkpoint_format import step_dir_name
 from aidc_trainer.dcp_storage import EncryptedWriter
 from aidc_trainer.keyring import KeyRing
 from aidc_trainer.model_registry import default_registry
@@ -28,21 +30,10 @@ from aidc_trainer.model_registry import default_registry
 def write_manifest(
     step_dir: Path, step: int, world: int, files: dict[str, Any], spec: dict[str, Any], ring: KeyRing | None
 ) -> None:
+    """The manifest of the DCP layout, written by the trainer's own writer."""
     key_id = ring.current_id if ring is not None else None
-    manifest: dict[str, Any] = {
-        "format": "aidc-checkpoint/2",
-        "layout": "dcp",
-        "parallelism": "fsdp",
-        "step": step,
-        "world_size": world,
-        "key_id": key_id,
-        "files": files,
-        "model": spec,
-        "time": utc_now(),
-    }
-    if ring is not None:
-        manifest["mac"] = _manifest_mac(ring.key(key_id), manifest)
-    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    header = {"format": sharded.FORMAT, "layout": sharded.LAYOUT, "parallelism": "fsdp"}
+    publish.write_manifest(step_dir, step, world, files, key_id, ring, spec, {}, header)
 
 
 def main(rank: int, world: int, port: int, root: Path, step: int, seed: int, keys: str, spec: dict) -> None:

@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import podnet
 import pytest
 
+import podnet
 from aidc_operator.api.trainingjob import TrainingJobSpec
 from aidc_operator.builders import trainingjob as build
 from aidc_operator.builders.common import Owner

@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from aidc_trainer.checkpoint_format import _manifest_mac, step_dir_name, utc_now
+from aidc_trainer import checkpoint_publish as publish
+from aidc_trainer import checkpoint_sharded as sharded
+from aidc_trainer.checkpoint_format import step_dir_name
 from aidc_trainer.checkpoint_sharded_load import load_servable, read_dcp_metadata
 from aidc_trainer.dcp_storage import EncryptedWriter
 from aidc_trainer.errors import CheckpointCorruptError, WrongKeyError
@@ -33,22 +35,10 @@ def keyring(where: Path, key_id: str = "k1") -> KeyRing:
 
 
 def write_manifest(step_dir: Path, step: int, files: dict[str, Any], ring: KeyRing | None) -> None:
-    """The manifest of the DCP layout (docs/contracts.md), as the trainer writes it last."""
+    """The manifest of the DCP layout, written by the trainer's own writer."""
     key_id = ring.current_id if ring is not None else None
-    manifest: dict[str, Any] = {
-        "format": "aidc-checkpoint/2",
-        "layout": "dcp",
-        "parallelism": "fsdp",
-        "step": step,
-        "world_size": 1,
-        "key_id": key_id,
-        "files": files,
-        "model": SPEC,
-        "time": utc_now(),
-    }
-    if ring is not None:
-        manifest["mac"] = _manifest_mac(ring.key(key_id), manifest)
-    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    header = {"format": sharded.FORMAT, "layout": sharded.LAYOUT, "parallelism": "fsdp"}
+    publish.write_manifest(step_dir, step, 1, files, key_id, ring, SPEC, {}, header)
 
 
 def save_dcp(root: Path, step: int, ring: KeyRing | None, seed: int = 0) -> torch.nn.Module:
