@@ -24,7 +24,7 @@ from aidc_server import __version__
 from aidc_server.batching import DynamicBatcher, rows
 from aidc_server.binary import HEADER, OCTET_STREAM, decode_http_request, encode_binary_response
 from aidc_server.energy import EnergyMeter
-from aidc_server.errors import InvalidInput, ModelNotReady, NotFound, PayloadTooLarge, ServingError
+from aidc_server.errors import ModelNotReady, NotFound, PayloadTooLarge, ServingError
 from aidc_server.metrics import CONTENT_TYPE, ServerMetrics
 from aidc_server.model import Model
 from aidc_server.tensors import encode_response
@@ -188,11 +188,7 @@ def create_app(
                     body, request.headers.get("content-type"), request.headers.get(HEADER), target.inputs
                 )
                 parsed.inputs = target.validate(parsed.inputs)
-                if parsed.outputs is not None:  # checked before spending a forward pass on it
-                    known = sorted(spec.name for spec in target.outputs)
-                    unknown = [o for o in parsed.outputs if o not in known]
-                    if unknown:
-                        raise InvalidInput(f"unknown output '{unknown[0]}'; model has {known}")
+                target.check_outputs(parsed.outputs)
             finally:
                 state.arriving -= 1
             assert state.batcher is not None

@@ -30,11 +30,11 @@ from aidc_server.tensors import (
     datatype_of,
     decode_request,
     encode_tensor,
+    split_bytes,
 )
 
 HEADER = "inference-header-content-length"
 OCTET_STREAM = "application/octet-stream"
-_LENGTH = np.dtype("<u4")
 
 
 def header_length(value: str | None, body_size: int) -> int | None:
@@ -85,7 +85,7 @@ def decode_binary(chunk: memoryview | bytes, datatype: str, shape: list[int], wh
     """Raw tensor bytes -> array of `shape` (a read-only view of the body for fixed-size types)."""
     count = math.prod(shape)
     if datatype == BYTES:
-        return _decode_bytes(chunk, count, shape, where)
+        return split_bytes(chunk, shape, where, "the binary data")
     dtype = DTYPES[datatype].newbyteorder("<")
     expected = count * dtype.itemsize
     if len(chunk) != expected:
@@ -96,27 +96,6 @@ def decode_binary(chunk: memoryview | bytes, datatype: str, shape: list[int], wh
     array = np.frombuffer(chunk, dtype=dtype, count=count)
     if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
         raise InvalidInput(f"{where}: BOOL bytes must be 0 or 1")
-    return array.reshape(shape)
-
-
-def _decode_bytes(chunk: memoryview | bytes, count: int, shape: list[int], where: str) -> np.ndarray:
-    view, offset, items = memoryview(chunk), 0, []
-    for i in range(count):
-        if offset + 4 > len(view):
-            raise InvalidInput(f"{where}: BYTES element {i} has no 4-byte length (binary data ends)")
-        (length,) = np.frombuffer(view, _LENGTH, 1, offset)
-        offset += 4
-        if offset + int(length) > len(view):
-            raise InvalidInput(f"{where}: BYTES element {i} is {length} bytes long but the binary data ends")
-        items.append(bytes(view[offset : offset + length]))
-        offset += int(length)
-    if offset != len(view):
-        raise InvalidInput(
-            f"{where}: parameters.binary_data_size is {len(view)} but the {count} BYTES elements of "
-            f"shape {shape} take {offset}"
-        )
-    array = np.empty(count, dtype=object)
-    array[:] = items
     return array.reshape(shape)
 
 

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from aidc_server import __version__
 from aidc_server.app import ServerState
 from aidc_server.batching import rows
-from aidc_server.errors import InvalidInput, ModelNotReady, NotFound, ServingError
+from aidc_server.errors import ModelNotReady, NotFound, ServingError
 from aidc_server.grpc_codec import decode_infer_request, encode_infer_response
 from aidc_server.model import Model
 from aidc_server.proto import grpc_predict_v2_pb2 as pb
@@ -106,11 +106,7 @@ class InferenceServicer:
                 target = self.resolve(request.model_name, request.model_version)
                 parsed, raw = decode_infer_request(request)
                 parsed.inputs = target.validate(parsed.inputs)
-                if parsed.outputs is not None:  # checked before spending a forward pass on it
-                    known = sorted(spec.name for spec in target.outputs)
-                    unknown = [o for o in parsed.outputs if o not in known]
-                    if unknown:
-                        raise InvalidInput(f"outputs: unknown output '{unknown[0]}'; model has {known}")
+                target.check_outputs(parsed.outputs)
             finally:
                 state.arriving -= 1
             if state.batcher is None:

@@ -15,7 +15,7 @@ import numpy as np
 from aidc_server.binary import encode_binary
 from aidc_server.errors import InvalidInput
 from aidc_server.proto import grpc_predict_v2_pb2 as pb
-from aidc_server.tensors import BYTES, DATATYPE_OF, DATATYPES, DTYPES, InferRequest, datatype_of
+from aidc_server.tensors import BYTES, DATATYPE_OF, DATATYPES, DTYPES, InferRequest, datatype_of, split_bytes
 
 # The InferTensorContents field of each datatype. FP16 has none: it travels raw only.
 CONTENTS_FIELD: dict[str, str] = {
@@ -44,7 +44,6 @@ _WIRE_DTYPE: dict[str, type] = {
     "bytes_contents": np.object_,
 }
 _ALL_FIELDS = tuple(_WIRE_DTYPE)
-_LENGTH = np.dtype("<u4")  # a raw BYTES element: 4-byte little-endian length, then the bytes
 # Triton's names for "answer in raw_output_contents": on the request, or on one requested output.
 _RAW_REQUEST_PARAMETER = "binary_data_output"
 _RAW_OUTPUT_PARAMETER = "binary_data"
@@ -95,7 +94,7 @@ def decode_input(
                 " every input must be given there only"
             )
         if datatype == BYTES:
-            return tensor.name, decode_raw_bytes(raw, shape, where)
+            return tensor.name, split_bytes(raw, shape, where, "raw_input_contents")
         return tensor.name, decode_raw(raw, DTYPES[datatype], shape, where)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
@@ -135,28 +134,6 @@ def decode_raw(raw: bytes, dtype: np.dtype, shape: list[int], where: str) -> np.
     if dtype.kind == "b" and array.size and np.frombuffer(raw, np.uint8).max() > 1:
         raise InvalidInput(f"{where}: raw_input_contents of BOOL must hold bytes 0 or 1")
     return array
-
-
-def decode_raw_bytes(raw: bytes, shape: list[int], where: str) -> np.ndarray:
-    """Raw BYTES: each element a 4-byte little-endian length and its bytes, as Triton sends them."""
-    count, offset, items = math.prod(shape), 0, []
-    for i in range(count):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"{where}: raw_input_contents ends before BYTES element {i}'s length")
-        length = int(np.frombuffer(raw, _LENGTH, 1, offset)[0])
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(f"{where}: raw_input_contents ends inside BYTES element {i} ({length} bytes)")
-        items.append(raw[offset : offset + length])
-        offset += length
-    if offset != len(raw):
-        raise InvalidInput(
-            f"{where}: raw_input_contents has {len(raw) - offset} bytes after the {count} BYTES elements"
-            f" of shape {shape}"
-        )
-    array = np.empty(count, dtype=object)
-    array[:] = items
-    return array.reshape(shape)
 
 
 def wants_raw_outputs(request: pb.ModelInferRequest) -> bool:

@@ -78,6 +78,14 @@ class Model:
         """Look for a newer artifact and swap it in; return True if the version changed."""
         return False
 
+    def check_outputs(self, wanted: list[str] | None) -> None:
+        """InvalidInput when a request asks for an output the model does not have: said before a
+        forward pass is spent on it."""
+        known = sorted(spec.name for spec in self.outputs)
+        unknown = [o for o in wanted or () if o not in known]
+        if unknown:
+            raise InvalidInput(f"outputs: unknown output '{unknown[0]}'; model has {known}")
+
     def validate(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The inputs keyed by the signature's names, or InvalidInput naming what does not fit.
 

@@ -252,3 +252,26 @@ def encode_response(
         doc["id"] = request_id
     doc["outputs"] = [encode_tensor(n, np.ascontiguousarray(a)) for n, a in outputs.items()]
     return orjson.dumps(doc, option=_JSON_OUT)
+
+
+def split_bytes(data: bytes | memoryview, shape: list[int], where: str, field: str) -> np.ndarray:
+    """A BYTES tensor laid out as the binary extension and Triton's raw contents lay it out: each element
+    a 4-byte little-endian length, then its bytes. Anything but exactly that is an error naming `field`."""
+    view, count, offset, items = memoryview(data).cast("B"), math.prod(shape), 0, []
+    for i in range(count):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"{where}: {field} ends before BYTES element {i}'s length")
+        length = int.from_bytes(view[offset : offset + 4], "little")
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInput(f"{where}: {field} ends inside BYTES element {i} ({length} bytes)")
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if offset != len(view):
+        raise InvalidInput(
+            f"{where}: {field} has {len(view) - offset} bytes after the {count} BYTES elements"
+            f" of shape {shape}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)

@@ -160,7 +160,7 @@ BAD = [
     ("wrong shape", *ids([1, 64], 512, RAW), 400, "input 'input': wrong shape [1, 64]"),
     ("token ids out of range", *ids([1, 1], 8, ONE), 400, "values must lie in [0, 29]"),
     ("BYTES for a token model", *ids([1], 7, b"\3\0\0\0abc", datatype="BYTES"), 400, "wrong datatype BYTES"),
-    ("BYTES runs past", *ids([1], 5, b"\x09\0\0\0a", datatype="BYTES"), 400, "BYTES element 0 is 9 bytes"),
+    ("BYTES runs past", *ids([1], 5, b"\x09\0\0\0a", datatype="BYTES"), 400, "BYTES element 0 (9 bytes)"),
     ("binary_data not a bool", *ids([2, SEQ], 512, RAW, **NOT_BOOL), 400, "parameters.binary_data must be"),
     ("raw body cannot say its shape", RAW, OCTETS, 400, "a raw binary body cannot say its shape"),
     ("oversized body", b"\0" * (LIMIT + 1), OCTETS, 413, f"exceeds the limit of {LIMIT} bytes"),

@@ -87,8 +87,8 @@ def test_binary_and_json_inputs_mix_in_input_order():
         ([binary_input("INT8", [2], -2)], [b"\0" * 2], "binary_data_size must be a non-negative integer"),
         ([binary_input("INT8", [2], True)], [b"\0"], "binary_data_size must be a non-negative integer"),
         ([binary_input("BOOL", [1], 1)], [b"\2"], "BOOL bytes must be 0 or 1"),
-        ([binary_input("BYTES", [2], 6)], [b"\2\0\0\0ab"], "BYTES element 1 has no 4-byte length"),
-        ([binary_input("BYTES", [1], 7)], [b"\1\0\0\0abc"], "the 1 BYTES elements of shape [1] take 5"),
+        ([binary_input("BYTES", [2], 6)], [b"\2\0\0\0ab"], "ends before BYTES element 1's length"),
+        ([binary_input("BYTES", [1], 7)], [b"\1\0\0\0abc"], "has 2 bytes after the 1 BYTES elements"),
         (
             [
                 {
