@@ -12,44 +12,11 @@ from typing import Any
 
 import pytest
 
-from cluster_processes import free_port
 from tests.conftest import OperatorProcess
 from tests.kube import Kube, wait_for
-from tests.tls import serving_cert
+from tests.webhooks import operator_with_webhooks
 
 pytestmark = pytest.mark.cluster
-
-
-def webhook_configurations(name: str, url: str, ca_bundle: str, namespace: str) -> list[dict[str, Any]]:
-    def hook(kind: str, plural: str, singular: str) -> dict[str, Any]:
-        return {
-            "name": f"{plural}.{kind}.aidc.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-            "rules": [
-                {
-                    "apiGroups": ["aidc.dev"],
-                    "apiVersions": ["v1alpha1"],
-                    "operations": ["CREATE", "UPDATE"],
-                    "resources": [plural],
-                }
-            ],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-            "clientConfig": {"url": f"{url}/{kind}-{singular}", "caBundle": ca_bundle},
-        }
-
-    kinds = (("trainingjobs", "trainingjob"), ("inferenceservices", "inferenceservice"))
-    return [
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": f"{config}WebhookConfiguration",
-            "metadata": {"name": name},
-            "webhooks": [hook(kind, plural, singular) for plural, singular in kinds],
-        }
-        for config, kind in (("Mutating", "mutate"), ("Validating", "validate"))
-    ]
 
 
 def trainingjob(name: str, **spec: Any) -> str:
@@ -79,30 +46,13 @@ def webhooked(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     kube = crds
     tmp: Path = tmp_path_factory.mktemp("webhooks")
     ns = kube.create_namespace("webhooks", prefix="o")
-    cert = serving_cert(tmp / "cert")
-    port = free_port()
-    op = OperatorProcess(
-        kube,
-        tmp / "operator.log",
-        [ns],
-        [
-            f"--webhook-port={port}",
-            "--webhook-addr=127.0.0.1",
-            f"--webhook-cert={cert.cert_file}",
-            f"--webhook-key={cert.key_file}",
-        ],
-    ).start()
-    configs = webhook_configurations(f"aidc-test-{ns}", f"https://127.0.0.1:{port}", cert.ca_bundle, ns)
-    kube.kubectl("apply", "-f", "-", input="\n".join(json.dumps(c) for c in configs))
-    w = Webhooked(kube, ns, op)
-    try:
-        w.wait_serving()
-        yield w
-    finally:
-        for c in configs:
-            kube.kubectl("delete", c["kind"], c["metadata"]["name"], "--ignore-not-found", check=False)
-        op.stop()
-        kube.delete_namespace(ns)
+    with operator_with_webhooks(kube, ns, tmp, "aidc-test") as (op, _port):
+        w = Webhooked(kube, ns, op)
+        try:
+            w.wait_serving()
+            yield w
+        finally:
+            kube.delete_namespace(ns)
 
 
 def test_defaults_are_written_into_the_stored_spec(webhooked: Webhooked) -> None:
