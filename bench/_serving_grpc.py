@@ -39,13 +39,14 @@ def infer_request(model: str, spec: dict, seed: int = 0, raw: bool = True) -> by
     return request.SerializeToString()
 
 
-def answer(address: str, request: bytes) -> np.ndarray:
-    """The first output of one call, flattened (for the bench's cross-check between servers)."""
+def answer(address: str, request: bytes) -> tuple[np.ndarray, str]:
+    """(the first output of one call flattened, "raw" or "typed": how it came back), for the bench's
+    cross-check between servers."""
     with grpc.insecure_channel(address) as channel:
         response = pb.ModelInferResponse.FromString(channel.unary_unary(METHOD)(request, timeout=60))
     if response.raw_output_contents:
-        return np.frombuffer(response.raw_output_contents[0], "<f4").copy()
-    return np.array(response.outputs[0].contents.fp32_contents, np.float32)
+        return np.frombuffer(response.raw_output_contents[0], "<f4").copy(), "raw"
+    return np.array(response.outputs[0].contents.fp32_contents, np.float32), "typed"
 
 
 async def _drive(address: str, request: bytes, concurrency: int, seconds: float, max_requests: int):
