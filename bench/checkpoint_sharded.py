@@ -133,65 +133,50 @@ def _worker(args: argparse.Namespace) -> None:
     def barrier() -> None:
         dist.barrier()
 
-    for variant in args.variants:
-        root = base / variant
-        if rank == 0:
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
+    def save_once(variant: str, root: Path, step: int) -> tuple[float, float, int]:
+        """(stall, total save time, peak extra RSS) of one save of ``variant``."""
+        if variant == "dcp" and rank == 0:  # keep one, as keep-N does for the others (disk space)
+            shutil.rmtree(root / f"step-{step - 1}", ignore_errors=True)
         barrier()
-        stalls, totals, peaks = [], [], []
-        for rep in range(args.reps):
-            step = rep + 1
-            barrier()
-            with PeakRSS() as rss:
-                t0 = time.perf_counter()
-                if variant == "dcp":
-                    msd, osd = get_state_dict(model, opt)
-                    fut = dcp.async_save(
-                        {"model": msd, "optimizer": osd}, checkpoint_id=str(root / f"step-{step}")
-                    )
-                    stalls.append(time.perf_counter() - t0)
-                    fut.result()
-                elif variant == "aidc":
-                    ck = ShardedCheckpointer(root, rank, world, keyring, keep=2, run_id="bench")
-                    ck.save(step, training_state(model, opt, None, True), rng_state())
-                    stalls.append(time.perf_counter() - t0)
-                    res = ck.wait()
-                    assert res is not None and res.ok, res
-                else:  # full: the previous path, gathered to rank 0
-                    ck = Checkpointer(root, rank, world, keyring, keep=2, run_id="bench")
-                    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                    msd, osd = get_state_dict(model, opt, options=opts)
-                    shared = {"model": msd, "optimizer": osd} if rank == 0 else None
-                    ck.save(step, shared, rng_state())
-                    stalls.append(time.perf_counter() - t0)  # the gather to rank 0 included
-                    del msd, osd, shared
-                    res = ck.wait()
-                    assert res is not None and res.ok, res
-                barrier()  # the save is done when every rank's part is
-                totals.append(time.perf_counter() - t0)
-            peaks.append(rss.extra)
-        if variant == "dcp":
-            last = root / f"step-{args.reps}"
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            if variant == "dcp":
+                msd, osd = get_state_dict(model, opt)
+                fut = dcp.async_save(
+                    {"model": msd, "optimizer": osd}, checkpoint_id=str(root / f"step-{step}")
+                )
+                stall = time.perf_counter() - t0
+                fut.result()
+            elif variant == "aidc":
+                ck = ShardedCheckpointer(root, rank, world, keyring, keep=1, run_id="bench")
+                ck.save(step, training_state(model, opt, None, True), rng_state())
+                stall = time.perf_counter() - t0
+                res = ck.wait()
+                assert res is not None and res.ok, res
+            else:  # full: the previous path, gathered to rank 0
+                ck = Checkpointer(root, rank, world, keyring, keep=1, run_id="bench")
+                opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                msd, osd = get_state_dict(model, opt, options=opts)
+                shared = {"model": msd, "optimizer": osd} if rank == 0 else None
+                ck.save(step, shared, rng_state())
+                stall = time.perf_counter() - t0  # the gather to rank 0 included
+                del msd, osd, shared
+                res = ck.wait()
+                assert res is not None and res.ok, res
+            barrier()  # the save is done when every rank's part is
+            total = time.perf_counter() - t0
+        return stall, total, rss.extra
 
-            def mine(p: Path) -> bool:
-                return p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == ".metadata")
-        elif variant == "aidc":
-            last = sorted(root.glob("step-*"))[-1]
-
-            def mine(p: Path) -> bool:
-                return p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__"))
-        else:
-            last = sorted(root.glob("step-*"))[-1]
-
-            def mine(p: Path) -> bool:
+    def written_by_me(variant: str, last: Path) -> int:
+        def mine(p: Path) -> bool:
+            if variant == "full":
                 return p.name == f"rank-{rank}.bin" or (rank == 0 and p.name == "manifest.json")
+            return p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__"))
 
-        written = files_by(last, mine)
-        # Resume into a fresh model (as a restarted job does).
-        del model, opt
-        model, opt = build()
-        barrier()
+        return files_by(last, mine)
+
+    def resume_once(variant: str, root: Path, last: Path) -> tuple[float, int]:
+        """(seconds, peak extra RSS) of resuming a fresh model from ``variant``'s newest checkpoint."""
         with PeakRSS() as rss:
             t0 = time.perf_counter()
             if variant == "dcp":
@@ -203,7 +188,7 @@ def _worker(args: argparse.Namespace) -> None:
                 )
                 del state, msd, osd
             elif variant == "aidc":
-                ck = ShardedCheckpointer(root, rank, world, keyring, keep=2, run_id="bench2")
+                ck = ShardedCheckpointer(root, rank, world, keyring, keep=1, run_id="bench2")
                 loaded = ck.resume()
                 assert loaded is not None
                 restore_training_state(loaded, model, opt, None, keyring, None, rank, world, True)
@@ -219,14 +204,36 @@ def _worker(args: argparse.Namespace) -> None:
                     options=StateDictOptions(full_state_dict=True),
                 )
                 del loaded
-            resume_s = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+        return seconds, rss.extra
+
+    roots = {v: base / v for v in args.variants}
+    if rank == 0:
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+    samples: dict[str, list[tuple[float, float, int]]] = {v: [] for v in args.variants}
+    for rep in range(args.reps):
+        # Interleaved, in a rotating order: the disk's write-back of one save never favours one variant.
+        order = args.variants[rep % len(args.variants) :] + args.variants[: rep % len(args.variants)]
+        for variant in order:
+            samples[variant].append(save_once(variant, roots[variant], rep + 1))
+    for variant in args.variants:
+        root = roots[variant]
+        last = sorted(p for p in root.glob("step-*") if p.is_dir())[-1]
+        written = written_by_me(variant, last)
+        del model, opt
+        model, opt = build()  # a fresh model, as a restarted job has
         barrier()
+        resume_s, resume_rss = resume_once(variant, root, last)
+        barrier()
+        stalls, totals, peaks = zip(*samples[variant], strict=True)
         out[variant] = {
             "stall_s": statistics.median(stalls),
             "save_s": statistics.median(totals),
             "bytes_written": written,
             "peak_extra_rss_save": max(peaks),
-            "peak_extra_rss_resume": rss.extra,
+            "peak_extra_rss_resume": resume_rss,
             "resume_s": resume_s,
         }
         if rank == 0:
