@@ -20,7 +20,8 @@ resting RSS while saving and while resuming (a 5 ms sampler of /proc/self/status
     .venv/bin/python bench/checkpoint_sharded.py --params-b 0.1 --ranks 2 4
     .venv/bin/python bench/checkpoint_sharded.py --params-b 1 --ranks 2 4 --optim sgd --variants dcp aidc
 
-Results go to bench/results/checkpoint_sharded.json (merged by size and world size).
+The 1 B run needs a host with at least 48 GiB (it is OOM-killed on 24 GiB). Results go to
+bench/results/checkpoint_sharded.json (merged by size and world size).
 """
 
 from __future__ import annotations
@@ -109,10 +110,16 @@ def _worker(args: argparse.Namespace) -> None:
     layers = max(1, round(args.params_b * 1e9 / (WIDTH * WIDTH + WIDTH)))
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+        # Built on the meta device and materialised already sharded: a 1 B model never exists whole
+        # in one rank's memory (4 GB per rank otherwise, before sharding).
+        with torch.device("meta"):
+            model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
         for layer in model:
             fully_shard(layer)
         fully_shard(model)
+        model.to_empty(device="cpu")
+        for layer in model:
+            layer.reset_parameters()
         if args.optim == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         else:
