@@ -37,7 +37,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -49,6 +48,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cluster_pki import issue_cert, new_key, pem_key, x509_name
+from cluster_processes import free_port
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "peers" / "build.sh"
 BINARY = "training-operator"
@@ -93,12 +93,6 @@ def install_crd(kubectl: Callable[..., str], bin_dir: Path, timeout: float = 60)
         },
     ]
     kubectl("apply", "--server-side", "-f", "-", input="\n".join(json.dumps(o) for o in objects))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
@@ -171,7 +165,7 @@ def start(
         "--leader-elect=false",
         f"--metrics-bind-address=127.0.0.1:{metrics_port}",
         f"--health-probe-bind-address=127.0.0.1:{health_port}",
-        f"--webhook-server-port={_free_port()}",
+        f"--webhook-server-port={free_port()}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "KUBEFLOW_NAMESPACE"}  # else it watches one ns
     env |= {"KUBECONFIG": str(kubeconfig), "MY_POD_NAMESPACE": OPERATOR_NAMESPACE, "TMPDIR": "/tmp"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,10 +33,39 @@ def log(msg: str) -> None:
     print(f"cluster: {msg}", file=sys.stderr, flush=True)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no one listens on, for a server this process is about to start.
+
+    Taken from below the kernel's ephemeral range: a port from bind(0) lies inside it, and between our
+    close and the server's bind the kernel may give it to any outgoing connection (the operator's own
+    apiserver clients, say) and the server fails with EADDRINUSE. Ports below the range are only ever
+    taken by an explicit bind."""
+    low, _ = _ephemeral_range()
+    first = max(1024, low - 12000)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(first, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise ClusterError(f"no free port in {first}-{low - 1}: close some listeners or widen the range")
 
 
 def port_in_use(port: int) -> bool:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from aidc_trainer.checkpoint import save_checkpoint
 from aidc_trainer.examples import mlp, transformer_lm
 from aidc_trainer.keyring import KeyRing
+from cluster_processes import free_port as free_port  # one port picker for every test server
 
 ROOT = Path(__file__).resolve().parents[3]
 MLP_SPEC = {"factory": mlp.FACTORY, "config": {"in_features": 10, "hidden": 100, "num_classes": 10}}
@@ -28,12 +29,6 @@ LM_SPEC = {
     "factory": transformer_lm.FACTORY,
     "config": {"vocab_size": 30, "d_model": 32, "n_heads": 2, "n_layers": 1, "seq_len": 16},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
