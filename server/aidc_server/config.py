@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aidc_trainer.model_registry import parse_allowlist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,23 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         parser.add_argument(
             f"--{flag}", type=kind, default=default, help=f"{text} [env {var}; default {default!r}]"
         )
+    # The limit's names before it covered gRPC messages too: still taken, with a warning, so an upgrade
+    # does not quietly drop a configured limit back to the default. The new name wins when both are set.
+    parser.add_argument("--max-body-bytes", dest="legacy_max_body_bytes", type=int, help=argparse.SUPPRESS)
+    new_default = parser.get_default("max_request_bytes")
     args = parser.parse_args(argv)
+    legacy = args.__dict__.pop("legacy_max_body_bytes")
+    if legacy is None and env.get("AIDC_MAX_BODY_BYTES"):
+        try:
+            legacy = int(env["AIDC_MAX_BODY_BYTES"])
+        except ValueError:
+            parser.error(f"AIDC_MAX_BODY_BYTES={env['AIDC_MAX_BODY_BYTES']!r} is not a valid int")
+    if legacy is not None:
+        log.warning(
+            "--max-body-bytes and AIDC_MAX_BODY_BYTES are now --max-request-bytes and AIDC_MAX_REQUEST_BYTES"
+        )
+        if args.max_request_bytes == new_default and not env.get("AIDC_MAX_REQUEST_BYTES"):
+            args.max_request_bytes = legacy
     for flag in _REQUIRED:
         if not getattr(args, flag.replace("-", "_")):
             parser.error(f"--{flag} (or {_OPTIONS[flag][0]}) is required")

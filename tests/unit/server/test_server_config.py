@@ -67,3 +67,17 @@ def test_bad_environment_value_is_a_usage_error(capsys):
         parse_args(["--checkpoint-dir", "/ck", "--model-name", "m"], environ={"AIDC_PORT": "http"})
     assert e.value.code == 2
     assert "AIDC_PORT='http' is not a valid int" in capsys.readouterr().err
+
+
+def test_the_limits_old_names_still_set_it_and_the_new_name_wins() -> None:
+    base = ["--checkpoint-dir", "/ck", "--model-name", "m"]
+    assert parse_args([*base, "--max-body-bytes", "1000"], environ={}).max_request_bytes == 1000
+    assert parse_args(base, environ={"AIDC_MAX_BODY_BYTES": "2000"}).max_request_bytes == 2000
+    both = {"AIDC_MAX_BODY_BYTES": "2000", "AIDC_MAX_REQUEST_BYTES": "3000"}
+    assert parse_args(base, environ=both).max_request_bytes == 3000
+    assert (
+        parse_args(
+            [*base, "--max-body-bytes", "1", "--max-request-bytes", "4000"], environ={}
+        ).max_request_bytes
+        == 4000
+    )
