@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 # evenly over 2 and 4 ranks (an uneven split would make the per-rank byte count uneven by design).
 HIDDEN = 16384
 MODEL = ["--model-config", json.dumps({"hidden": HIDDEN, "num_classes": 8})]
-ENV = trainer_env(PYTHONPATH=os.pathsep.join([str(ROOT / "trainer"), str(ROOT)]))
+# This module also runs as a torchrun script (below): its imports, the harness's included, must resolve there.
+ENV = trainer_env(PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in ("trainer", "hack/cluster", ".")))
 
 
 def _train(
