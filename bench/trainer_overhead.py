@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -151,9 +150,10 @@ def in_process(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------- driver
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    sys.path.insert(0, str(ROOT / "hack" / "cluster"))
+    from cluster_processes import free_port  # the project's one port picker
+
+    return free_port()
 
 
 def _torchrun(nproc: int, target: list[str], env: dict[str, str]) -> tuple[float, float]:
