@@ -150,7 +150,8 @@ def in_process(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------- driver
 def _port() -> int:
-    sys.path.insert(0, str(ROOT / "hack" / "cluster"))
+    if str(ROOT / "hack" / "cluster") not in sys.path:
+        sys.path.insert(0, str(ROOT / "hack" / "cluster"))
     from cluster_processes import free_port  # the project's one port picker
 
     return free_port()

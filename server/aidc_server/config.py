@@ -70,6 +70,9 @@ _OPTIONS: dict[str, tuple[str, type, str]] = {
     "log-level": ("AIDC_LOG_LEVEL", str, "debug, info, warning, error"),
 }
 _REQUIRED = ("checkpoint-dir", "model-name")
+# The request limit's names before it covered gRPC messages too: still read, with a warning, so an
+# upgrade does not quietly drop a configured limit back to the default (the flag: --max-body-bytes).
+_RENAMED_VARS = {"AIDC_MAX_REQUEST_BYTES": "AIDC_MAX_BODY_BYTES"}
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -81,30 +84,26 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     for flag, (var, kind, text) in _OPTIONS.items():
         attr = flag.replace("-", "_")
         default = getattr(defaults, attr)
-        if env.get(var):
+        source = var if env.get(var) else _RENAMED_VARS.get(var, var)
+        if env.get(source):
+            if source != var:
+                log.warning("%s is now %s", source, var)
             try:
-                default = kind(env[var])
+                default = kind(env[source])
             except ValueError:
-                parser.error(f"{var}={env[var]!r} is not a valid {kind.__name__}")
+                parser.error(f"{source}={env[source]!r} is not a valid {kind.__name__}")
         parser.add_argument(
             f"--{flag}", type=kind, default=default, help=f"{text} [env {var}; default {default!r}]"
         )
-    # The limit's names before it covered gRPC messages too: still taken, with a warning, so an upgrade
-    # does not quietly drop a configured limit back to the default. The new name wins when both are set.
     parser.add_argument("--max-body-bytes", dest="legacy_max_body_bytes", type=int, help=argparse.SUPPRESS)
-    new_default = parser.get_default("max_request_bytes")
     args = parser.parse_args(argv)
     legacy = args.__dict__.pop("legacy_max_body_bytes")
-    if legacy is None and env.get("AIDC_MAX_BODY_BYTES"):
-        try:
-            legacy = int(env["AIDC_MAX_BODY_BYTES"])
-        except ValueError:
-            parser.error(f"AIDC_MAX_BODY_BYTES={env['AIDC_MAX_BODY_BYTES']!r} is not a valid int")
     if legacy is not None:
-        log.warning(
-            "--max-body-bytes and AIDC_MAX_BODY_BYTES are now --max-request-bytes and AIDC_MAX_REQUEST_BYTES"
-        )
-        if args.max_request_bytes == new_default and not env.get("AIDC_MAX_REQUEST_BYTES"):
+        log.warning("--max-body-bytes is now --max-request-bytes")
+        # The new flag or variable wins when both names are set.
+        if args.max_request_bytes == parser.get_default("max_request_bytes") and not env.get(
+            "AIDC_MAX_REQUEST_BYTES"
+        ):
             args.max_request_bytes = legacy
     for flag in _REQUIRED:
         if not getattr(args, flag.replace("-", "_")):
