@@ -95,6 +95,15 @@ def validate_trainingjob(name: str, spec: Any) -> list[str]:
             f"spec.failurePolicy.backoffSeconds: {fp.backoff_seconds} is more than "
             f"spec.failurePolicy.maxBackoffSeconds ({fp.max_backoff_seconds})"
         )
+    if fp.spare_nodes and fp.node_failure != "ReplaceNode":
+        problems.append(
+            f"spec.failurePolicy.spareNodes: {fp.spare_nodes} needs spec.failurePolicy.nodeFailure: "
+            f"ReplaceNode (it is {fp.node_failure})"
+        )
+    elif fp.spare_nodes and tj.elastic is not None:
+        problems.append(
+            f"spec.failurePolicy.spareNodes: {fp.spare_nodes} needs a fixed-size gang (remove spec.elastic)"
+        )
     for i, code in enumerate(fp.retryable_exit_codes):
         if not 1 <= code <= 255:
             problems.append(f"spec.failurePolicy.retryableExitCodes[{i}]: {code} is not an exit code (1-255)")

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from .builders.common import LABEL_ATTEMPT, LABEL_RANK
+from .builders.common import LABEL_ATTEMPT, LABEL_RANK, LABEL_REPLACEMENT
 
 
 def ts(t: dt.datetime) -> str:
@@ -29,6 +29,21 @@ def attempt(pod: dict[str, Any]) -> int:
 
 def rank(pod: dict[str, Any]) -> int:
     return int(pod["metadata"]["labels"].get(LABEL_RANK, "-1"))
+
+
+def replacement(pod: dict[str, Any]) -> int:
+    """0 for a rank's first pod; k for the pod that took the rank over at the k-th node failure."""
+    value = (pod["metadata"].get("labels") or {}).get(LABEL_REPLACEMENT, "0")
+    return int(value) if value.isdigit() else 0
+
+
+def superseded(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods whose rank a newer pod of the same attempt took over (ReplaceNode): no longer the gang's."""
+    newest: dict[tuple[int, int], int] = {}
+    for p in pods:
+        key = (attempt(p), rank(p))
+        newest[key] = max(newest.get(key, 0), replacement(p))
+    return [p for p in pods if replacement(p) < newest[(attempt(p), rank(p))]]
 
 
 def phase(pod: dict[str, Any]) -> str:

@@ -19,12 +19,14 @@ from typing import Any, Literal
 
 from . import gang_pods as gp
 from . import progress as pr
+from . import recoveries
 from .api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from .builders import trainingjob as build
 from .builders.common import Owner
 from .conditions import get_condition, set_condition
 from .planner_failures import FailurePlanning
 from .planner_queue import QueuePlanning
+from .planner_replace import ReplacePlanning
 from .planner_resize import ResizePlanning
 from .queueing import Gate
 from .recovery import NodeHealth, health_of, must_force_delete
@@ -75,7 +77,7 @@ class Plan:
     workload_active: bool | None = None  # Kueue: set the Workload's spec.active (suspend / resume)
 
 
-class _Planner(FailurePlanning, QueuePlanning, ResizePlanning):
+class _Planner(FailurePlanning, QueuePlanning, ReplacePlanning, ResizePlanning):
     def __init__(
         self,
         owner: Owner,
@@ -152,6 +154,8 @@ class _Planner(FailurePlanning, QueuePlanning, ResizePlanning):
         current = [p for p in self.pods if gp.attempt(p) == attempt]
         old = [p for p in self.pods if gp.attempt(p) != attempt]
         self.attempt_energy = pr.lift(st, self.pods, finished=st.phase in FINISHED)
+        for message in recoveries.resolve(st, self.pods):
+            self.event("Normal", "Recovered", message)
 
         if st.phase in FINISHED:
             return self.finished(current + old)
@@ -190,6 +194,10 @@ class _Planner(FailurePlanning, QueuePlanning, ResizePlanning):
         if self.queue is not None and not self.admitted(current):
             return self.plan
         current = self.resize(current)  # a changed spec.nodes: never a failure (planner_resize)
+        current = self.drop_superseded(current)  # pods a ReplaceNode replacement took over
+        if self.finished_with_standby(current, self.gang_size(current) - self.spares()):
+            self.gpu_accounting(current, close=True)
+            return self.succeed(current)
         if self.handle_failures(current):
             return self.plan
         expected = self.gang_target(current)
@@ -224,7 +232,10 @@ class _Planner(FailurePlanning, QueuePlanning, ResizePlanning):
             return self.plan
         ready = sum(1 for p in current if gp.ready(p))
         st.ready_nodes = ready
-        st.nodes = f"{ready}/{expected}"
+        # Standby spares are shown apart: NODES reads as the gang the user asked for.
+        asked = expected - self.spares()
+        st.nodes = f"{min(ready, asked)}/{asked}"
+        st.spares = max(0, ready - asked)
         self.gpu_accounting(current)
         phases = [gp.phase(p) for p in current]
         whole = not missing or self.growing  # an elastic gang adding ranks in place keeps running
@@ -298,8 +309,9 @@ class _Planner(FailurePlanning, QueuePlanning, ResizePlanning):
         completions (pods that exited 0 / gang size), never a stale ready count or '0/N'."""
         st = self.status
         st.ready_nodes = 0
-        size = max(self.gang_size(current), len(current))
-        st.nodes = f"{sum(1 for p in current if gp.phase(p) == 'Succeeded')}/{size}"
+        size = max(self.gang_size(current), len(current)) - self.spares()  # spares are no nodes asked for
+        done = sum(1 for p in current if gp.phase(p) == "Succeeded")
+        st.nodes, st.spares = f"{min(done, size)}/{size}", 0
         pr.clear_eta(st)
 
     def cleanup(self, pods: list[dict[str, Any]]) -> None:

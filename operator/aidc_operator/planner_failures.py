@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import gang_pods as gp
 from . import gang_scheduling as gs
-from . import verdict
+from . import recoveries, verdict
 from .api.trainingjob import FailureRecord, TrainingJobSpec, TrainingJobStatus
 from .builders import trainingjob as build
 from .builders.common import Owner
@@ -41,6 +41,10 @@ class FailurePlanning:
         def restart(self, current: list[dict[str, Any]], delay: int) -> None: ...
         def gang_size(self, current: list[dict[str, Any]]) -> int: ...
         def delete_pods(self, pods: list[dict[str, Any]]) -> None: ...
+        def gang_restart_needed(
+            self, current: list[dict[str, Any]], lost: list[LostPod], exits: list[PodExit]
+        ) -> str | None: ...
+        def replace(self, current: list[dict[str, Any]], lost: list[LostPod], message: str) -> None: ...
 
     def handle_failures(self, current: list[dict[str, Any]]) -> bool:
         st, policy = self.status, self.spec.failure_policy
@@ -115,6 +119,7 @@ class FailurePlanning:
                 None,
                 "PodDeleted",
                 f"pod of rank {r} was deleted",
+                rank=r,
             )
             for r in range(expected)
             if r not in have
@@ -158,6 +163,13 @@ class FailurePlanning:
         for lp in lost:
             if lp.node and lp.node not in st.excluded_nodes:
                 st.excluded_nodes.append(lp.node)
+        if policy.node_failure == "ReplaceNode":
+            why = self.gang_restart_needed(current, lost, exits)
+            if why is None:
+                return self.replace(current, lost, message)
+            message += f"; {why}"
+        for lp in lost:
+            recoveries.record(st, lp, "RestartGang", None, self.now, self.health)
         self.event(
             "Warning",
             "NodeFailure",

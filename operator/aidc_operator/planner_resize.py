@@ -35,11 +35,12 @@ def pod_env(pod: dict[str, Any], name: str) -> str | None:
 
 
 def started_size(current: list[dict[str, Any]]) -> int | None:
-    """The gang size a static attempt's pods were started with (torchrun's --nnodes), if they say."""
+    """The gang size a static attempt's pods were started with (torchrun's --nnodes: N, or N:N for a
+    fixed-size c10d rendezvous), if they say."""
     for pod in current:
-        value = pod_env(pod, "PET_NNODES")
-        if value and value.isdigit():
-            return int(value)
+        low, _, high = (pod_env(pod, "PET_NNODES") or "").partition(":")
+        if low.isdigit() and (not high or high == low):
+            return int(low)
     return None
 
 
@@ -64,21 +65,22 @@ class ResizePlanning:
         def event(self, type_: str, reason: str, message: str) -> None: ...
         def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None: ...
         def delete_pods(self, pods: list[dict[str, Any]]) -> None: ...
+        def spares(self) -> int: ...
 
     growing = False  # an elastic gang is adding ranks in place: it stays Running meanwhile
 
     def gang_size(self, current: list[dict[str, Any]]) -> int:
         """Pods the current attempt was started with (what a lost pod is counted against): a static
-        gang's size from its pods, an elastic gang's highest rank + 1; with no pods yet, the size a new
-        attempt gets: spec.nodes, or for an elastic job as many as there are healthy nodes (not fewer
-        than minNodes)."""
+        gang's size from its pods, plus its standby spares, an elastic gang's highest rank + 1; with no
+        pods yet, the size a new attempt gets: spec.nodes (+ spares), or for an elastic job as many as
+        there are healthy nodes (not fewer than minNodes)."""
         spec = self.spec
         if current:
             if not spec.elastic:
-                return started_size(current) or spec.nodes
+                return (started_size(current) or spec.nodes) + self.spares()
             return max(gp.rank(p) for p in current) + 1
         if not spec.elastic:
-            return spec.nodes
+            return spec.nodes + self.spares()
         usable = healthy_nodes(self.health) - set(self.status.excluded_nodes)
         return max(spec.elastic.min_nodes, min(spec.nodes, len(usable)))
 
@@ -139,13 +141,14 @@ class ResizePlanning:
                 f"{size} node(s) within [{started[0]}, {started[1]}]: the new range applies at the next "
                 "gang start (suspend and resume the job to apply it now)"
             )
-        elif spec.nodes != size:
+        elif spec.nodes != size - self.spares():
+            size -= self.spares()
             self.resize_pending(
                 f"spec.nodes is {spec.nodes}; the running gang has {size} node(s): the new size applies "
                 "at the next gang start (suspend and resume the job to apply it now)"
             )
         else:
-            self.resize_settled(size)
+            self.resize_settled(size - self.spares())
         return current
 
     def resize_pending(self, message: str) -> None:

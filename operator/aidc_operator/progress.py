@@ -103,6 +103,16 @@ def clear_eta(status: TrainingJobStatus) -> None:
         status.progress.eta = status.progress.estimated_completion_time = None
 
 
+def reports(pods: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(attempt, report) of every pod carrying a progress report, oldest first: with a c10d rendezvous
+    the reporting rank 0 may move between the pods of an attempt, so the newest report wins, never a
+    fixed pod's."""
+    found = [
+        (gp.attempt(p), r) for p in pods if (r := gp.annotation_json(p, ANNOTATION_PROGRESS)) is not None
+    ]
+    return sorted(found, key=lambda ar: (ar[0], str(ar[1].get("time") or "")))
+
+
 def lift(status: TrainingJobStatus, pods: list[dict[str, Any]], finished: bool) -> float | None:
     """Lift rank 0's reports (annotations on its own pod) into the status: progress with its ETA, the
     latest evaluation, the newest checkpoint and backup copy, how energy is measured. Returns the
@@ -112,16 +122,14 @@ def lift(status: TrainingJobStatus, pods: list[dict[str, Any]], finished: bool) 
     joules = None
     if st.energy_joules is not None:
         joules = st.energy_joules - (st.energy_joules_previous or 0.0)
-    for pod in sorted(pods, key=lambda p: (gp.attempt(p), -gp.rank(p))):
-        if gp.rank(pod) != 0:
-            continue
-        if (report := gp.annotation_json(pod, ANNOTATION_PROGRESS)) is not None:
-            with contextlib.suppress(ValueError):
-                st.progress = with_eta(Progress.model_validate(report))
-            st.evaluation = evaluation(report) or st.evaluation
-            if gp.attempt(pod) == st.attempt:
-                measured = energy(report)
-                joules, st.energy = measured.joules, measured.text or st.energy
+    for attempt, report in reports(pods):
+        with contextlib.suppress(ValueError):
+            st.progress = with_eta(Progress.model_validate(report))
+        st.evaluation = evaluation(report) or st.evaluation
+        if attempt == st.attempt:
+            measured = energy(report)
+            joules, st.energy = measured.joules, measured.text or st.energy
+    for pod in pods:
         if (copy := gp.annotation_json(pod, ANNOTATION_BACKUP)) is not None:
             with contextlib.suppress(ValueError):
                 backup = BackupRef.model_validate(copy)

@@ -118,6 +118,7 @@ class LostPod:
     node: str | None
     reason: str
     message: str
+    rank: int | None = None  # set where the pod is gone and only its rank is known
 
 
 def disruption(pod: dict[str, Any]) -> str | None:

@@ -43,9 +43,12 @@ NON_RETRYABLE_TRAINER_CODES = {3, 4, 7}
 RETRYABLE_TRAINER_CODES = {6}
 PEER_LOST_CODE = 5
 # Words a collective library uses when the other end of a connection went away, for scripts that
-# are not the aidc trainer (which reports the cause itself).
+# are not the aidc trainer (which reports the cause itself); and torchrun's agent losing the c10d
+# rendezvous store, which lives in the rank-0 pod's agent: that pod's node died, or the job ended under
+# a standby spare.
 _PEER_LOST_TEXT = re.compile(
     r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|remote process exited"
+    r"|RendezvousConnectionError|connection to the C10d store has failed"
 )
 _ADDRESS_IN_USE = re.compile(r"EADDRINUSE|Address already in use", re.IGNORECASE)
 ADDRESS_IN_USE = "AddressInUse"

@@ -13,7 +13,7 @@ from typing import Any
 
 from aidc_trainer import distributed as D
 from aidc_trainer.cadence import Clock, Every, Rate
-from aidc_trainer.checkpoint import SaveResult
+from aidc_trainer.checkpoint import SaveResult, utc_now
 from aidc_trainer.config import TrainConfig
 from aidc_trainer.control_sync import Control
 from aidc_trainer.energy import EnergyMeter, job_energy
@@ -48,10 +48,15 @@ class RunReport:
         metrics.energy_joules.set(math.nan)  # not measured is no sample, never 0
         self.evaluation: dict[str, Any] | None = None  # the latest, for the progress report
         self._steps_per_second: float | None = None
+        # This run (a process start, or torchrun's in-place restart): its first step's time and the step
+        # it resumed from. The operator times a recovery with it (status.recoveries).
+        self.run: dict[str, Any] | None = None
+        self._from_step = 0
 
     def start(self, start_step: int) -> None:
         """The training loop starts at ``start_step``: rates and rate limits count from now."""
         clock = self.clock
+        self._from_step = start_step
         self._window = (clock(), start_step)
         self._progress_every = Every(self.cfg.progress_every_seconds, clock)
         self._progress_rate = Rate(start_step, clock)
@@ -87,7 +92,10 @@ class RunReport:
             )
         if not math.isfinite(loss):
             log.warning("loss is not finite", extra={"event": "nonfinite", "step": ctl.step})
-        if self.progress is not None and self._progress_every.due():
+        first = self.run is None
+        if first:
+            self.run = {"fromStep": self._from_step, "firstStepAt": utc_now()}
+        if self.progress is not None and self._progress_every.due(force=first):
             self.report_progress(step)
 
     def _job_energy(self, sums: list[float]) -> None:
@@ -135,6 +143,8 @@ class RunReport:
             extra["stepsPerSecond"] = self._steps_per_second
         if self.evaluation is not None:
             extra["evaluation"] = self.evaluation
+        if self.run is not None:
+            extra["run"] = self.run
         self.progress.progress(step, self.cfg.steps, **extra, **self.energy)
 
     def finish(

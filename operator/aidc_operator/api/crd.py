@@ -32,6 +32,16 @@ TRAININGJOB_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".nodes",
         },
         {
+            "rule": "self.failurePolicy.spareNodes == 0 || self.failurePolicy.nodeFailure == 'ReplaceNode'",
+            "message": "spec.failurePolicy.spareNodes needs spec.failurePolicy.nodeFailure: ReplaceNode",
+            "fieldPath": ".failurePolicy.spareNodes",
+        },
+        {
+            "rule": "self.failurePolicy.spareNodes == 0 || !has(self.elastic)",
+            "message": "spec.failurePolicy.spareNodes needs a fixed-size gang (no spec.elastic)",
+            "fieldPath": ".failurePolicy.spareNodes",
+        },
+        {
             "rule": "self.failurePolicy.backoffSeconds <= self.failurePolicy.maxBackoffSeconds",
             "message": "spec.failurePolicy.backoffSeconds must be <= spec.failurePolicy.maxBackoffSeconds",
             "fieldPath": ".failurePolicy.backoffSeconds",
@@ -224,6 +234,7 @@ def trainingjob_crd() -> dict[str, Any]:
             },
             {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
             {"name": "Node-Failures", "type": "integer", "jsonPath": ".status.nodeFailures", "priority": 1},
+            {"name": "Spares", "type": "integer", "jsonPath": ".status.spares"},
             {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
             {
                 "name": "ETA",

@@ -83,10 +83,17 @@ class FailurePolicy(ApiModel):
     """First delay before a restart; doubles with every restart."""
     max_backoff_seconds: int = Field(default=300, ge=0, le=86400)
     """Cap on the restart delay."""
-    node_failure: Literal["RestartGang", "Fail"] = "RestartGang"
-    """What a lost node does: recreate the gang on healthy nodes, or fail the job."""
+    node_failure: Literal["RestartGang", "ReplaceNode", "Fail"] = "RestartGang"
+    """What a lost node does. RestartGang: recreate the whole gang on healthy nodes. ReplaceNode: replace
+    only the lost node's pod; the other pods keep running and their torchrun agents restart the workers
+    in place (c10d rendezvous), resuming from the newest checkpoint; a lost rank 0, which hosts the
+    rendezvous store, restarts the gang instead. Fail: fail the job."""
     max_node_failures: int = Field(default=10, ge=0, le=10000)
-    """Gang restarts allowed for node failures (a budget separate from maxRestarts)."""
+    """Recoveries allowed for node failures (a budget separate from maxRestarts)."""
+    spare_nodes: int = Field(default=0, ge=0, le=64)
+    """ReplaceNode only: extra pods kept scheduled and started as standby in the rendezvous (holding
+    their GPUs): a lost node's rank is taken over at once, without waiting for scheduling or start-up,
+    and a new spare is started behind it."""
     retryable_exit_codes: list[int] = Field(default_factory=list, max_length=64)
     """Exit codes that restart the gang besides signals (128+N) and OOM; any other non-zero code fails
     the job at once."""
@@ -215,6 +222,30 @@ class Evaluation(ApiModel):
     """Held-out macro-F1 (0..1)."""
 
 
+class RecoveryRecord(ApiModel):
+    """One recovery from a lost node, as the operator handled it and the trainer resumed."""
+
+    node: str | None = None
+    """The node that was lost."""
+    lost_pod: str
+    """The pod the node took."""
+    replacement: str | None = None
+    """ReplaceNode: the pod created in its place (the other pods kept running); absent for a gang
+    restart."""
+    mode: Literal["ReplaceNode", "RestartGang"]
+    """How the operator recovered."""
+    lost_at: str | None = None
+    """The node's last sign of life the operator saw (its Lease renewal), RFC 3339."""
+    detected_at: str
+    """When the operator judged the node lost (RFC 3339)."""
+    resumed_at: str | None = None
+    """When the first training step after the recovery ran (the trainer's report), RFC 3339."""
+    resumed_from_step: int | None = None
+    """The checkpoint step training resumed from."""
+    seconds: float | None = None
+    """detectedAt → resumedAt; 0 when a spare had already taken over before the operator's verdict."""
+
+
 class FailureRecord(ApiModel):
     """The last failure that restarted or failed the job."""
 
@@ -247,7 +278,11 @@ class TrainingJobStatus(ApiModel):
     restarts: int = 0
     """Gang restarts for pod failures."""
     node_failures: int = 0
-    """Gang restarts for lost nodes."""
+    """Recoveries from lost nodes (gang restarts or, with ReplaceNode, pod replacements)."""
+    spares: int = 0
+    """Running pods beyond spec.nodes: standby ranks of spec.failurePolicy.spareNodes."""
+    recoveries: list[RecoveryRecord] = Field(default_factory=list)
+    """The latest recoveries from lost nodes (at most 10, oldest first)."""
     preemptions: int = 0
     """Gang restarts because the scheduler preempted a pod (neither a failure nor a restart)."""
     scheduling_retries: int = 0

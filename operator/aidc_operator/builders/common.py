@@ -11,6 +11,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "aidc-operator"}
 LABEL_JOB = "aidc.dev/job-name"
 LABEL_RANK = "aidc.dev/node-rank"
 LABEL_ATTEMPT = "aidc.dev/attempt"
+LABEL_REPLACEMENT = "aidc.dev/replacement"  # k of a pod that took a lost pod's rank over
 LABEL_ISVC = "aidc.dev/inferenceservice"
 LABEL_ROLE = "aidc.dev/role"
 # Labels copied from a job to its pods so queueing and policy systems (Kueue, Volcano) see them.

@@ -10,12 +10,14 @@ from .common import (
     LABEL_ATTEMPT,
     LABEL_JOB,
     LABEL_RANK,
+    LABEL_REPLACEMENT,
     Owner,
     container_security_context,
     merge_env,
     metadata,
     pod_security_context,
 )
+from .torchrun import hostname, service_name, torchrun_command, torchrun_env
 
 CHECKPOINT_MOUNT = "/checkpoints"
 BACKUP_MOUNT = "/checkpoint-backup"  # spec.checkpoint.backup, read-write: rank 0 copies checkpoints there
@@ -29,23 +31,9 @@ RESERVED_ENV = {"WORLD_SIZE", "RANK"}
 TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMessagePath
 
 
-def service_name(job: str) -> str:
-    # Not the job's bare name: that is left for what users address (an InferenceService serving this
-    # job is typically given the same name, and its Service takes it).
-    return f"{job}-ranks"
-
-
-def pod_name(job: str, attempt: int, rank: int) -> str:
-    return f"{job}-a{attempt}-{rank}"
-
-
-def hostname(job: str, rank: int) -> str:
-    # Stable across attempts (only one attempt is ever alive), so MASTER_ADDR never changes.
-    return f"{job}-{rank}"
-
-
-def master_addr(owner: Owner) -> str:
-    return f"{hostname(owner.name, 0)}.{service_name(owner.name)}.{owner.namespace}.svc"
+def pod_name(job: str, attempt: int, rank: int, replacement: int = 0) -> str:
+    """replacement k > 0: the k-th pod that took the rank over within the attempt (ReplaceNode)."""
+    return f"{job}-a{attempt}-{rank}" + (f"-r{replacement}" if replacement else "")
 
 
 def key_secret_name(owner: Owner, spec: TrainingJobSpec) -> str | None:
@@ -61,48 +49,6 @@ def trainer_service_account(job: str) -> str:
 
 def gpus(spec: TrainingJobSpec) -> int:
     return spec.proc_per_node if spec.gpus_per_node is None else spec.gpus_per_node
-
-
-def torchrun_command(command: list[str]) -> list[str]:
-    """The user's command under torchrun: `python -m mod …` → `torchrun -m mod …`, `python x.py …` →
-    `torchrun x.py …`, anything else → `torchrun --no-python cmd …`. torchrun takes its own options from
-    the PET_* environment, so none appear here."""
-    if command[0] in ("python", "python3") and len(command) > 1:
-        if command[1] == "-m" and len(command) > 2:
-            return ["torchrun", "-m", *command[2:]]
-        if not command[1].startswith("-"):
-            return ["torchrun", *command[1:]]
-    return ["torchrun", "--no-python", *command]
-
-
-def torchrun_env(owner: Owner, spec: TrainingJobSpec, rank: int, attempt: int) -> list[dict[str, Any]]:
-    """torchrun's wiring, with WORLD_SIZE/RANK meaning what Kubeflow's PyTorchJob gives them: the number
-    of pods and this pod's node rank (torchrun sets the per-process global values itself)."""
-    master = master_addr(owner)
-    port = str(spec.master_port)
-    env = {
-        "MASTER_ADDR": master,
-        "MASTER_PORT": port,
-        "WORLD_SIZE": str(spec.nodes),
-        "RANK": str(rank),
-        "PET_NPROC_PER_NODE": str(spec.proc_per_node),
-    }
-    if spec.elastic:
-        env |= {
-            "PET_NNODES": f"{spec.elastic.min_nodes}:{spec.elastic.max_nodes}",
-            "PET_RDZV_BACKEND": "c10d",
-            "PET_RDZV_ENDPOINT": f"{master}:{port}",
-            "PET_RDZV_ID": f"{owner.uid}-{attempt}",
-            "PET_MAX_RESTARTS": str(spec.elastic.max_restarts),
-        }
-    else:
-        env |= {
-            "PET_NNODES": str(spec.nodes),
-            "PET_NODE_RANK": str(rank),
-            "PET_MASTER_ADDR": master,
-            "PET_MASTER_PORT": port,
-        }
-    return [{"name": k, "value": v} for k, v in env.items()]
 
 
 def aidc_env(owner: Owner, spec: TrainingJobSpec, attempt: int) -> list[dict[str, Any]]:
@@ -219,9 +165,11 @@ def pod(
     attempt: int,
     excluded_nodes: list[str] | None = None,
     placement: tuple[dict[str, str], list[dict[str, Any]]] | None = None,
+    replacement: int = 0,
 ) -> dict[str, Any]:
     """Rank `rank` of attempt `attempt`. placement: (node labels, tolerations) of the flavor Kueue
-    admitted the gang to, added to the user's own."""
+    admitted the gang to, added to the user's own; replacement: see pod_name (same hostname, so the
+    rank's DNS name moves to it)."""
     tmpl = spec.pod_template
     # Kueue's labels stay on the TrainingJob: its Workload queues the gang as one (queueing.py).
     labels = {
@@ -230,6 +178,8 @@ def pod(
         LABEL_RANK: str(rank),
         LABEL_ATTEMPT: str(attempt),
     }
+    if replacement:
+        labels[LABEL_REPLACEMENT] = str(replacement)
     vols, mounts = volumes(owner, spec)
     container = {
         "name": "trainer",
@@ -254,7 +204,8 @@ def pod(
     }
     grace = tmpl.termination_grace_period_seconds
     pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",  # the operator restarts the whole gang, never one pod
+        # the operator decides every restart: of the gang, or (ReplaceNode) a new pod for a lost one
+        "restartPolicy": "Never",
         "hostname": hostname(owner.name, rank),
         "subdomain": service_name(owner.name),
         "serviceAccountName": tmpl.service_account_name or trainer_service_account(owner.name),
@@ -283,7 +234,7 @@ def pod(
         pod_spec["priorityClassName"] = tmpl.priority_class_name
     if tmpl.image_pull_secrets:
         pod_spec["imagePullSecrets"] = list(tmpl.image_pull_secrets)
-    meta = metadata(owner, pod_name(owner.name, attempt, rank), labels)
+    meta = metadata(owner, pod_name(owner.name, attempt, rank, replacement), labels)
     if tmpl.annotations:
         meta["annotations"] = dict(tmpl.annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}

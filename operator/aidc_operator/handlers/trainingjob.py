@@ -99,7 +99,8 @@ def _ensure_volume(owner: Owner, spec: TrainingJobSpec) -> lifecycle.Prerequisit
 def _ensure_children(owner: Owner, spec: TrainingJobSpec, attempt: int, pods: list[dict[str, Any]]) -> None:
     """Service, NetworkPolicy and the trainer's ServiceAccount/Role: created when the store lacks them
     (adopted when they exist), the Role patched only when its rules differ from what it should say."""
-    pod_names = [build.pod_name(owner.name, attempt, r) for r in range(spec.nodes)]
+    spares = spec.failure_policy.spare_nodes  # standbys may become the rank that reports
+    pod_names = [build.pod_name(owner.name, attempt, r) for r in range(spec.nodes + spares)]
     # A gang resized down keeps running at its old size until its next start: its pods keep access.
     pod_names += [
         p["metadata"]["name"]

@@ -139,17 +139,20 @@ def _pod(rank: int, annotations: dict[str, Any], attempt: int = 0) -> dict[str, 
     }
 
 
-def test_rank_zeros_backup_report_is_lifted_into_status_last_backup() -> None:
+def test_the_backup_report_is_lifted_from_whichever_pod_rank_0_runs_in() -> None:
+    # With a c10d rendezvous the trainer's global rank 0 may run in any pod of the gang.
     st = TrainingJobStatus()
     report = {"step": 40, "path": "/checkpoint-backup/mnist/step-000000040", "time": "2026-01-01T00:00:05Z"}
-    other = {"step": 99, "path": "x", "time": "2026-01-01T00:00:09Z"}
-    pr.lift(st, [_pod(0, {pr.ANNOTATION_BACKUP: report}), _pod(1, {pr.ANNOTATION_BACKUP: other})], False)
+    pr.lift(st, [_pod(0, {}), _pod(1, {pr.ANNOTATION_BACKUP: report})], False)
     assert st.last_backup is not None
     dumped = st.model_dump(by_alias=True, mode="json", exclude_none=True)["lastBackup"]
-    assert dumped == report  # only rank 0 speaks for the job
+    assert dumped == report
     pr.lift(st, [_pod(0, {pr.ANNOTATION_BACKUP: "{not json"})], False)  # garbled: ignored
     pr.lift(st, [_pod(0, {pr.ANNOTATION_BACKUP: {"path": "no step"}})], False)  # invalid: ignored
     assert st.last_backup.step == 40
+    older = {"step": 30, "path": "x", "time": "2026-01-01T00:00:01Z"}  # a pod that was rank 0 before
+    pr.lift(st, [_pod(0, {pr.ANNOTATION_BACKUP: older}), _pod(2, {pr.ANNOTATION_BACKUP: report})], False)
+    assert st.last_backup.step == 40  # never back to an older copy
     pr.lift(st, [_pod(0, {pr.ANNOTATION_BACKUP: {**report, "step": 50}}, attempt=1)], False)
     assert st.last_backup.step == 50
 
