@@ -2,7 +2,8 @@
 
 Without a queueing system the scheduler places a gang pod by pod: the placed pods hold their GPUs while
 the rest stay Pending, and two such partial gangs can deadlock a cluster. The planner gives a gang
-spec.scheduling.timeoutSeconds, counted from its first pod's creation, to be placed whole.
+spec.scheduling.timeoutSeconds, counted from the creation of its oldest pod still waiting, to be placed
+whole (for a new gang: its first pod's; for a pod that replaced a lost one: its own, not the gang's).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def placement(current: list[dict[str, Any]], timeout_seconds: int, now: dt.datet
     stuck = [(p["metadata"]["name"], c.get("message", "")) for p in unplaced if (c := gp.unschedulable(p))]
     if not unplaced or not timeout_seconds:
         return Placement([p["metadata"]["name"] for p in unplaced], stuck)
-    created = [t for p in current if (t := gp.parse_ts(p["metadata"].get("creationTimestamp")))]
+    created = [t for p in unplaced if (t := gp.parse_ts(p["metadata"].get("creationTimestamp")))]
     if not created:
         return Placement([p["metadata"]["name"] for p in unplaced], stuck)
     left = timeout_seconds - (now - min(created)).total_seconds()

@@ -237,15 +237,18 @@ class _Planner(FailurePlanning, QueuePlanning, ReplacePlanning, ResizePlanning):
         st.nodes = f"{min(ready, asked)}/{asked}"
         st.spares = max(0, ready - asked)
         self.gpu_accounting(current)
-        phases = [gp.phase(p) for p in current]
+        short = self.running_short(current)  # elastic, fewer nodes: the waiting pods join when placed
+        phases = [gp.phase(p) for p in current if not (short and gp.phase(p) == "Pending")]
         whole = not missing or self.growing  # an elastic gang adding ranks in place keeps running
         if current and whole and "Running" in phases and set(phases) <= {"Running", "Succeeded"}:
             # Ranks exit 0 one by one at the end: those that finished still count as running.
             done = phases.count("Succeeded")
-            running = f"{len(current) - done} pod(s) running" + (f", {done} finished" if done else "")
+            running = f"{len(phases) - done} pod(s) running" + (f", {done} finished" if done else "")
+            if waiting := len(current) - len(phases):
+                running += f", {waiting} waiting for a node (elastic: training with fewer meanwhile)"
             self.condition("Running", True, "AllPodsRunning", running)
             self.condition("Restarting", False, "AllPodsRunning")
-            self.set_phase("Running", "Running", f"all {len(current)} pod(s) of attempt {st.attempt} running")
+            self.set_phase("Running", "Running", f"{running} (attempt {st.attempt})")
         elif st.phase not in ("Restarting",):
             st.phase = "Pending"
         if spec.active_deadline_seconds and st.start_time:

@@ -41,6 +41,7 @@ class FailurePlanning:
         def restart(self, current: list[dict[str, Any]], delay: int) -> None: ...
         def gang_size(self, current: list[dict[str, Any]]) -> int: ...
         def delete_pods(self, pods: list[dict[str, Any]]) -> None: ...
+        def running_short(self, current: list[dict[str, Any]]) -> bool: ...
         def gang_restart_needed(
             self, current: list[dict[str, Any]], lost: list[LostPod], exits: list[PodExit]
         ) -> str | None: ...
@@ -200,7 +201,7 @@ class FailurePlanning:
         st, policy = self.status, self.spec.scheduling
         placing = gs.placement(current, policy.timeout_seconds, self.now)
         have = get_condition(st.conditions, "Unschedulable")
-        if placing.timed_out:
+        if placing.timed_out and not self.running_short(current):
             return self.scheduling_timeout(current, placing)
         if placing.stuck:
             name, words = placing.stuck[0]

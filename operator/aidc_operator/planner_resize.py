@@ -95,6 +95,15 @@ class ResizePlanning:
         usable = healthy_nodes(self.health) - set(self.status.excluded_nodes)
         return min(spec.nodes, max(size, len(usable)))
 
+    def running_short(self, current: list[dict[str, Any]]) -> bool:
+        """An elastic gang trains in place with at least minNodes while its other pods wait for a node
+        (a lost node's replacement with no capacity left): it runs on, and grows back when they start."""
+        elastic = self.spec.elastic
+        if elastic is None or not self.in_place(current):
+            return False
+        phases = [gp.phase(p) for p in current if not p["metadata"].get("deletionTimestamp")]
+        return "Pending" in phases and phases.count("Running") >= elastic.min_nodes
+
     def in_place(self, current: list[dict[str, Any]]) -> bool:
         """An elastic gang resizes in place while its pods rendezvous within the spec's range (pods built
         now join the same rendezvous); a static gang's --nnodes is fixed, and Kueue admitted a fixed pod

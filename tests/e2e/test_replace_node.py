@@ -141,3 +141,74 @@ def test_a_standby_spare_takes_the_lost_rank_over(
     assert set(after) - set(before) == {rec["replacement"]}  # one pod created: the new standby
     kept = [n for n in before if n != victim_pod]
     assert all(after[n][0] == before[n][0] for n in kept)
+
+
+def _starts(kubelet: Path, pods: list[str]) -> list[tuple[str, int]]:
+    """(time, world size) of every run of the workers the pods' logs recorded, oldest first."""
+    found = []
+    for pod in pods:
+        log = kubelet / pod / "log"
+        if log.exists():
+            found += [(e["time"], e["world_size"]) for e in events_of(log) if e.get("event") == "start"]
+    return sorted(found)
+
+
+def test_an_elastic_gang_with_no_node_left_trains_on_smaller_and_grows_back(
+    kube: Kube, namespace: str, kubelet: Path, tmp_path: Path
+) -> None:
+    hostpath_claim(kube, namespace, "ckpt", tmp_path / "pv")
+    command = ["python", "-m", "aidc_trainer", "--example", "mlp", "--steps", "1000000", "--eval-every", "0"]
+    command += ["--log-every", "500", "--progress-every-seconds", "1"]
+    kube.create_cr(
+        "TrainingJob",
+        namespace,
+        "el",
+        {
+            "command": command,
+            "nodes": 3,
+            "elastic": {"minNodes": 2, "maxNodes": 3},
+            "procPerNode": 1,
+            "gpusPerNode": 1,
+            "checkpoint": {"volume": {"persistentVolumeClaim": {"claimName": "ckpt"}}, "everySteps": 200},
+            "failurePolicy": {"nodeFailure": "ReplaceNode"},
+        },
+    )
+    wait_for(
+        "a checkpoint",
+        lambda: (status(kube, namespace, "el").get("lastCheckpoint") or {}).get("step", 0) >= 200,
+        timeout=600,
+        interval=0.5,
+    )
+    before = _pods(kube, namespace, "el")
+    spare_node = next(n for n in kube.gpu_nodes() if n not in {v[2] for v in before.values()})
+    victim_pod = next(n for n, v in before.items() if v[1] == "1")
+    kube.kubectl("cordon", spare_node)  # no capacity left once a node dies
+    try:
+        kube.fail_node(before[victim_pod][2])
+        # the two survivors re-form in place and train on: a run of world size 2, steps moving
+        wait_for(
+            "training on with 2 nodes",
+            lambda: any(w == 2 for _, w in _starts(kubelet, list(before))),
+            timeout=300,
+            interval=1,
+        )
+        st = status(kube, namespace, "el")
+        assert st["phase"] == "Running" and st["nodes"] == "2/3" and st["attempt"] == 0, st
+        step = st["progress"]["step"]
+        wait_for(
+            "steps moving", lambda: status(kube, namespace, "el")["progress"]["step"] > step, timeout=120
+        )
+        assert "el-a0-1-r1" in _pods(kube, namespace, "el")  # waiting for a node, not given up
+    finally:
+        kube.kubectl("uncordon", spare_node)
+    # a node is back: the waiting pod starts and the gang grows back to 3 in place
+    wait_for("3/3 again", lambda: status(kube, namespace, "el").get("nodes") == "3/3", timeout=300)
+    wait_for(
+        "a run of world size 3 after the 2",
+        lambda: [w for _, w in _starts(kubelet, [*before, "el-a0-1-r1"])][-1:] == [3],
+        timeout=300,
+        interval=1,
+    )
+    after = _pods(kube, namespace, "el")
+    assert all(after[n][0] == before[n][0] for n in before if n != victim_pod)  # never restarted whole
+    assert status(kube, namespace, "el")["attempt"] == 0

@@ -184,3 +184,50 @@ def test_spares_need_replace_node_and_a_fixed_size(failure: dict, elastic: dict 
     raw = {"nodes": 3, "failurePolicy": failure, **({"elastic": elastic} if elastic else {})}
     problems = admission.validate_trainingjob("job", raw)
     assert any(field in p for p in problems), problems
+
+
+def unschedulable(pod: dict, created: str) -> dict:
+    pod["metadata"]["creationTimestamp"] = created
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/4 nodes"}
+        ],
+    }
+    return pod
+
+
+def test_a_replacement_gets_its_own_scheduling_time_not_the_gangs() -> None:
+    s = spec()
+    pods = running(s, 0, ["n0", "n1", "n2"])
+    for pod in pods:
+        pod["metadata"]["creationTimestamp"] = "2026-11-26T09:00:00Z"  # the gang is hours old
+    nodes = {**NODES, "n1": node("n1", "Unknown")}
+    p = plan(body({"phase": "Running", "attempt": 0}), s, pods, nodes, NOW)
+    new = unschedulable(p.create[0], "2026-11-26T12:00:00Z")
+    gang = [pods[0], pods[2], new]
+    p2 = plan(body(p.status.wire()), s, gang, nodes, NOW + dt.timedelta(seconds=30))
+    assert p2.delete == [] and p2.status.attempt == 0  # waiting 30 s of its 300: no timeout
+    # a fixed-size gang cannot train without it: after timeoutSeconds the gang is given up and retried
+    p3 = plan(body(p2.status.wire()), s, gang, nodes, NOW + dt.timedelta(seconds=301))
+    assert p3.status.attempt == 1 and p3.status.scheduling_retries == 1
+
+
+def test_an_elastic_gang_with_no_node_left_trains_on_with_fewer_in_place() -> None:
+    s = TrainingJobSpec(nodes=3, elastic={"minNodes": 2, "maxNodes": 3}, failurePolicy=REPLACE)
+    pods = running(s, 0, ["n0", "n1", "n2"])
+    nodes = {"n0": node("n0"), "n1": node("n1", "Unknown"), "n2": node("n2")}  # no node to spare
+    p = plan(body({"phase": "Running", "attempt": 0}), s, pods, nodes, NOW)
+    assert names(p.create) == ["job-a0-1-r1"] and p.status.attempt == 0
+    new = unschedulable(p.create[0], "2026-11-26T12:00:00Z")
+    gang = [pods[0], pods[2], new]
+    for later in (30, 3600):  # long past timeoutSeconds: the waiting pod never stops the gang
+        p2 = plan(body(p.status.wire()), s, gang, nodes, NOW + dt.timedelta(seconds=later))
+        assert p2.delete == [] and p2.create == [] and p2.status.attempt == 0
+        assert p2.status.phase == "Running" and p2.status.nodes == "2/3"
+        unsched = next(c for c in p2.status.conditions if c.type == "Unschedulable")
+        assert unsched.status == "True" and "0/4 nodes" in unsched.message
+    # a node comes back: the pod is placed and runs; the gang is whole again
+    new["spec"]["nodeName"], new["status"] = "n3", pods[0]["status"]
+    p3 = plan(body(p2.status.wire()), s, gang, {**nodes, "n3": node("n3")}, NOW + dt.timedelta(seconds=3601))
+    assert p3.status.nodes == "3/3" and p3.status.phase == "Running"
