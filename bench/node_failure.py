@@ -18,6 +18,7 @@ address). Two modes:
   trials run side by side in one failure event; aidc's run one after another.
 
     python bench/node_failure.py [--mode power-cut] [--trials 5] [--interval 100] [--grace 20s]
+        [--nodes 2] [--policies RestartGang,ReplaceNode,ReplaceNode+spare]
     python bench/node_failure.py --mode agent-only [--trials 10] [--default-trials 3]
 """
 
@@ -62,11 +63,13 @@ def running_pods(c: LocalCluster, selector: str) -> list[dict]:
     ]
 
 
-def gang_moved(c: LocalCluster, sel: str, victim: str) -> bool:
-    """Both pods of a later attempt Running, neither on the dead node."""
+def gang_moved(c: LocalCluster, sel: str, victim: str, count: int = 2, new_attempt: bool = True) -> bool:
+    """All `count` pods Running, none on the dead node (and, for a gang restart, of a later attempt)."""
     pods = running_pods(c, sel)
-    return len(pods) == 2 and all(
-        p["spec"]["nodeName"] != victim and p["metadata"]["labels"]["aidc.dev/attempt"] != "0" for p in pods
+    return len(pods) == count and all(
+        p["spec"]["nodeName"] != victim
+        and (not new_attempt or p["metadata"]["labels"]["aidc.dev/attempt"] != "0")
+        for p in pods
     )
 
 
@@ -246,21 +249,32 @@ def wall(event: dict[str, Any]) -> float:
     return dt.datetime.strptime(event["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
-def rank_pod(c: LocalCluster, sel: str, rank: str) -> dict:
-    return next(p for p in running_pods(c, sel) if p["metadata"]["labels"]["aidc.dev/node-rank"] == rank)
+POLICIES = {  # power-cut mode, side by side (bench/node_replace.py: the same at 4-64 pods on kwok)
+    "RestartGang": {"nodeFailure": "RestartGang"},
+    "ReplaceNode": {"nodeFailure": "ReplaceNode"},
+    "ReplaceNode+spare": {"nodeFailure": "ReplaceNode", "spareNodes": 1},
+}
 
 
-def power_cut_trial(c: LocalCluster, i: int, interval: int) -> dict[str, Any]:
+def after(logs: list[Path], t0_wall: float, event: str) -> dict | None:
+    """The first `event` any of the gang's pods logged after t0 (the trainer's global rank 0 may run in
+    any pod of a c10d rendezvous)."""
+    found = [e for log in logs for e in events(log) if e.get("event") == event and wall(e) > t0_wall]
+    return min(found, key=wall, default=None)
+
+
+def power_cut_trial(c: LocalCluster, i: int, interval: int, policy: str, nodes: int) -> dict[str, Any]:
     name = f"pc-{i}"
     # Every step logged (a control sync each step) so the step the dead attempt reached is exact.
     command = ["python", "-m", "aidc_trainer", "--example", "mlp", "--steps", "10000000", "--eval-every", "0"]
     command += ["--log-every", "1", "--log-every-seconds", "0", "--progress-every-seconds", "1"]
     spec = {
         "command": command,
-        "nodes": 2,
+        "nodes": nodes,
         "procPerNode": 1,
         "gpusPerNode": 1,
         "checkpoint": {"volume": {"persistentVolumeClaim": {"claimName": "ckpt"}}, "everySteps": interval},
+        "failurePolicy": POLICIES[policy],
     }
     job = {"apiVersion": "aidc.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name}, "spec": spec}
     c.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps(job))
@@ -274,31 +288,39 @@ def power_cut_trial(c: LocalCluster, i: int, interval: int) -> dict[str, Any]:
 
     # Budgets, not goals: torch start-up and two checkpoint intervals on a loaded machine.
     poll(f"{name} past two checkpoints", lambda: checkpointed() >= 2 * interval, 600, 0.5)
-    rank0_log = PODS / rank_pod(c, sel, "0")["metadata"]["name"] / "log"
-    victim = rank_pod(c, sel, "1")["spec"]["nodeName"]
+    before = [PODS / p["metadata"]["name"] / "log" for p in running_pods(c, sel)]
+    before_uids = {p["metadata"]["uid"] for p in running_pods(c, sel)}
+    # a pod that trains (with a spare, which one stands by is torch's choice), never the rendezvous host
+    victim = next(
+        p["spec"]["nodeName"]
+        for p in running_pods(c, sel)
+        if p["metadata"]["labels"]["aidc.dev/node-rank"] != "0"
+        and any(e.get("event") == "resume" for e in events(PODS / p["metadata"]["name"] / "log"))
+    )
     time.sleep(random.uniform(0, 2))  # cut at a random point of a checkpoint interval
     t0_wall, t0 = time.time(), time.monotonic()
     c.stop_node_agent(victim)
-    poll(
-        f"{name} Running again",
-        lambda: gang_moved(c, sel, victim),
-        300,
-        0.1,
-    )
+    count = nodes + POLICIES[policy].get("spareNodes", 0)
+    restart = policy == "RestartGang"
+    poll(f"{name} Running again", lambda: gang_moved(c, sel, victim, count, restart), 300, 0.1)
     running_s = time.monotonic() - t0
-    new_log = PODS / rank_pod(c, sel, "0")["metadata"]["name"] / "log"
 
     def resumed_and_stepped() -> tuple[dict, dict] | None:
-        ev = events(new_log)
-        resume = next((e for e in ev if e.get("event") == "resume"), None)
-        step = next((e for e in ev if e.get("event") == "train"), None)
+        logs = [PODS / p["metadata"]["name"] / "log" for p in running_pods(c, sel)]
+        resume = after(logs, t0_wall, "resume")
+        # the first step *after the resume*: a survivor may log one more step of the old run after t0
+        step = after(logs, wall(resume), "train") if resume else None
         return (resume, step) if resume and step else None
 
     resume, first = poll(f"{name}'s first step after the resume", resumed_and_stepped, 600, 0.5)
-    reached = max((e["step"] for e in events(rank0_log) if e.get("event") == "train"), default=0)
+    trained = [e for log in before for e in events(log) if e.get("event") == "train"]
+    reached = max((e["step"] for e in trained if wall(e) <= t0_wall), default=0)
+    uids = {p["metadata"]["uid"] for p in running_pods(c, sel)}
     c.kubectl("delete", "trainingjob", name, "-n", NS, "--wait=false")
     restore(c, victim)
     return {
+        "policy": policy,
+        "pods_kept": len(uids & before_uids),
         "running_s": round(running_s, 1),
         "resume_s": round(wall(resume) - t0_wall, 1),
         "first_step_s": round(wall(first) - t0_wall, 1),
@@ -321,14 +343,20 @@ def power_cut_mode(c: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'hack' / 'cluster'}:{ROOT / 'operator'}"}
     c.start_process("local-kubelet", [*kubelet, "--namespace", NS], env=env)  # down() stops it
     trials = []
-    for i in range(args.trials):
-        trials.append(power_cut_trial(c, i, args.interval))
-        print(f"power-cut trial {i}: {json.dumps(trials[-1])}", flush=True)
+    policies = args.policies.split(",")
+    for i in range(args.trials):  # interleaved: drift on the machine hits every policy alike
+        for k, policy in enumerate(policies):
+            trials.append(power_cut_trial(c, i * len(policies) + k, args.interval, policy, args.nodes))
+            print(f"power-cut trial {i}: {json.dumps(trials[-1])}", flush=True)
     met = [t for t in trials if t["steps_lost"] <= args.interval]
     print(f"\nnode-monitor-grace-period={args.grace}, kwok lease 10s, checkpoint every {args.interval} steps")
-    print(f"kill -> gang Running       : {summary([t['running_s'] for t in trials])}")
-    print(f"kill -> resumed            : {summary([t['resume_s'] for t in trials])}")
-    print(f"kill -> first step         : {summary([t['first_step_s'] for t in trials])}")
+    for policy in policies:
+        mine = [t for t in trials if t["policy"] == policy]
+        kept = sorted({t["pods_kept"] for t in mine})
+        print(f"{policy}: {args.nodes} nodes, pods kept per recovery {kept}")
+        print(f"  kill -> gang Running     : {summary([t['running_s'] for t in mine])}")
+        print(f"  kill -> resumed          : {summary([t['resume_s'] for t in mine])}")
+        print(f"  kill -> first step       : {summary([t['first_step_s'] for t in mine])}")
     lost = [t["steps_lost"] for t in trials]
     print(f"steps lost                 : median {statistics.median(lost)}, max {max(lost)}, min {min(lost)}")
     share = 100 * len(met) / len(trials)
@@ -370,12 +398,15 @@ def main() -> int:
     )
     ap.add_argument("--default-trials", type=int, default=3, help="agent-only: baseline trials")
     ap.add_argument("--interval", type=int, default=100, help="power-cut: checkpoint every N steps")
+    ap.add_argument("--policies", default="RestartGang", help=f"power-cut: any of {','.join(POLICIES)}")
+    ap.add_argument("--nodes", type=int, default=2, help="power-cut: the gang's nodes")
     ap.add_argument("--grace", default="20s", help="kube-controller-manager --node-monitor-grace-period")
     args = ap.parse_args()
     if args.trials is None:
         args.trials = 5 if args.mode == "power-cut" else 10
     state = ROOT / ".state" / "bench-node-failure"
-    c = LocalCluster(state, nodes=4, node_monitor_grace_period=args.grace).up()
+    # room for the gang, a spare and the lost node's replacement
+    c = LocalCluster(state, nodes=max(4, args.nodes + 2), node_monitor_grace_period=args.grace).up()
     op = None
     try:
         c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
@@ -393,9 +424,14 @@ def main() -> int:
         power_cut = args.mode == "power-cut"
         results = power_cut_mode(c, args) if power_cut else agent_only_mode(c, args)
         # agent-only keeps node_failure.json, which `make plots` draws
-        out = (
-            ROOT / "bench" / "results" / ("node_failure_power_cut.json" if power_cut else "node_failure.json")
-        )
+        name = "node_failure.json"
+        if power_cut:  # the RestartGang-only history stays where it was; policy comparisons beside it
+            name = (
+                "node_failure_power_cut.json"
+                if args.policies == "RestartGang"
+                else "node_failure_policies.json"
+            )
+        out = ROOT / "bench" / "results" / name
         out.parent.mkdir(exist_ok=True)
         meta = {
             "command": "bench/node_failure.py " + " ".join(sys.argv[1:]),

@@ -139,6 +139,10 @@ if __name__ == "__main__":
     print(node_failure())
     if SCALE_CURVE.exists():
         print(scale())
+    if (replace_results := ROOT / "bench" / "results" / "node_replace.json").exists():
+        from _node_replace_plot import node_replace
+
+        print(node_replace(replace_results))
     if (queueing_results := ROOT / "bench" / "results" / "queueing.json").exists():
         from _queueing_plot import queueing
 

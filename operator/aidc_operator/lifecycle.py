@@ -215,6 +215,9 @@ class _Planner(FailurePlanning, QueuePlanning, ReplacePlanning, ResizePlanning):
         have = {gp.rank(p) for p in current}
         missing = [r for r in range(expected) if r not in have]
         for rank in missing:
+            if not self.spare_may_start(current, rank):
+                self.plan.requeue_after = min(self.plan.requeue_after, 1.0)  # a pod event wakes it sooner
+                continue
             self.plan.create.append(
                 build.pod(self.owner, spec, rank, st.attempt, st.excluded_nodes, self.queue_placement())
             )
@@ -223,7 +226,8 @@ class _Planner(FailurePlanning, QueuePlanning, ReplacePlanning, ResizePlanning):
             self.event(
                 "Normal",
                 "CreatingGang",
-                f"creating {expected} pod(s) for attempt {st.attempt}"
+                f"creating {expected - self.spares()} pod(s) for attempt {st.attempt}"
+                + (f" (+{self.spares()} standby spare(s) once they are placed)" if self.spares() else "")
                 + (f", avoiding {', '.join(st.excluded_nodes)}" if st.excluded_nodes else ""),
             )
             self.condition("Created", True, "GangCreated", f"attempt {st.attempt}: {expected} pod(s)")
@@ -237,7 +241,8 @@ class _Planner(FailurePlanning, QueuePlanning, ReplacePlanning, ResizePlanning):
         st.nodes = f"{min(ready, asked)}/{asked}"
         st.spares = max(0, ready - asked)
         self.gpu_accounting(current)
-        short = self.running_short(current)  # elastic, fewer nodes: the waiting pods join when placed
+        # elastic with fewer nodes, or standbys waiting for one: the waiting pods join when placed
+        short = self.running_short(current) or self.spares_waiting(current)
         phases = [gp.phase(p) for p in current if not (short and gp.phase(p) == "Pending")]
         whole = not missing or self.growing  # an elastic gang adding ranks in place keeps running
         if current and whole and "Running" in phases and set(phases) <= {"Running", "Succeeded"}:

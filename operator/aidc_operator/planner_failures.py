@@ -42,6 +42,7 @@ class FailurePlanning:
         def gang_size(self, current: list[dict[str, Any]]) -> int: ...
         def delete_pods(self, pods: list[dict[str, Any]]) -> None: ...
         def running_short(self, current: list[dict[str, Any]]) -> bool: ...
+        def spares_waiting(self, current: list[dict[str, Any]]) -> bool: ...
         def gang_restart_needed(
             self, current: list[dict[str, Any]], lost: list[LostPod], exits: list[PodExit]
         ) -> str | None: ...
@@ -201,14 +202,22 @@ class FailurePlanning:
         st, policy = self.status, self.spec.scheduling
         placing = gs.placement(current, policy.timeout_seconds, self.now)
         have = get_condition(st.conditions, "Unschedulable")
-        if placing.timed_out and not self.running_short(current):
+        spares = self.spares_waiting(current)
+        if placing.timed_out and not self.running_short(current) and not spares:
             return self.scheduling_timeout(current, placing)
         if placing.stuck:
             name, words = placing.stuck[0]
             message = f"{len(placing.stuck)} of {expected} pod(s) cannot be scheduled; {name}: {words}"
-            if have is None or have.status != "True":
-                self.event("Warning", "Unschedulable", message)
-            self.condition("Unschedulable", True, "Unschedulable", message)
+            reason = "Unschedulable"
+            if spares:
+                reason = "SparesUnschedulable"
+                message = (
+                    f"{len(placing.stuck)} standby spare(s) cannot be scheduled, the gang runs without "
+                    f"them; {name}: {words}"
+                )
+            if have is None or have.status != "True" or have.reason != reason:
+                self.event("Warning", reason, message)
+            self.condition("Unschedulable", True, reason, message)
         elif have is not None and have.status == "True" and not placing.unplaced:
             self.condition("Unschedulable", False, "Scheduled", "every pod of the gang is scheduled")
         if placing.deadline_in is not None:

@@ -44,11 +44,30 @@ class ReplacePlanning:
         def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None: ...
         def delete_pods(self, pods: list[dict[str, Any]]) -> None: ...
         def queue_placement(self) -> tuple[dict[str, str], list[dict[str, Any]]] | None: ...
+        def gang_size(self, current: list[dict[str, Any]]) -> int: ...
 
     def spares(self) -> int:
         """Standby pods beyond spec.nodes (a fixed-size ReplaceNode gang only; admission says so)."""
         fp = self.spec.failure_policy
         return fp.spare_nodes if fp.node_failure == "ReplaceNode" and self.spec.elastic is None else 0
+
+    def spares_waiting(self, current: list[dict[str, Any]]) -> bool:
+        """The gang runs whole — the pods asked for, the rendezvous host among them — while standby pods
+        wait for a node: spares never hold the gang back, nor time it out."""
+        if not self.spares():
+            return False
+        live = [p for p in current if not p["metadata"].get("deletionTimestamp")]
+        running = [p for p in live if gp.phase(p) == "Running"]
+        asked = self.gang_size(current) - self.spares()
+        pending = any(gp.phase(p) == "Pending" for p in live)
+        return pending and len(running) >= asked and any(gp.rank(p) == 0 for p in running)
+
+    def spare_may_start(self, current: list[dict[str, Any]], rank: int) -> bool:
+        """A spare's pod is created once every rank of the gang is placed, so that the scheduler never
+        gives a standby the node a rank needed."""
+        asked = self.gang_size(current) - self.spares()
+        placed = {gp.rank(p) for p in current if (p.get("spec") or {}).get("nodeName")}
+        return rank < asked or all(r in placed for r in range(asked))
 
     def drop_superseded(self, current: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Pods a replacement took over are no longer the gang's: make sure they go (a pod on a dead

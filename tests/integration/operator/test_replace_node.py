@@ -72,3 +72,25 @@ def test_spares_without_replace_node_are_refused_naming_the_field(kube: Kube, cr
         create_job(kube, namespace, "bad", nodes=2, failurePolicy={"spareNodes": 1})
     assert e.value.status == 422
     assert "spec.failurePolicy.spareNodes" in e.value.body and "ReplaceNode" in e.value.body
+
+
+def test_spares_the_cluster_cannot_place_are_a_condition_not_a_block(
+    kube: Kube, operator, namespace: str
+) -> None:
+    nodes = len(kube.gpu_nodes())
+    create_job(kube, namespace, "toomany", nodes=nodes - 1, failurePolicy={**REPLACE, "spareNodes": 2})
+
+    def spares_unschedulable() -> dict | None:
+        st = status(kube, namespace, "toomany")
+        cond = next((c for c in st.get("conditions", []) if c["type"] == "Unschedulable"), None)
+        return st if cond and cond["reason"] == "SparesUnschedulable" else None
+
+    st = wait_for("the spare reported unschedulable", spares_unschedulable, timeout=120)
+    wait_for(
+        "the gang running whole",
+        lambda: (s := status(kube, namespace, "toomany")).get("phase") == "Running" and s["spares"] == 1,
+        timeout=120,
+    )
+    st = status(kube, namespace, "toomany")
+    assert st["nodes"] == f"{nodes - 1}/{nodes - 1}" and st["attempt"] == 0
+    assert any(e.startswith("SparesUnschedulable") for e in events(kube, namespace, "toomany"))

@@ -139,8 +139,13 @@ def test_survivors_that_already_gave_up_mean_a_gang_restart() -> None:
 def test_spares_are_extra_ranks_shown_apart_and_a_lost_one_is_replaced() -> None:
     s = spec(spareNodes=1)
     p = plan(body(), s, [], NODES, NOW)
-    assert names(p.create) == ["job-a0-0", "job-a0-1", "job-a0-2", "job-a0-3"]
-    assert p.status.nodes == "0/3"
+    # the gang first; the spare once every rank is placed, so it never takes a rank's node
+    assert names(p.create) == ["job-a0-0", "job-a0-1", "job-a0-2"] and p.status.nodes == "0/3"
+    placed = running(TrainingJobSpec(nodes=3, failurePolicy=REPLACE), 0, ["n0", "n1", "n2"])
+    placed[2]["spec"].pop("nodeName")
+    assert plan(body(p.status.wire()), s, placed, NODES, NOW).create == []
+    placed[2]["spec"]["nodeName"] = "n2"
+    assert names(plan(body(p.status.wire()), s, placed, NODES, NOW).create) == ["job-a0-3"]
     pods = running(TrainingJobSpec(nodes=4, failurePolicy=REPLACE), 0, ["n0", "n1", "n2", "n3"])
     for pod in pods:  # the pods as built for the 3-node job with a spare
         pod["spec"]["containers"][0]["env"] = build.pod(OWNER, s, 0, 0)["spec"]["containers"][0]["env"]
@@ -231,3 +236,18 @@ def test_an_elastic_gang_with_no_node_left_trains_on_with_fewer_in_place() -> No
     new["spec"]["nodeName"], new["status"] = "n3", pods[0]["status"]
     p3 = plan(body(p2.status.wire()), s, gang, {**nodes, "n3": node("n3")}, NOW + dt.timedelta(seconds=3601))
     assert p3.status.nodes == "3/3" and p3.status.phase == "Running"
+
+
+def test_spares_the_cluster_cannot_place_are_a_condition_never_a_block() -> None:
+    s = spec(spareNodes=2)  # 3 + 2 pods on 4 nodes
+    gang = running(TrainingJobSpec(nodes=4, failurePolicy=REPLACE), 0, ["n0", "n1", "n2", "n3"])
+    built = build.pod(OWNER, s, 4, 0)
+    gang.append(unschedulable(built, "2026-11-26T12:00:00Z"))
+    for pod in gang:
+        pod["spec"]["containers"][0]["env"] = built["spec"]["containers"][0]["env"]
+    for later in (10, 3600):  # long past timeoutSeconds
+        p = plan(body({"phase": "Running", "attempt": 0}), s, gang, NODES, NOW + dt.timedelta(seconds=later))
+        assert p.delete == [] and p.create == [] and p.status.attempt == 0
+        assert (p.status.phase, p.status.nodes, p.status.spares) == ("Running", "3/3", 1)
+        cond = next(c for c in p.status.conditions if c.type == "Unschedulable")
+        assert cond.reason == "SparesUnschedulable" and "the gang runs without them" in cond.message
