@@ -58,6 +58,13 @@ QUEUE_WAIT = Histogram(
 )
 PASSES = Counter("aidc_reconcile_passes", "Reconcile passes run", ["resource"])
 
+RESUMED_SECONDS = Histogram(
+    "aidc_trainingjob_training_resumed_seconds",
+    "From the operator judging a node lost to the first training step after it (status.recoveries)",
+    ["mode"],
+    buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600, 1200),
+)
+
 _PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 
 
@@ -74,6 +81,20 @@ def observe_trainingjob(body: dict[str, Any], plan: Any, now: dt.datetime | None
     recovered = recovery_seconds(old, new, now)
     if recovered is not None:
         RECOVERY_SECONDS.labels(recovered[0]).observe(recovered[1])
+    for mode, seconds in resumed(old, new):
+        RESUMED_SECONDS.labels(mode).observe(seconds)
+
+
+def resumed(old: dict[str, Any], new: Any) -> list[tuple[str, float]]:
+    """(mode, seconds) of the recoveries this pass closed (their resumedAt newly set)."""
+    closed = {
+        (r.get("detectedAt"), r.get("lostPod")) for r in old.get("recoveries") or [] if r.get("resumedAt")
+    }
+    return [
+        (r.mode, r.seconds)
+        for r in new.recoveries
+        if r.resumed_at and r.seconds is not None and (r.detected_at, r.lost_pod) not in closed
+    ]
 
 
 def forget_trainingjob(namespace: str, name: str) -> None:

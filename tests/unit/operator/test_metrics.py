@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from prometheus_client import REGISTRY
 
 from aidc_operator import metrics
-from aidc_operator.api.trainingjob import FailureRecord, TrainingJobStatus
+from aidc_operator.api.trainingjob import FailureRecord, RecoveryRecord, TrainingJobStatus
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, 30, tzinfo=dt.UTC)
 
@@ -77,3 +77,17 @@ def test_a_deleted_job_leaves_no_series_behind() -> None:
         REGISTRY.get_sample_value("aidc_trainingjob_restarts_total", {"namespace": "ns", "name": "gone"})
         is None
     )
+
+
+def test_a_recovery_closed_by_the_trainer_observes_training_resumed_seconds_once() -> None:
+    rec = {"lostPod": "p-a0-1", "mode": "ReplaceNode", "detectedAt": "2026-11-26T12:00:00Z"}
+    before = sample("aidc_trainingjob_training_resumed_seconds_count", mode="ReplaceNode")
+    closed = RecoveryRecord.model_validate({**rec, "resumedAt": "2026-11-26T12:00:07Z", "seconds": 7.0})
+    st = status("Running", node_failures=1)
+    st.recoveries = [closed]
+    plan = SimpleNamespace(status=st)
+    metrics.observe_trainingjob(body("resumes", phase="Running", recoveries=[rec]), plan, now=NOW)
+    assert sample("aidc_trainingjob_training_resumed_seconds_count", mode="ReplaceNode") == before + 1
+    wire = closed.model_dump(by_alias=True, mode="json")
+    metrics.observe_trainingjob(body("resumes", phase="Running", recoveries=[wire]), plan, now=NOW)
+    assert sample("aidc_trainingjob_training_resumed_seconds_count", mode="ReplaceNode") == before + 1
