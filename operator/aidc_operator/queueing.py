@@ -63,7 +63,10 @@ def workload(owner: Owner, spec: TrainingJobSpec, queue: str, priority: Priority
     }
     wl_spec: dict[str, Any] = {
         "queueName": queue,
-        "podSets": [{"name": PODSET, "count": spec.nodes, "template": template}],
+        # standby spares hold GPUs like ranks do: the quota counts them
+        "podSets": [
+            {"name": PODSET, "count": spec.nodes + spec.failure_policy.spare_nodes, "template": template}
+        ],
     }
     if priority is not None:
         group = GROUP if priority.kind == "WorkloadPriorityClass" else "scheduling.k8s.io"

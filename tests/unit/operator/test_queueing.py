@@ -175,3 +175,15 @@ def test_a_suspended_job_gives_its_quota_back_and_queues_again_when_resumed() ->
     back = plan(body(gone.status.wire()), resumed, [], HEALTH, NOW, queue=queueing.gate(queued, FLAVORS))
     back = plan(body(back.status.wire()), resumed, [], HEALTH, NOW, queue=queueing.gate(queued, FLAVORS))
     assert back.workload_active is True and back.create == [] and back.status.phase == "Queued"
+
+
+def test_the_workload_counts_standby_spares_they_hold_gpus_too() -> None:
+    spared = SPEC.model_copy(
+        update={
+            "failure_policy": SPEC.failure_policy.model_copy(
+                update={"node_failure": "ReplaceNode", "spare_nodes": 1}
+            )
+        }
+    )
+    (podset,) = queueing.workload(OWNER, spared, "gpu-queue", None)["spec"]["podSets"]
+    assert podset["count"] == SPEC.nodes + 1
