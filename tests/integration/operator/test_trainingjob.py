@@ -219,8 +219,9 @@ def test_lost_node_recreates_the_gang_on_healthy_nodes(kube: Kube, operator, nam
     assert st["lastFailure"]["reason"] in ("NodeLeaseExpired", "NodeUnreachable")
     assert victim in st["excludedNodes"]
     assert any(e.startswith("NodeFailure") for e in events(kube, namespace, "survivor"))
-    # Far sooner than the default 300 s toleration path (grace period 20 s here).
-    assert elapsed < 60, f"recovery took {elapsed:.0f}s"
+    # Not the default path, which waits out the 300 s toleration before evicting: a behaviour bound, not a
+    # speed goal (bench/node_failure.py times it), so a loaded machine stays green.
+    assert elapsed < 240, f"recovery took {elapsed:.0f}s"
     # Once the node is Ready again it is no longer avoided.
     kube.restore_node(victim)
     wait_for(
