@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,10 +39,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "operator")]
 
+from _operator_run import start_operator  # noqa: E402
+
 from aidc_operator.api.trainingjob import TrainingJobSpec  # noqa: E402
 from aidc_operator.builders import trainingjob as build  # noqa: E402
 from aidc_operator.builders.common import Owner  # noqa: E402
-from cluster_processes import ClusterError, free_port, poll  # noqa: E402
+from cluster_processes import ClusterError, poll  # noqa: E402
 from localcluster import LocalCluster  # noqa: E402
 
 NS = "bench-nodefail"
@@ -409,18 +410,7 @@ def main() -> int:
     c = LocalCluster(state, nodes=max(4, args.nodes + 2), node_monitor_grace_period=args.grace).up()
     op = None
     try:
-        c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        c.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.aidc.dev", "--timeout=60s")
-        c.kubectl("create", "namespace", NS, check=False)
-        poll("default service account", lambda: c.kubectl("get", "sa", "default", "-n", NS, check=False), 60)
-        env = {**os.environ, "KUBECONFIG": str(c.kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
-        operator = [sys.executable, "-m", "aidc_operator", "--standalone", "--namespace", NS]
-        op = subprocess.Popen(
-            [*operator, "--metrics-port", "0", "--health-port", str(free_port())],
-            env=env,
-            stdout=(state / "logs" / "operator.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        op = start_operator(c, NS)
         power_cut = args.mode == "power-cut"
         results = power_cut_mode(c, args) if power_cut else agent_only_mode(c, args)
         # agent-only keeps node_failure.json, which `make plots` draws

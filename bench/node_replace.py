@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "operator")]
 
+from _operator_run import start_operator  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 
-from cluster_processes import free_port, poll  # noqa: E402
+from cluster_processes import poll  # noqa: E402
 from kwok_nodes import create_fleet_nodes, ready_nodes  # noqa: E402
 from localcluster import LocalCluster  # noqa: E402
 
@@ -152,18 +152,7 @@ def main() -> int:
     try:
         for n in c.node_names():  # fleet nodes only: the per-node one is not deleted and restored
             c.kubectl("cordon", n)
-        c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        c.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.aidc.dev", "--timeout=60s")
-        c.kubectl("create", "namespace", NS, check=False)
-        poll("default service account", lambda: c.kubectl("get", "sa", "default", "-n", NS, check=False), 60)
-        env = {**os.environ, "KUBECONFIG": str(c.kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
-        operator = [sys.executable, "-m", "aidc_operator", "--standalone", "--namespace", NS]
-        op = subprocess.Popen(
-            [*operator, "--metrics-port", "0", "--health-port", str(free_port())],
-            env=env,
-            stdout=(state / "logs" / "operator.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        op = start_operator(c, NS)
         config.load_kube_config(str(c.kubeconfig))
         core = client.CoreV1Api()
         results = []
