@@ -84,7 +84,7 @@ class FailurePolicy(ApiModel):
     max_backoff_seconds: int = Field(default=300, ge=0, le=86400)
     """Cap on the restart delay."""
     node_failure: Literal["RestartGang", "ReplaceNode", "Fail"] = "RestartGang"
-    """What a lost node does. RestartGang: recreate the whole gang on healthy nodes. ReplaceNode: replace
+    """What a lost node does. RestartGang: recreate the gang on healthy nodes. ReplaceNode: replace
     only the lost node's pod; the other pods keep running and their torchrun agents restart the workers
     in place (c10d rendezvous), resuming from the newest checkpoint; a lost rank 0, which hosts the
     rendezvous store, restarts the gang instead. Fail: fail the job."""

@@ -117,6 +117,7 @@ def test_defaults_are_filled_in_by_the_apiserver(crds: Kube, namespace: str) -> 
         "maxBackoffSeconds": 300,
         "nodeFailure": "RestartGang",
         "maxNodeFailures": 10,
+        "spareNodes": 0,
     }
     assert spec["checkpoint"]["encryption"] == {"enabled": True, "keyRetention": "Retain"}
     assert spec["cleanPodPolicy"] == "Running"
@@ -130,7 +131,7 @@ def test_kubectl_explain_and_short_names(crds: Kube, namespace: str) -> None:
     crds.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(tj("short")))
     listed = crds.kubectl("get", "tj", "-n", namespace).stdout
     header = listed.splitlines()[0].split()
-    assert header[:5] == ["NAME", "PHASE", "NODES", "RESTARTS", "STEP"] and "CHECKPOINT" in header
+    assert header[:6] == ["NAME", "PHASE", "NODES", "RESTARTS", "SPARES", "STEP"] and "CHECKPOINT" in header
 
 
 def test_kubectl_explain_shows_defaults(crds: Kube) -> None:

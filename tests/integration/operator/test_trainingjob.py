@@ -12,6 +12,7 @@ How failures are simulated on kwok pods: kwok only plays the kubelet, so no cont
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -355,8 +356,11 @@ def test_progress_reported_by_rank0_lands_in_status(kube: Kube, operator, namesp
     st = status(kube, namespace, "reporting")
     assert st["progress"]["totalSteps"] == 1000
     assert st["lastCheckpoint"] == {"step": 100, "path": "/checkpoints/reporting/step-000000100"}
-    row = kube.kubectl("get", "tj", "reporting", "-n", namespace).stdout.splitlines()[1].split()
-    assert row[4:6] == ["120", "100"]
+    header, row = kube.kubectl("get", "tj", "reporting", "-n", namespace).stdout.splitlines()[:2]
+    # kubectl aligns columns and leaves empty cells blank: read each cell below its header
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    cells = {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)}
+    assert (cells["STEP"], cells["CHECKPOINT"]) == ("120", "100")
 
 
 def test_missing_pvc_is_a_waiting_condition_not_a_failure(kube: Kube, operator, namespace: str) -> None:
