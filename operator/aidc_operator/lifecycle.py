@@ -195,7 +195,7 @@ class _Planner(FailurePlanning, QueuePlanning, ReplacePlanning, ResizePlanning):
             return self.plan
         current = self.resize(current)  # a changed spec.nodes: never a failure (planner_resize)
         current = self.drop_superseded(current)  # pods a ReplaceNode replacement took over
-        if self.finished_with_standby(current, self.gang_size(current) - self.spares()):
+        if self.finished_with_standby(current):
             self.gpu_accounting(current, close=True)
             return self.succeed(current)
         if self.handle_failures(current):

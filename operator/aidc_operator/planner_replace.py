@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from .lifecycle import Plan
 
 
+def lost_rank(current: list[dict[str, Any]], lost: LostPod) -> int | None:
+    """The rank of a lost pod: its label while the pod is still seen, else what the loss recorded."""
+    pod = next((p for p in current if p["metadata"]["name"] == lost.pod), None)
+    return gp.rank(pod) if pod is not None else lost.rank
+
+
 class ReplacePlanning:
     """ReplaceNode decisions of the planner; the state and the primitives are _Planner's."""
 
@@ -44,7 +50,7 @@ class ReplacePlanning:
         def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None: ...
         def delete_pods(self, pods: list[dict[str, Any]]) -> None: ...
         def queue_placement(self) -> tuple[dict[str, str], list[dict[str, Any]]] | None: ...
-        def gang_size(self, current: list[dict[str, Any]]) -> int: ...
+        def asked_size(self, current: list[dict[str, Any]]) -> int: ...
 
     def spares(self) -> int:
         """Standby pods beyond spec.nodes (a fixed-size ReplaceNode gang only; admission says so)."""
@@ -58,14 +64,14 @@ class ReplacePlanning:
             return False
         live = [p for p in current if not p["metadata"].get("deletionTimestamp")]
         running = [p for p in live if gp.phase(p) == "Running"]
-        asked = self.gang_size(current) - self.spares()
+        asked = self.asked_size(current)
         pending = any(gp.phase(p) == "Pending" for p in live)
         return pending and len(running) >= asked and any(gp.rank(p) == 0 for p in running)
 
     def spare_may_start(self, current: list[dict[str, Any]], rank: int) -> bool:
         """A spare's pod is created once every rank of the gang is placed, so that the scheduler never
         gives a standby the node a rank needed."""
-        asked = self.gang_size(current) - self.spares()
+        asked = self.asked_size(current)
         placed = {gp.rank(p) for p in current if (p.get("spec") or {}).get("nodeName")}
         return rank < asked or all(r in placed for r in range(asked))
 
@@ -79,12 +85,13 @@ class ReplacePlanning:
         gone = {p["metadata"]["name"] for p in old}
         return [p for p in current if p["metadata"]["name"] not in gone]
 
-    def finished_with_standby(self, current: list[dict[str, Any]], asked: int) -> bool:
+    def finished_with_standby(self, current: list[dict[str, Any]]) -> bool:
         """Did training finish while spares stood by? torchrun's agents exit 0 only after the whole
         worker group succeeded; a standby's agent, which ran no worker, ends with the rendezvous: exit 0
         when it sees it closed, or a lost-store exit when the rank-0 agent was quicker to leave. So:
-        `asked` pods succeeded and every other pod ended one of those two ways."""
-        if not self.spares() or sum(1 for p in current if gp.phase(p) == "Succeeded") < asked:
+        the pods asked for succeeded and every other pod ended one of those two ways."""
+        done = sum(1 for p in current if gp.phase(p) == "Succeeded")
+        if not self.spares() or done < self.asked_size(current):
             return False
         for pod in current:
             if gp.phase(pod) == "Succeeded":
@@ -100,10 +107,8 @@ class ReplacePlanning:
         """Why replacing the lost pods would not do (the gang restarts), or None."""
         if exits:
             return f"{len(exits)} pod(s) of the gang already exited ({exits[0].pod})"
-        by_name = {p["metadata"]["name"]: p for p in current}
         for lp in lost:
-            pod = by_name.get(lp.pod)
-            rank = gp.rank(pod) if pod is not None else lp.rank
+            rank = lost_rank(current, lp)
             if rank is None or rank < 0:
                 return f"the rank of lost pod {lp.pod} is unknown"
             if rank == 0:
@@ -113,14 +118,11 @@ class ReplacePlanning:
     def replace(self, current: list[dict[str, Any]], lost: list[LostPod], message: str) -> None:
         """One new pod per lost pod; the survivors are left alone (same pods, same UIDs)."""
         st = self.status
-        by_name = {p["metadata"]["name"]: p for p in current}
         made = []
         for lp in lost:
-            pod = by_name.get(lp.pod)
-            rank = gp.rank(pod) if pod is not None else lp.rank
+            rank = lost_rank(current, lp)
             assert rank is not None  # gang_restart_needed said so
-            if pod is not None:
-                self.delete_pods([pod])
+            self.delete_pods([p for p in current if p["metadata"]["name"] == lp.pod])
             new = build.pod(
                 self.owner,
                 self.spec,

@@ -84,6 +84,10 @@ class ResizePlanning:
         usable = healthy_nodes(self.health) - set(self.status.excluded_nodes)
         return max(spec.elastic.min_nodes, min(spec.nodes, len(usable)))
 
+    def asked_size(self, current: list[dict[str, Any]]) -> int:
+        """The nodes the gang asked for: its size without the standby spares."""
+        return self.gang_size(current) - self.spares()
+
     def gang_target(self, current: list[dict[str, Any]]) -> int:
         """Pods the current attempt should have now: its size, or an elastic gang's in-place target."""
         size = self.gang_size(current)
@@ -142,6 +146,7 @@ class ResizePlanning:
             self.delete_pods(extra)
             self.resize_settled(target)
             return [p for p in current if gp.rank(p) < target]
+        size = self.asked_size(current)
         started = started_range(current) if spec.elastic else None
         wanted = (spec.elastic.min_nodes, spec.elastic.max_nodes) if spec.elastic else None
         if started and wanted and started != wanted:
@@ -150,14 +155,13 @@ class ResizePlanning:
                 f"{size} node(s) within [{started[0]}, {started[1]}]: the new range applies at the next "
                 "gang start (suspend and resume the job to apply it now)"
             )
-        elif spec.nodes != size - self.spares():
-            size -= self.spares()
+        elif spec.nodes != size:
             self.resize_pending(
                 f"spec.nodes is {spec.nodes}; the running gang has {size} node(s): the new size applies "
                 "at the next gang start (suspend and resume the job to apply it now)"
             )
         else:
-            self.resize_settled(size - self.spares())
+            self.resize_settled(size)
         return current
 
     def resize_pending(self, message: str) -> None:
