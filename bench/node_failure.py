@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "operator")]
 
-from _operator_run import start_operator  # noqa: E402
+from _operator_run import operator_on  # noqa: E402
 
 from aidc_operator.api.trainingjob import TrainingJobSpec  # noqa: E402
 from aidc_operator.builders import trainingjob as build  # noqa: E402
@@ -408,9 +408,7 @@ def main() -> int:
     state = ROOT / ".state" / "bench-node-failure"
     # room for the gang, a spare and the lost node's replacement
     c = LocalCluster(state, nodes=max(4, args.nodes + 2), node_monitor_grace_period=args.grace).up()
-    op = None
-    try:
-        op = start_operator(c, NS)
+    with operator_on(c, NS):
         power_cut = args.mode == "power-cut"
         results = power_cut_mode(c, args) if power_cut else agent_only_mode(c, args)
         # agent-only keeps node_failure.json, which `make plots` draws
@@ -431,11 +429,6 @@ def main() -> int:
             "kwok_lease_duration_s": 10,
         }
         out.write_text(json.dumps({**meta, **results}, indent=1))
-    finally:
-        if op:
-            op.terminate()
-            op.wait(15)
-        c.down()
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "operator")]
 
-from _operator_run import start_operator  # noqa: E402
+from _operator_run import operator_on  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 
 from cluster_processes import poll  # noqa: E402
@@ -148,11 +148,9 @@ def main() -> int:
         ap.error("--fleet-nodes must leave room for the gang, a spare and a replacement")
     state = ROOT / ".state" / "bench-node-replace"
     c = LocalCluster(state, nodes=1, fleet_nodes=args.fleet_nodes).up()
-    op = None
-    try:
+    with operator_on(c, NS):
         for n in c.node_names():  # fleet nodes only: the per-node one is not deleted and restored
             c.kubectl("cordon", n)
-        op = start_operator(c, NS)
         config.load_kube_config(str(c.kubeconfig))
         core = client.CoreV1Api()
         results = []
@@ -172,11 +170,6 @@ def main() -> int:
         }
         out.write_text(json.dumps({**meta, **summary, "trials": results}, indent=1))
         print(f"wrote {out.relative_to(ROOT)}")
-    finally:
-        if op:
-            op.terminate()
-            op.wait(15)
-        c.down()
     return 0
 
 
