@@ -3,10 +3,13 @@ when the operator judged it lost and when training resumed, from which checkpoin
 the TrainingJob planner.
 
 A recovery is closed by the trainer's own word: the first run of the workers (docs/contracts.md,
-progress report `run`) whose first step came after the lost node's last sign of life, which is the
-node's last Lease renewal the operator saw. With a standby spare that run may begin before the operator
-judges the node lost (torch's rendezvous noticed first); the recovery then took 0 s of the operator's
-time, and says so.
+progress report `run`) that began after the loss. The node died after its last Lease renewal the
+operator saw, and no run without it can begin until torch's rendezvous has dropped the dead peer
+(DEAD_PEER_SECONDS of missed heartbeats) or the operator has created its replacement: so the first run
+after that renewal + DEAD_PEER_SECONDS, or after the verdict where no renewal was seen. (A run that
+began only moments before the node died — less than that after its last renewal — is never taken for
+the resumed one.) With a standby spare the resumed run may begin before the operator judges the node
+lost; the recovery then took 0 s of the operator's time, and says so.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Literal
 from . import gang_pods as gp
 from . import progress as pr
 from .api.trainingjob import RecoveryRecord, TrainingJobStatus
+from .builders.torchrun import DEAD_PEER_SECONDS
 from .recovery import LostPod, NodeHealth
 
 KEPT = 10  # entries in status.recoveries: a bounded status, the Events and audit log keep the rest
@@ -78,8 +82,8 @@ def resolve(status: TrainingJobStatus, pods: list[dict[str, Any]]) -> list[str]:
     seen = runs(pods)
     messages = []
     for rec in open_:
-        detected = gp.parse_ts(rec.detected_at)
-        since = gp.parse_ts(rec.lost_at) or detected
+        detected, lost = gp.parse_ts(rec.detected_at), gp.parse_ts(rec.lost_at)
+        since = lost + dt.timedelta(seconds=DEAD_PEER_SECONDS) if lost else detected
         after = [r for r in seen if since is not None and r.first_step_at >= since]
         if not after or detected is None:
             continue

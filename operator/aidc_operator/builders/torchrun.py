@@ -20,7 +20,8 @@ from .common import Owner
 # Seconds without a heartbeat before the rendezvous drops a node (torch default: 3 beats of 5 s): what a
 # spare waits before it takes over a lost rank. Heartbeats come from an agent thread, so 8 missed
 # 1-second beats stays clear of a busy machine's scheduling hiccups.
-KEEP_ALIVE = "keep_alive_interval=1,keep_alive_max_attempt=8"
+DEAD_PEER_SECONDS = 8
+KEEP_ALIVE = f"keep_alive_interval=1,keep_alive_max_attempt={DEAD_PEER_SECONDS}"
 
 
 def service_name(job: str) -> str:

@@ -251,3 +251,33 @@ def test_spares_the_cluster_cannot_place_are_a_condition_never_a_block() -> None
         assert (p.status.phase, p.status.nodes, p.status.spares) == ("Running", "3/3", 1)
         cond = next(c for c in p.status.conditions if c.type == "Unschedulable")
         assert cond.reason == "SparesUnschedulable" and "the gang runs without them" in cond.message
+
+
+def test_a_run_that_began_just_before_the_node_died_is_not_the_resumed_one() -> None:
+    from aidc_operator import recoveries
+    from aidc_operator.api.trainingjob import TrainingJobStatus
+    from aidc_operator.recovery import LostPod, NodeHealth
+
+    st = TrainingJobStatus()
+    health = {"n1": NodeHealth("n1", False, "NodeLeaseExpired", renewed_ago=10.0, lease_seconds=10.0)}
+    recoveries.record(
+        st, LostPod("job-a0-1", "n1", "NodeLeaseExpired", "lost"), "ReplaceNode", "x", NOW, health
+    )
+    assert st.recoveries[0].lost_at == "2026-11-26T11:59:50Z"  # its last renewal, 10 s before the verdict
+    pod = running(spec(), 0, ["n0", "n2", "n3"])[0]
+
+    def run(first_step_at: str, from_step: int) -> list[dict]:
+        report = {
+            "step": 1,
+            "time": first_step_at,
+            "run": {"fromStep": from_step, "firstStepAt": first_step_at},
+        }
+        pod["metadata"]["annotations"] = {"aidc.dev/progress": json.dumps(report)}
+        return [pod]
+
+    # the gang's first run began 3 s after the node's last renewal and died with it
+    assert recoveries.resolve(st, run("2026-11-26T11:59:53.000Z", 0)) == []
+    assert st.recoveries[0].resumed_at is None
+    # the run that resumed without the dead peer closes it
+    assert len(recoveries.resolve(st, run("2026-11-26T12:00:04.000Z", 300))) == 1
+    assert (st.recoveries[0].resumed_from_step, st.recoveries[0].seconds) == (300, 4.0)
