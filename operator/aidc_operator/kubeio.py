@@ -222,8 +222,9 @@ def priority_value(kind: str, name: str) -> int | None:
         raise
 
 
-def serves(group_version: str) -> bool:
-    """Does the apiserver serve this API group version (one discovery request)?"""
+def served_resources(group_version: str) -> set[str] | None:
+    """The resources (plurals) the apiserver serves in this API group version, None when it serves no
+    such group version (one discovery request)."""
     method, url, headers, _, _ = api().param_serialize(
         "GET",
         f"/apis/{group_version}",
@@ -231,10 +232,17 @@ def serves(group_version: str) -> bool:
         auth_settings=["BearerToken"],
     )
     resp = api().call_api(method, url, header_params=headers, _request_timeout=(10, 30))
-    resp.read()
+    body = resp.read()
     if resp.status not in (200, 404):
         raise ApiException(status=resp.status, reason=resp.reason)
-    return resp.status == 200
+    if resp.status == 404:
+        return None
+    return {r["name"] for r in json.loads(body).get("resources") or [] if "/" not in r["name"]}
+
+
+def serves(group_version: str) -> bool:
+    """Does the apiserver serve this API group version?"""
+    return served_resources(group_version) is not None
 
 
 def delete_pod(namespace: str, name: str, force: bool) -> dict[str, Any] | None:
@@ -277,6 +285,7 @@ def read_secret(namespace: str, name: str) -> dict[str, Any] | None:
 
 
 FIELD_MANAGER = "aidc-operator"
+ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}  # Gateway API, v1
 
 
 def apply(obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
@@ -298,22 +307,23 @@ def apply(obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, 
         result = client.AutoscalingV2Api(api()).patch_namespaced_horizontal_pod_autoscaler(
             name, ns, obj, **kw
         )
-    elif kind == "HTTPRoute":
+    elif kind in ROUTE_PLURALS:
         group, version = obj["apiVersion"].split("/")
-        result = custom().patch_namespaced_custom_object(group, version, ns, "httproutes", name, obj, **kw)
+        plural = ROUTE_PLURALS[kind]
+        result = custom().patch_namespaced_custom_object(group, version, ns, plural, name, obj, **kw)
     else:
         raise ValueError(f"no apply for kind {kind}")
     return raw(result)
 
 
 def remove_child(kind: str, namespace: str, name: str) -> None:
-    """Delete a Service or HTTPRoute we made (gone already is fine)."""
+    """Delete a Service, HTTPRoute or GRPCRoute we made (gone already is fine)."""
     try:
         if kind == "Service":
             core().delete_namespaced_service(name, namespace)
-        elif kind == "HTTPRoute":
+        elif kind in ROUTE_PLURALS:
             custom().delete_namespaced_custom_object(
-                "gateway.networking.k8s.io", "v1", namespace, "httproutes", name
+                "gateway.networking.k8s.io", "v1", namespace, ROUTE_PLURALS[kind], name
             )
         else:
             raise ValueError(f"no delete for kind {kind}")

@@ -23,6 +23,8 @@ class RunConfig:
     # Does the cluster serve gateway.networking.k8s.io/v1 (checked at start-up)? Only then are
     # HTTPRoutes watched and canaries that name a gateway split by route weight.
     gateway_api_served: bool = False
+    # And does it serve GRPCRoute there (Gateway API v1.1 and later)? Then gRPC calls are split too.
+    grpc_routes_served: bool = False
 
 
 CONFIG = RunConfig()

@@ -120,7 +120,7 @@ tests/integration/chart/test_rbac_matrix.py checks them with `kubectl auth can-i
   verbs: [get, list, watch, create, patch, delete]
 {{- /* Weighted canaries (spec.canary.gateway; used only when the cluster serves the Gateway API). */}}
 - apiGroups: [gateway.networking.k8s.io]
-  resources: [httproutes]
+  resources: [httproutes, grpcroutes]
   verbs: [list, watch, create, patch, delete]
 {{- end -}}
 

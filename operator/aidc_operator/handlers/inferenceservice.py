@@ -239,8 +239,8 @@ def _apply_children(
 
 
 def _apply_route(owner: Owner, spec: InferenceServiceSpec, routed: bool, events: list[Event]) -> None:
-    """A weighted canary's `<name>-canary` Service and HTTPRoute (builders/httproute.py), or neither:
-    both go when the canary or its gateway does."""
+    """A weighted canary's `<name>-canary` Service, HTTPRoute and GRPCRoute (builders/httproute.py; the
+    GRPCRoute where the cluster serves it), or none: all go when the canary or its gateway does."""
     namespace, name = owner.namespace, owner.name
     canary_svc = routing.canary_service_name(name)
     if routed:
@@ -248,8 +248,11 @@ def _apply_route(owner: Owner, spec: InferenceServiceSpec, routed: bool, events:
         _apply(svc, STORE.get("Service", namespace, canary_svc), "Service", events)
         route = routing.http_route(owner, spec)
         _apply(route, STORE.get(routing.KIND, namespace, name), routing.KIND, events)
+        if CONFIG.grpc_routes_served:
+            grpc = routing.grpc_route(owner, spec)
+            _apply(grpc, STORE.get(routing.GRPC_KIND, namespace, name), routing.GRPC_KIND, events)
         return
-    for kind, child in ((routing.KIND, name), ("Service", canary_svc)):
+    for kind, child in ((routing.KIND, name), (routing.GRPC_KIND, name), ("Service", canary_svc)):
         if (existing := STORE.get(kind, namespace, child)) is not None:
             kubeio.remove_child(kind, namespace, child)
             STORE.delete(kind, existing)  # the next pass must not delete (and tell) it again
@@ -318,8 +321,11 @@ def reconcile_once(namespace: str, name: str) -> Outcome | None:
         placing,
         routing.routed(spec, CONFIG.gateway_api_served),
     )
-    route = STORE.get(routing.KIND, namespace, name)
-    if cond := routing.route_condition(name, spec, CONFIG.gateway_api_served, route):
+    routes = [STORE.get(routing.KIND, namespace, name)]
+    if CONFIG.grpc_routes_served:
+        routes.append(STORE.get(routing.GRPC_KIND, namespace, name))
+    served = CONFIG.gateway_api_served
+    if cond := routing.route_condition(name, spec, served, routes, CONFIG.grpc_routes_served):
         set_condition(st.conditions, routing.CONDITION, *cond, _now(), generation)
     else:
         st.conditions = [c for c in st.conditions if c.type != routing.CONDITION]

@@ -12,7 +12,7 @@ TrainingJobs and InferenceServices through kopf. Each change wakes only the obje
   *absence* of events, so it is noticed by time, once a second, over the nodes our jobs concern);
 - a TrainingJob → itself and the InferenceServices that serve it;
 - with Kueue, a Workload we made → its job (by the same aidc label as a pod);
-- with the Gateway API served, an HTTPRoute we made → its InferenceService (same label).
+- with the Gateway API served, an HTTPRoute or GRPCRoute we made → its InferenceService (same label).
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ KUEUE = (
     Resource(queueing.FLAVOR, queueing.API_VERSION, "resourceflavors", namespaced=False),
 )
 
-# With the Gateway API: the HTTPRoutes of weighted canaries (their status says whether a Gateway took them).
+# With the Gateway API: the HTTPRoutes and GRPCRoutes of weighted canaries (their status says whether a
+# Gateway took them).
 ROUTES = Resource(httproute.KIND, httproute.API_VERSION, httproute.PLURAL, selector=_SELECTOR)
+GRPC_ROUTES = Resource(httproute.GRPC_KIND, httproute.API_VERSION, httproute.GRPC_PLURAL, selector=_SELECTOR)
 
 
 def namespace_filter(patterns: list[str]) -> tuple[list[str | None], Any]:
@@ -162,11 +164,15 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
         informers += [Informer(KUEUE[0], STORE, ns, accepts) for ns in scopes] + [Informer(KUEUE[1], STORE)]
     # A watch of a resource the cluster does not serve would never sync (and no pass would run).
     try:
-        CONFIG.gateway_api_served = await loop.run_in_executor(None, kubeio.serves, httproute.API_VERSION)
+        gateway = await loop.run_in_executor(None, kubeio.served_resources, httproute.API_VERSION)
+        CONFIG.gateway_api_served = httproute.PLURAL in (gateway or ())
+        CONFIG.grpc_routes_served = httproute.GRPC_PLURAL in (gateway or ())
     except ApiException as e:  # optional: weighted canaries say so in their Routed condition
         logger.warning(f"cannot tell whether the Gateway API is served ({e.status}); not watching HTTPRoutes")
     if CONFIG.gateway_api_served:
         informers += [Informer(ROUTES, STORE, ns, accepts) for ns in scopes]
+    if CONFIG.grpc_routes_served:
+        informers += [Informer(GRPC_ROUTES, STORE, ns, accepts) for ns in scopes]
 
     def on_synced() -> None:
         if all(i.synced.is_set() for i in informers):

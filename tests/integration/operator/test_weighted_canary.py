@@ -1,9 +1,9 @@
 """Weighted canaries on the real local control plane with the Gateway API CRDs (sigs.k8s.io/gateway-api,
-standard channel, pinned in hack/gateway-api/go.mod) installed: the operator keeps an HTTPRoute whose
-weights follow spec.canary.trafficPercent, and removes it with the gateway. No Gateway controller runs
-here, so what is checked is the route the apiserver stores (and validates against the Gateway API's
-schema), not packets. The operator is this module's own, started after the CRDs: it watches HTTPRoutes
-only when the cluster serves them at its start."""
+standard channel, pinned in hack/gateway-api/go.mod) installed: the operator keeps an HTTPRoute and a
+GRPCRoute whose weights follow spec.canary.trafficPercent, and removes them with the gateway. No Gateway
+controller runs here, so what is checked is the routes the apiserver stores (and validates against the
+Gateway API's schema), not packets. The operator is this module's own, started after the CRDs: it
+watches the routes only when the cluster serves them at its start."""
 
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ class Routed:
     def __init__(self, kube: Kube, ns: str, op: OperatorProcess) -> None:
         self.kube, self.ns, self.op = kube, ns, op
 
-    def route(self, name: str) -> dict[str, Any] | None:
+    def route(self, name: str, plural: str = "httproutes") -> dict[str, Any] | None:
         try:
-            return self.kube.custom.get_namespaced_custom_object(*GW, self.ns, "httproutes", name)
+            return self.kube.custom.get_namespaced_custom_object(*GW, self.ns, plural, name)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
 
-    def weights(self, name: str) -> dict[str, int]:
-        route = self.route(name) or {"spec": {"rules": [{}]}}
+    def weights(self, name: str, plural: str = "httproutes") -> dict[str, int]:
+        route = self.route(name, plural) or {"spec": {"rules": [{}]}}
         return {b["name"]: b["weight"] for b in route["spec"]["rules"][0].get("backendRefs") or []}
 
     def condition(self, name: str, type_: str) -> dict[str, Any]:
@@ -86,22 +86,35 @@ def test_route_weights_follow_traffic_percent_and_go_with_the_gateway(routed: Ro
     assert canary.spec.selector["aidc.dev/role"] == "canary"
     ports = {b["name"]: b["port"] for b in route["spec"]["rules"][0]["backendRefs"]}
     assert ports == {"split": primary.spec.ports[0].port, "split-canary": canary.spec.ports[0].port}
+    # gRPC calls split the same way: a GRPCRoute on the same listener, to the Services' grpc ports.
+    grpc = wait_for("the GRPCRoute", lambda: routed.route("split", "grpcroutes"), timeout=60)
+    assert routed.weights("split", "grpcroutes") == {"split": 80, "split-canary": 20}
+    assert grpc["spec"]["parentRefs"] == route["spec"]["parentRefs"]
+    assert grpc["spec"]["rules"][0]["matches"][0]["method"]["service"] == "inference.GRPCInferenceService"
+    grpc_ports = {b["name"]: b["port"] for b in grpc["spec"]["rules"][0]["backendRefs"]}
+    named = {p.name: p.port for p in primary.spec.ports}
+    assert grpc_ports == {"split": named["grpc"], "split-canary": named["grpc"]}
     cond = wait_for("the Routed condition", lambda: routed.condition("split", "Routed"), timeout=60)
     assert cond["reason"] == "RouteApplied" and "80% to the primary, 20% to the canary" in cond["message"]
+    assert cond["message"].startswith("HTTPRoute and GRPCRoute split:")
 
     # A new percentage: the same route, new weights.
     kube.custom.patch_namespaced_custom_object(
         "aidc.dev", "v1alpha1", ns, "inferenceservices", "split", {"spec": {"canary": {"trafficPercent": 50}}}
     )
-    wait_for(
-        "weights 50/50", lambda: routed.weights("split") == {"split": 50, "split-canary": 50}, timeout=60
-    )
+    for plural in ("httproutes", "grpcroutes"):
+        wait_for(
+            f"{plural} weights 50/50",
+            lambda: routed.weights("split", plural) == {"split": 50, "split-canary": 50},  # noqa: B023
+            timeout=60,
+        )
 
     # Without the gateway: no route, no canary Service, and the one Service splits by replica ratio again.
     kube.custom.patch_namespaced_custom_object(
         "aidc.dev", "v1alpha1", ns, "inferenceservices", "split", {"spec": {"canary": {"gateway": None}}}
     )
     wait_for("the HTTPRoute deleted", lambda: routed.route("split") is None, timeout=60)
+    wait_for("the GRPCRoute deleted", lambda: routed.route("split", "grpcroutes") is None, timeout=60)
 
     def canary_service_gone() -> bool:
         try:

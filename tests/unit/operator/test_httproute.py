@@ -1,6 +1,6 @@
-"""Weighted canaries: the HTTPRoute and canary Service an InferenceService with spec.canary.gateway
-renders, the Routed condition, and the one rule for the canary's model name that defaulting and
-validation share."""
+"""Weighted canaries: the HTTPRoute, GRPCRoute and canary Service an InferenceService with
+spec.canary.gateway renders, the Routed condition, and the one rule for the canary's model name that
+defaulting and validation share."""
 
 from __future__ import annotations
 
@@ -35,6 +35,21 @@ def backends(route: dict) -> dict[str, tuple[int, int]]:
 def test_weights_split_100_between_primary_and_canary(percent: int) -> None:
     route = routing.http_route(OWNER, spec(percent, {"name": "web"}))
     assert backends(route) == {"mnist": (100 - percent, 80), "mnist-canary": (percent, 80)}
+    grpc = routing.grpc_route(OWNER, spec(percent, {"name": "web"}))
+    assert backends(grpc) == {"mnist": (100 - percent, 8081), "mnist-canary": (percent, 8081)}
+
+
+def test_grpc_calls_are_split_by_a_grpcroute_beside_the_httproute() -> None:
+    """The same parent and weights, every method of the OIP's gRPC service (the model is named inside
+    the message, where no Gateway looks), to the Services' grpc ports."""
+    s = spec(25, {"name": "web", "sectionName": "grpc"}, port=8081)  # the pod's gRPC port moves to 8082
+    route, grpc = routing.http_route(OWNER, s), routing.grpc_route(OWNER, s)
+    assert (grpc["apiVersion"], grpc["kind"]) == ("gateway.networking.k8s.io/v1", "GRPCRoute")
+    assert grpc["metadata"] == route["metadata"]  # same name, labels and owner: deleted with it
+    assert grpc["spec"]["parentRefs"] == route["spec"]["parentRefs"]
+    (rule,) = grpc["spec"]["rules"]
+    assert rule["matches"] == [{"method": {"type": "Exact", "service": "inference.GRPCInferenceService"}}]
+    assert backends(grpc) == {"mnist": (75, 8081), "mnist-canary": (25, 8081)}  # the Service's grpc port
 
 
 def test_route_is_owned_named_and_attached_to_the_named_gateway_listener() -> None:
@@ -96,26 +111,30 @@ def test_routed_services_split_no_more_by_replica_ratio() -> None:
 
 def test_routed_condition_says_what_the_cluster_and_gateway_allow() -> None:
     s = spec(20, {"name": "web"})
-    assert routing.route_condition("mnist", spec(20), True, None) is None  # no gateway, no condition
-    status, reason, message = routing.route_condition("mnist", s, False, None)
+    assert routing.route_condition("mnist", spec(20), True, [None, None]) is None  # no gateway, no condition
+    status, reason, message = routing.route_condition("mnist", s, False, [])
     assert (status, reason) == ("False", "GatewayAPINotServed")
     assert message.startswith("spec.canary.gateway:") and "replica ratio" in message
-    status, reason, message = routing.route_condition("mnist", s, True, {"metadata": {"name": "mnist"}})
-    assert (status, reason) == (
-        "Unknown",
-        "RouteApplied",
-    ) and "80% to the primary, 20% to the canary" in message
+    applied = {"metadata": {"name": "mnist"}}
+    status, reason, message = routing.route_condition("mnist", s, True, [applied, applied])
+    assert (status, reason) == ("Unknown", "RouteApplied")
+    assert message.startswith("HTTPRoute and GRPCRoute mnist: 80% to the primary, 20% to the canary")
 
-    def with_parent(accepted: str, why: str) -> dict:
+    def with_parent(accepted: str, why: str, kind: str = "HTTPRoute") -> dict:
         cond = {"type": "Accepted", "status": accepted, "reason": why, "message": "listener says so"}
-        return {"status": {"parents": [{"parentRef": {"name": "web"}, "conditions": [cond]}]}}
+        return {"kind": kind, "status": {"parents": [{"parentRef": {"name": "web"}, "conditions": [cond]}]}}
 
-    assert routing.route_condition("mnist", s, True, with_parent("True", "Accepted"))[:2] == (
-        "True",
-        "Accepted",
-    )
-    refused = routing.route_condition("mnist", s, True, with_parent("False", "NotAllowedByListeners"))
-    assert refused[:2] == ("False", "NotAllowedByListeners") and "listener says so" in refused[2]
+    http_ok, grpc_ok = with_parent("True", "Accepted"), with_parent("True", "Accepted", "GRPCRoute")
+    assert routing.route_condition("mnist", s, True, [http_ok, grpc_ok])[:2] == ("True", "Accepted")
+    # One route accepted is not the split: the other may not have been answered yet.
+    assert routing.route_condition("mnist", s, True, [http_ok, applied])[0] == "Unknown"
+    refused = with_parent("False", "NotAllowedByListeners", "GRPCRoute")
+    status, reason, message = routing.route_condition("mnist", s, True, [http_ok, refused])
+    assert (status, reason) == ("False", "NotAllowedByListeners")
+    assert "GRPCRoute refused: listener says so" in message
+    # A Gateway API without GRPCRoute (before v1.1): REST is split, and the condition says gRPC is not.
+    status, _, message = routing.route_condition("mnist", s, True, [http_ok], grpc_served=False)
+    assert status == "True" and "serves no GRPCRoute: gRPC calls are not split" in message
 
 
 @pytest.mark.parametrize("primary_name", [None, "digits"])
