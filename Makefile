@@ -18,7 +18,7 @@ help: ## list targets
 venv: ## create the cached virtualenv (.venv -> ~/.cache/aidc/venv-<hash>)
 	@bash hack/venv.sh
 
-cluster-build: venv ## build etcd, kube-*, kubectl, kwok, helm, kueue, metrics-server from pinned Go modules (cached; AIDC_KUEUE=0: no kueue)
+cluster-build: venv ## build etcd, kube-*, kubectl, kwok, helm, kueue, metrics-server, prometheus(-adapter) from pinned Go modules (cached; AIDC_KUEUE=0: no kueue)
 	@$(CLUSTER) build
 
 cluster-up: cluster-build ## start the local control plane with kwok GPU nodes (STATE=dir for a second one)

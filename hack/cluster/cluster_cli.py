@@ -1,5 +1,6 @@
 """The command line of the local cluster: `python hack/cluster/localcluster.py up|down|status|build`
-(the Makefile's cluster-* targets), and `metrics-server` (start it on a running cluster, for the HPA).
+(the Makefile's cluster-* targets), `metrics-server` and `custom-metrics` (start metrics-server, or
+Prometheus + prometheus-adapter, on a running cluster, for the HPA).
 Its help is localcluster.py's docstring."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=localcluster.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["up", "down", "status", "build", "metrics-server"])
+    ap.add_argument("command", choices=["up", "down", "status", "build", "metrics-server", "custom-metrics"])
     ap.add_argument(
         "--state-dir", type=Path, default=Path(os.environ.get("AIDC_STATE_DIR", ROOT / ".state" / "cluster"))
     )
@@ -41,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                 import kueue
 
                 kueue.build()
-            import metrics_server  # here, not at the top: it imports localcluster
+            import custom_metrics  # here, not at the top: they import localcluster
+            import metrics_server
 
             metrics_server.build()
+            custom_metrics.build()
         elif args.command == "up":
             c = LocalCluster(
                 state,
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             import metrics_server
 
             metrics_server.start(LocalCluster.load(state))
+        elif args.command == "custom-metrics":
+            import custom_metrics
+
+            custom_metrics.start(LocalCluster.load(state))
         else:
             return status(state)
     except ClusterError as e:

@@ -1,6 +1,7 @@
 """What the local cluster takes from Go modules pinned by go.mod files the project owns (hack/kueue,
-hack/metrics-server, hack/gateway-api): the Go environment, `go` run in the pin's directory, and the
-cache directory keyed by the pinned version that the first clone fills and every later one reuses."""
+hack/metrics-server, hack/prometheus, hack/prometheus-adapter, hack/gateway-api): the Go environment,
+`go` run in the pin's directory, a logged build, and the cache directory keyed by the pinned version
+that the first clone fills and every later one reuses."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import fcntl
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster_processes import ClusterError
+from cluster_processes import ClusterError, log
 
 
 def go_env(needs: str, cgo: bool = False) -> dict[str, str]:
@@ -47,3 +50,35 @@ def cached(name: str, version: str, under: str = "bin") -> Iterator[Path]:
     with (cache / f".{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield cache / f"{name}-{version}"
+
+
+def build_binary(
+    pin: Path, env: dict[str, str], package: str, binary: Path, ldflags: str = "-s -w", tags: str = ""
+) -> None:
+    """`go build` of PACKAGE (as pinned by PIN's go.mod) into BINARY at the lowest CPU priority, logging
+    how many packages have compiled twice a minute (a first build takes minutes on 2 cores)."""
+    name = binary.name
+    log(f"{name}: building {package} (first time only; minutes)")
+    t0 = time.monotonic()
+    argv = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, *(["-tags", tags] if tags else [])]
+    argv += ["-o", str(binary), package]
+    proc = subprocess.Popen(["nice", "-n", "19", *argv], cwd=pin, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    packages, tail = [0], list[str]()
+
+    def progress() -> None:  # -v names each package as it compiles: report the count
+        while True:
+            time.sleep(30)
+            if proc.poll() is not None:
+                return
+            log(f"{name}: {packages[0]} packages compiled ({time.monotonic() - t0:.0f}s)")
+
+    threading.Thread(target=progress, daemon=True).start()
+    for line in proc.stderr:
+        packages[0] += 1
+        tail = [*tail[-40:], line]
+    if proc.wait() != 0 or not binary.exists():
+        raise ClusterError(
+            f"building {name} failed; check access to the Go module proxy and disk space:\n" + "".join(tail)
+        )
+    log(f"{name}: built in {time.monotonic() - t0:.0f}s")

@@ -2,6 +2,7 @@
 and kwok (fake GPU nodes), all on loopback, built from Go modules by build.sh.
 
     python hack/cluster/localcluster.py up|down|status|env [--state-dir DIR] [--nodes N] [--fleet-nodes N] ...
+    python hack/cluster/localcluster.py metrics-server|custom-metrics   # on a running cluster, for HPAs
 
 Two kinds of fake node: `--nodes` GPU nodes each with a kwok agent of its own (killing one is a node
 losing power; tests do that), and `--fleet-nodes` GPU nodes (fleet-node-i) that ONE kwok process
@@ -390,7 +391,7 @@ class LocalCluster:
             sorted(self.procs.recorded(), key=lambda n: rank.get(n, len(CONTROL_PLANE)), reverse=True)
         )
         release_pod_addresses(self.pod_net)
-        for sub in ("etcd", "pki", "apiserver", "controller-manager", "pids", "pods"):
+        for sub in ("etcd", "pki", "apiserver", "controller-manager", "pids", "pods", "prometheus"):
             shutil.rmtree(self.state_dir / sub, ignore_errors=True)
         for f in ("cluster.json", "kubeconfig", "audit-policy.yaml"):
             (self.state_dir / f).unlink(missing_ok=True)

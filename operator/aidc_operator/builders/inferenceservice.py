@@ -228,6 +228,17 @@ def _probe(path: str, scheme: str, period: int, failures: int) -> dict[str, Any]
     }
 
 
+def scrape_annotations(spec: InferenceServiceSpec) -> dict[str, str]:
+    """The conventional annotations a Prometheus pod job scrapes by (KServe's servers carry the same):
+    the server's /metrics, including the load gauges an inflight autoscaler reads through an adapter."""
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(spec.port),
+        "prometheus.io/path": "/metrics",
+        "prometheus.io/scheme": "https" if spec.tls_secret_ref else "http",
+    }
+
+
 def selector(owner: Owner, role: str) -> dict[str, str]:
     return {LABEL_ISVC: owner.name, LABEL_ROLE: role}
 
@@ -294,9 +305,10 @@ def deployment(
     if tmpl.image_pull_secrets:
         pod_spec["imagePullSecrets"] = list(tmpl.image_pull_secrets)
     # managed-by on the pods too: the operator's pod watch selects on it (server-side filtering).
-    pod_meta: dict[str, Any] = {"labels": {**tmpl.labels, **MANAGED_BY, **labels}}
-    if tmpl.annotations:
-        pod_meta["annotations"] = dict(tmpl.annotations)
+    pod_meta: dict[str, Any] = {
+        "labels": {**tmpl.labels, **MANAGED_BY, **labels},
+        "annotations": {**scrape_annotations(spec), **tmpl.annotations},
+    }
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": labels},
         # Surge first: capacity never drops below the current replicas during a rollout.

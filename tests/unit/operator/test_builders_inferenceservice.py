@@ -142,6 +142,25 @@ def test_tls_switches_probes_service_and_url_to_https() -> None:
     assert build.url(OWNER, s) == "https://mnist.team-a.svc.cluster.local/v2/models/mnist"
 
 
+def test_pods_ask_prometheus_to_scrape_their_metrics_and_users_may_say_otherwise() -> None:
+    """The conventional prometheus.io annotations (a Prometheus pod job, and so the inflight autoscaler's
+    adapter, finds the servers by them); HTTPS with TLS; the user's own annotation wins."""
+    job = build.resolve_training_job(training_job())
+    plain = build.deployment(OWNER, spec(port=9000), build.PRIMARY, job)["spec"]["template"]["metadata"]
+    assert plain["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9000",
+        "prometheus.io/path": "/metrics",
+        "prometheus.io/scheme": "http",
+    }
+    tls = build.deployment(OWNER, spec(tlsSecretRef={"name": "cert"}), build.PRIMARY, job)
+    assert tls["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    mine = spec(podTemplate={"annotations": {"prometheus.io/scrape": "false", "team": "a"}})
+    dep = build.deployment(OWNER, mine, build.PRIMARY, job)
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "false" and annotations["team"] == "a"
+
+
 def test_gpus_resources_and_gpu_toleration() -> None:
     s = spec(gpus=2, resources={"requests": {"cpu": "4"}, "limits": {"memory": "8Gi"}})
     dep = build.deployment(OWNER, s, build.PRIMARY, build.resolve_training_job(training_job()))
