@@ -91,6 +91,22 @@ def client_identity(c: LocalCluster, name: str, user: str) -> Path:
     return path
 
 
+def server_flags(c: LocalCluster, component: str, addr: str, port: int) -> list[str]:
+    """The k8s.io/apiserver flags every aggregated server here shares: where it listens, its serving
+    certificate, and its client identity for delegated authentication and authorisation."""
+    kc = c.state_dir / f"{component}.kubeconfig"
+    certs = c.pki / component
+    return [
+        f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}",
+        f"--bind-address={addr}",
+        f"--secure-port={port}",
+        f"--tls-cert-file={certs / 'tls.crt'}",
+        f"--tls-private-key-file={certs / 'tls.key'}",
+        f"--cert-dir={certs}",
+    ]
+
+
 def service_and_endpoints(name: str, namespace: str, addr: str, port: int) -> list[dict[str, Any]]:
     """A selectorless Service NAME whose Endpoints are ADDR:PORT."""
     meta = {"name": name, "namespace": namespace, "labels": {"k8s-app": name}}

@@ -133,20 +133,12 @@ def manifests(addr: str, port: int, ca_bundle: str) -> list[dict[str, Any]]:
 
 
 def adapter_args(c: LocalCluster, addr: str, port: int, prometheus_url: str) -> list[str]:
-    kc = c.state_dir / f"{ADAPTER}.kubeconfig"
-    certs = c.pki / ADAPTER
     return [
         f"--prometheus-url={prometheus_url}",
         f"--config={ADAPTER_PIN / 'rules.yaml'}",
         "--metrics-relist-interval=10s",  # default 1 m: a new pod's series are served sooner
-        f"--lister-kubeconfig={kc}",
-        f"--authentication-kubeconfig={kc}",
-        f"--authorization-kubeconfig={kc}",
-        f"--bind-address={addr}",
-        f"--secure-port={port}",
-        f"--tls-cert-file={certs / 'tls.crt'}",
-        f"--tls-private-key-file={certs / 'tls.key'}",
-        f"--cert-dir={certs}",
+        f"--lister-kubeconfig={c.state_dir / f'{ADAPTER}.kubeconfig'}",
+        *aggregated_api.server_flags(c, ADAPTER, addr, port),
         "--v=1",
     ]
 

@@ -88,17 +88,9 @@ def manifests(src: Path, addr: str, port: int, ca_bundle: str) -> list[dict[str,
 
 
 def args(c: LocalCluster, addr: str, port: int) -> list[str]:
-    kc = c.state_dir / f"{COMPONENT}.kubeconfig"
-    certs = c.pki / COMPONENT
     return [
-        f"--kubeconfig={kc}",
-        f"--authentication-kubeconfig={kc}",
-        f"--authorization-kubeconfig={kc}",
-        f"--bind-address={addr}",
-        f"--secure-port={port}",
-        f"--tls-cert-file={certs / 'tls.crt'}",
-        f"--tls-private-key-file={certs / 'tls.key'}",
-        f"--cert-dir={certs}",
+        f"--kubeconfig={c.state_dir / f'{COMPONENT}.kubeconfig'}",
+        *aggregated_api.server_flags(c, COMPONENT, addr, port),
         f"--kubelet-certificate-authority={c.pki / 'ca.crt'}",  # the development kubelet's CA: verified
         "--kubelet-preferred-address-types=InternalIP",
         "--kubelet-use-node-status-port",
