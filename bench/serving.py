@@ -92,7 +92,8 @@ def train(model: str, out: Path) -> Path:
 
 
 def targets_for(servers: list[Server], model: str, protocols: list[str], args) -> list[Target]:
-    spec = MODELS[model][2]
+    one = MODELS[model][2]
+    spec = {**one, "shape": [args.rows, *one["shape"][1:]]}
     return [
         _grpc_target(s, model, spec, args)
         if protocol == "grpc"
@@ -263,6 +264,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per row and level")
     p.add_argument("--max-requests", type=int, default=200_000, help="cap per row, level and round")
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--rows", type=int, default=1, help="rows per request (the logits grow with it)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-latency-ms", type=float, default=5.0)
     p.add_argument("--kserve-version", default="0.21.0")
@@ -291,7 +293,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="aidc-bench-serving-"))
     try:
         ckpts = {m: train(m, work) for m in models}
-        report: dict = {"accuracy": {}, "results": []}
+        report: dict = {"command": " ".join(sys.argv), "rows": args.rows, "accuracy": {}, "results": []}
         for m in models:
             acc = accuracy(m, ckpts[m])
             report["accuracy"][m] = acc
