@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from cluster_pki import issue_cert, kubeconfig, new_key, pem_key, x509_name
+from cluster_pki import issue_cert, issue_client_cert, kubeconfig, load_ca, new_key, pem_key, x509_name
 from cluster_processes import ClusterError
 from pod_addresses import pod_address_label
 
@@ -58,10 +57,7 @@ def listen_address(c: LocalCluster, octet: int, who: str) -> str:
 def write_certs(c: LocalCluster, component: str, namespace: str, user: str, addr: str) -> str:
     """COMPONENT's serving cert (pki/COMPONENT/tls.*) and client identity USER (pki/COMPONENT.*, and
     COMPONENT.kubeconfig in the state dir), from the cluster CA; returns the CA as a caBundle."""
-    ca_key = serialization.load_pem_private_key((c.pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca_pem = (c.pki / "ca.crt").read_bytes()
-    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca, ca_key = load_ca(c.pki)
     sans: list[x509.GeneralName] = [
         x509.DNSName(f"{component}.{namespace}.svc"),
         x509.DNSName(f"{component}.{namespace}.svc.cluster.local"),
@@ -74,18 +70,12 @@ def write_certs(c: LocalCluster, component: str, namespace: str, user: str, addr
     (d / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "tls.key").write_bytes(pem_key(key))
     client_identity(c, component, user)
-    return base64.b64encode(ca_pem).decode()
+    return base64.b64encode(ca.public_bytes(serialization.Encoding.PEM)).decode()
 
 
 def client_identity(c: LocalCluster, name: str, user: str) -> Path:
     """A client certificate for USER (group system:serviceaccounts) and a kubeconfig using it."""
-    ca_key = serialization.load_pem_private_key((c.pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca = x509.load_pem_x509_certificate((c.pki / "ca.crt").read_bytes())
-    key = new_key()
-    cert = issue_cert(x509_name(user, "system:serviceaccounts"), key, ca.subject, ca_key)
-    (c.pki / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (c.pki / f"{name}.key").write_bytes(pem_key(key))
+    issue_client_cert(c.pki, name, x509_name(user, "system:serviceaccounts"))
     path = c.state_dir / f"{name}.kubeconfig"
     path.write_text(kubeconfig(c.server, c.pki, name))
     return path

@@ -131,17 +131,27 @@ def write_front_proxy(pki: Path) -> None:
     (pki / "front-proxy-client.key").write_bytes(pem_key(client_key))
 
 
+def load_ca(pki: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The cluster CA write_pki made: its certificate and key, to sign more certificates with."""
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    return x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes()), ca_key
+
+
+def issue_client_cert(pki: Path, name: str, subject: x509.Name) -> None:
+    """<pki>/NAME.crt and .key: a client certificate for SUBJECT signed by the cluster CA."""
+    ca, ca_key = load_ca(pki)
+    key = new_key()
+    cert = issue_cert(subject, key, ca.subject, ca_key)
+    (pki / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (pki / f"{name}.key").write_bytes(pem_key(key))
+
+
 def issue_identity(pki: Path, user: str) -> None:
     """<pki>/USER.crt and .key: a client certificate CN=USER, O=system:masters signed by the cluster CA."""
     if user in RESERVED_IDENTITIES or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9:._-]*", user):
         raise ClusterError(f"{user!r} cannot be an identity name (reserved, or not [A-Za-z0-9:._-]+)")
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
-    key = new_key()
-    cert = issue_cert(x509_name(user, "system:masters"), key, ca.subject, ca_key)
-    (pki / f"{user}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (pki / f"{user}.key").write_bytes(pem_key(key))
+    issue_client_cert(pki, user, x509_name(user, "system:masters"))
 
 
 def kubeconfig(server: str, pki: Path, ident: str) -> str:

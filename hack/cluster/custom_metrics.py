@@ -17,9 +17,7 @@ upstream ServiceAccount's user name, with no more RBAC than it needs (hack/prome
 
 from __future__ import annotations
 
-import json
 import shutil
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,13 +143,6 @@ def adapter_args(c: LocalCluster, addr: str, port: int, prometheus_url: str) -> 
 
 def prometheus_url(c: LocalCluster) -> str:
     return f"http://127.0.0.1:{c.ports[PROMETHEUS]}"
-
-
-def query(c: LocalCluster, promql: str) -> list[dict[str, Any]]:
-    """An instant query against the cluster's Prometheus: its result vector."""
-    url = f"{prometheus_url(c)}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.load(r)["data"]["result"]
 
 
 def start(c: LocalCluster) -> None:

@@ -28,7 +28,7 @@ PLURAL = "httproutes"
 GRPC_KIND = "GRPCRoute"
 GRPC_PLURAL = "grpcroutes"
 OIP_GRPC_SERVICE = "inference.GRPCInferenceService"
-CONDITION = "Routed"  # the InferenceService's condition about its HTTPRoute
+CONDITION = "Routed"  # the InferenceService's condition about its routes
 
 
 def routed(spec: InferenceServiceSpec, gateway_api_served: bool) -> bool:
