@@ -31,8 +31,27 @@ from tests.integration.trainer.trainer_harness import (
 pytestmark = pytest.mark.slow
 
 
-def _tmp_dirs(ck: Path) -> list[Path]:
-    return [p for p in ck.iterdir() if p.name.startswith(".tmp-")] if ck.is_dir() else []
+def _tmp_dirs(ck: Path) -> set[str]:
+    return {p.name for p in ck.iterdir() if p.name.startswith(".tmp-")} if ck.is_dir() else set()
+
+
+def _kill_during_a_save(node: Node, ck: Path, stale: set[str], attempts: int = 1000) -> bool:
+    """SIGKILL the node while a save of this run is half written; True once one was caught.
+
+    Seeing the temp directory and killing are two steps, so a fast save can publish in between.
+    Freezing the workers closes that race: a temp directory still there while they are stopped is
+    a save the kill interrupts. Counted attempts, not a clock, so a slow or fast machine both pass.
+    """
+    try:
+        for _ in range(attempts):
+            wait_for(lambda: _tmp_dirs(ck) - stale, timeout=60, interval=0.001)
+            node.signal_workers(signal.SIGSTOP)
+            if _tmp_dirs(ck) - stale:
+                return True
+            node.signal_workers(signal.SIGCONT)
+        return False
+    finally:
+        node.kill()
 
 
 def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_path: Path) -> None:
@@ -53,6 +72,7 @@ def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_
     resumed_expect = 0
     for round_ in range(3):
         log = tmp_path / f"round{round_}.log"
+        stale = _tmp_dirs(ck)  # the last kill's half-written save: this run removes it
         node = Node(log, args, nproc=2)
         if round_ == 2:  # last round: let it finish
             assert node.wait(timeout=180) == 0, log.read_text()[-3000:]
@@ -61,11 +81,11 @@ def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_
                 before = max((C._step_of(p) for p in C.list_checkpoints(ck)), default=0)
                 wait_for(lambda b=before: any(C._step_of(p) > b for p in C.list_checkpoints(ck)), timeout=120)
                 time.sleep(rnd.uniform(0.05, 0.5))
-                wait_for(lambda: _tmp_dirs(ck), timeout=30, interval=0.001)  # a save is being written now
-            finally:
+            except BaseException:
                 node.kill()
+                raise
+            interrupted_saves += _kill_during_a_save(node, ck, stale)
             assert not events(log, "done"), "run finished before the kill"
-            interrupted_saves += bool(_tmp_dirs(ck))  # a half-written save was left behind
             # whatever the kill interrupted, every published checkpoint is complete and verifies
             for p in C.list_checkpoints(ck):
                 C.verify(p, ring)
@@ -75,8 +95,7 @@ def test_repeated_kill_9_during_save_always_resumes_from_a_valid_checkpoint(tmp_
             assert r and r[0]["step"] == resumed_expect, f"round {round_}: resumed from {r and r[0]['step']}"
             resumed.append(r[0]["step"])
         resumed_expect = newest
-    # saves run back to back, so a kill misses one only in the ~1 ms between two of them
-    assert interrupted_saves >= 1, "no kill landed during a save"
+    assert interrupted_saves == 2, "a kill missed every save it tried to interrupt"
     assert resumed == sorted(resumed) and resumed[0] > 0  # always moved forward, never restarted at 0
     final = C.load_latest(ck, ring)
     assert final is not None and final.step == steps

@@ -94,6 +94,11 @@ class Node:
                 pids.append(int(stat.parent.name))
         return sorted(pids)
 
+    def signal_workers(self, sig: int) -> None:
+        for pid in self.workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout=timeout)
