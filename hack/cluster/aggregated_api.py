@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cluster_pki import issue_cert, issue_client_cert, kubeconfig, load_ca, new_key, pem_key, x509_name
 from cluster_processes import ClusterError
-from pod_addresses import pod_address_label
+from pod_addresses import add_loopback_address, pod_address_label
 
 if TYPE_CHECKING:
     from localcluster import LocalCluster
@@ -44,13 +43,8 @@ def check_aggregation(c: LocalCluster) -> None:
 def listen_address(c: LocalCluster, octet: int, who: str) -> str:
     """{pod_net}.255.OCTET, put on lo (idempotent)."""
     addr = f"{c.pod_net}.255.{octet}"
-    added = subprocess.run(
-        ["ip", "-4", "addr", "add", f"{addr}/32", "dev", "lo", "label", pod_address_label(c.pod_net)],
-        capture_output=True,
-        text=True,
-    )
-    if added.returncode != 0 and "File exists" not in added.stderr:
-        raise ClusterError(f"cannot put {addr} on lo for {who} (needs CAP_NET_ADMIN): {added.stderr}")
+    if why := add_loopback_address(addr, pod_address_label(c.pod_net)):
+        raise ClusterError(f"cannot put {addr} on lo for {who} (needs CAP_NET_ADMIN): {why}")
     return addr
 
 

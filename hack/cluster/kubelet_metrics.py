@@ -20,12 +20,10 @@ node advertises in status.daemonEndpoints.kubeletEndpoint.Port — metrics-serve
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +40,7 @@ from kubernetes import client
 import proctree
 from cluster_pki import issue_cert, new_key, pem_key, x509_name
 from cluster_processes import free_port
+from pod_addresses import add_loopback_address, remove_loopback_address
 
 if TYPE_CHECKING:
     from localcluster import LocalCluster
@@ -220,17 +219,7 @@ def serving_context(pki: Path, out: Path, addresses: list[str]) -> ssl.SSLContex
 
 def add_node_address(address: str) -> bool:
     """Puts ADDRESS on lo (another cluster's kubelet may have done so already); False without privilege."""
-    proc = subprocess.run(
-        ["ip", "-4", "addr", "add", f"{address}/32", "dev", "lo", "label", NODE_ADDRESS_LABEL],
-        capture_output=True,
-        text=True,
-    )
-    return proc.returncode == 0 or "File exists" in proc.stderr
-
-
-def remove_node_address(address: str) -> None:
-    with contextlib.suppress(OSError):
-        subprocess.run(["ip", "-4", "addr", "del", f"{address}/32", "dev", "lo"], capture_output=True)
+    return add_loopback_address(address, NODE_ADDRESS_LABEL) is None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -324,7 +313,7 @@ class NodeEndpoints:
             s.shutdown()
             s.server_close()
         for address in set(self.addresses.values()):
-            remove_node_address(address)
+            remove_loopback_address(address)
 
 
 def _internal_ip(node: client.V1Node) -> str | None:

@@ -14,6 +14,25 @@ import subprocess
 from pathlib import Path
 
 
+def add_loopback_address(address: str, label: str) -> str | None:
+    """Puts ADDRESS/32 on lo under LABEL. None when it is there now (also when it was already: a
+    restarted kubelet finds its pods' addresses, another cluster may share a node address); else why
+    not (without CAP_NET_ADMIN, or without `ip`)."""
+    try:
+        cmd = ["ip", "-4", "addr", "add", f"{address}/32", "dev", "lo", "label", label]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        return str(e)
+    if proc.returncode == 0 or "File exists" in proc.stderr:
+        return None
+    return proc.stderr.strip() or f"ip exited with {proc.returncode}"
+
+
+def remove_loopback_address(address: str) -> None:
+    with contextlib.suppress(OSError):
+        subprocess.run(["ip", "-4", "addr", "del", f"{address}/32", "dev", "lo"], capture_output=True)
+
+
 def pod_address_label(pod_net: str) -> str:
     """The `ip addr` label marking one cluster's pod addresses (so `down` removes exactly those)."""
     return f"lo:aidc{pod_net.split('.')[1]}"
@@ -59,4 +78,4 @@ def drop_node_pod_addresses(state_dir: Path, pod_net: str, node: str) -> None:
         with contextlib.suppress(OSError):
             address = node_file.with_name("address").read_text().strip()
             if node_file.read_text().strip() == node and address.startswith(f"{pod_net}."):
-                subprocess.run(["ip", "-4", "addr", "del", f"{address}/32", "dev", "lo"], capture_output=True)
+                remove_loopback_address(address)

@@ -26,11 +26,12 @@ import contextlib
 import os
 import re
 import socket
-import subprocess
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from pod_addresses import add_loopback_address, remove_loopback_address
 
 Pod = dict[str, Any]
 DNS_NAME = re.compile(
@@ -168,17 +169,11 @@ class Addresses:
         self.fallback: dict[str, str] = {}  # "ns/pod" -> loopback address
         self.pod_ips = self._can_add()
 
-    def _ip(self, *args: str) -> bool:
-        try:
-            return subprocess.run(["ip", *args], capture_output=True).returncode == 0
-        except OSError:
-            return False
-
     def _can_add(self) -> bool:
-        probe = f"{self.pod_net}.255.254/32"
-        if not self._ip("-4", "addr", "add", probe, "dev", "lo", "label", self.label):
+        probe = f"{self.pod_net}.255.254"
+        if add_loopback_address(probe, self.label) is not None:
             return False
-        self._ip("-4", "addr", "del", probe, "dev", "lo")
+        remove_loopback_address(probe)
         return True
 
     def of(self, pod: Pod) -> str:
@@ -197,8 +192,8 @@ class Addresses:
     def claim(self, address: str) -> None:
         # "exists" is fine: a kubelet restarted over running pods finds its addresses still there
         if self.pod_ips:
-            self._ip("-4", "addr", "add", f"{address}/32", "dev", "lo", "label", self.label)
+            add_loopback_address(address, self.label)
 
     def release(self, address: str) -> None:
         if self.pod_ips:
-            self._ip("-4", "addr", "del", f"{address}/32", "dev", "lo")
+            remove_loopback_address(address)
