@@ -20,8 +20,9 @@ class RunConfig:
     # start-up); "on" insists, "off" ignores queue labels' queues (such jobs wait with a condition).
     kueue: str = os.environ.get("AIDC_KUEUE", "auto")
     kueue_served: bool = False  # what start-up found
-    # Does the cluster serve gateway.networking.k8s.io/v1 (checked at start-up)? Only then are
-    # HTTPRoutes watched and canaries that name a gateway split by route weight.
+    # Does the cluster serve gateway.networking.k8s.io/v1 HTTPRoutes (checked at start-up, then now and
+    # then until it does: handlers/gateway_discovery.py)? Only then are HTTPRoutes watched and canaries
+    # that name a gateway split by route weight.
     gateway_api_served: bool = False
     # And does it serve GRPCRoute there (Gateway API v1.1 and later)? Then gRPC calls are split too.
     grpc_routes_served: bool = False

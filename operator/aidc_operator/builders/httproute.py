@@ -139,7 +139,8 @@ def route_condition(
             "False",
             "GatewayAPINotServed",
             f"spec.canary.gateway: the cluster does not serve {API_VERSION} (install the Gateway API "
-            "CRDs, then restart the operator); the split follows the ready-replica ratio meanwhile",
+            "CRDs: the operator checks again every minute); the split follows the ready-replica ratio "
+            "meanwhile",
         )
     gw = spec.canary.gateway
     primary_weight, canary_weight = weights(spec.canary.traffic_percent)

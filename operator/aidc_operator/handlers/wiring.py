@@ -27,11 +27,11 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from .. import kubeio, metrics, queueing, volumes
-from ..builders import httproute
 from ..builders.common import LABEL_ISVC, LABEL_JOB, MANAGED_BY
 from ..cache import INFERENCESERVICE, LEASE, NODE, POD, TRAININGJOB
 from ..informer import Informer, Resource
 from ..runtime import CONFIG, STORE
+from . import gateway_discovery
 from .inferenceservice import SERVICES, services_serving
 from .trainingjob import JOBS
 
@@ -59,11 +59,6 @@ KUEUE = (
     Resource(queueing.WORKLOAD, queueing.API_VERSION, "workloads", selector=_SELECTOR),
     Resource(queueing.FLAVOR, queueing.API_VERSION, "resourceflavors", namespaced=False),
 )
-
-# With the Gateway API: the HTTPRoutes and GRPCRoutes of weighted canaries (their status says whether a
-# Gateway took them).
-ROUTES = Resource(httproute.KIND, httproute.API_VERSION, httproute.PLURAL, selector=_SELECTOR)
-GRPC_ROUTES = Resource(httproute.GRPC_KIND, httproute.API_VERSION, httproute.GRPC_PLURAL, selector=_SELECTOR)
 
 
 def namespace_filter(patterns: list[str]) -> tuple[list[str | None], Any]:
@@ -162,30 +157,36 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
             raise kopf.PermanentError(f"--kueue on, but the cluster does not serve {queueing.API_VERSION}")
     if CONFIG.kueue_served:
         informers += [Informer(KUEUE[0], STORE, ns, accepts) for ns in scopes] + [Informer(KUEUE[1], STORE)]
-    # A watch of a resource the cluster does not serve would never sync (and no pass would run).
+    # A watch of a resource the cluster does not serve would never sync (and no pass would run): the
+    # route kinds served now are watched from the start, the others once they are installed.
+    routes: list[Resource] = []
     try:
-        gateway = await loop.run_in_executor(None, kubeio.served_resources, httproute.API_VERSION)
-        CONFIG.gateway_api_served = httproute.PLURAL in (gateway or ())
-        CONFIG.grpc_routes_served = httproute.GRPC_PLURAL in (gateway or ())
+        routes = await asyncio.to_thread(gateway_discovery.served_routes)
     except ApiException as e:  # optional: weighted canaries say so in their Routed condition
-        logger.warning(f"cannot tell whether the Gateway API is served ({e.status}); not watching HTTPRoutes")
-    if CONFIG.gateway_api_served:
-        informers += [Informer(ROUTES, STORE, ns, accepts) for ns in scopes]
-    if CONFIG.grpc_routes_served:
-        informers += [Informer(GRPC_ROUTES, STORE, ns, accepts) for ns in scopes]
+        logger.warning(f"cannot tell whether the Gateway API is served ({e.status}); checking again later")
+    gateway_discovery.mark_served(routes)
+
+    def informers_for(resource: Resource) -> list[Informer]:
+        return [Informer(resource, STORE, ns, accepts) for ns in scopes]
+
+    informers += [i for r in routes for i in informers_for(r)]
+
+    initial = list(informers)  # route informers started later do not hold the first passes back
 
     def on_synced() -> None:
-        if all(i.synced.is_set() for i in informers):
+        if all(i.synced.is_set() for i in initial):
             loop.call_soon_threadsafe(synced.set)
 
-    for informer in informers:
+    for informer in initial:
         informer.on_synced = on_synced
     STORE.subscribe(route)
-    for informer in informers:
+    for informer in initial:
         informer.start()
     JOBS.start(synced)
     SERVICES.start(synced)
     _running.update(informers=informers, watchdog=asyncio.create_task(lease_watchdog()))
+    later = gateway_discovery.await_routes(routes, informers_for, informers)  # stopped with the rest
+    _running["gateway"] = asyncio.create_task(later)
     logger.info(
         f"watching {len(informers)} resource scopes; passes start once the cache has synced "
         f"({CONFIG.job_workers} TrainingJob and {CONFIG.service_workers} InferenceService workers; "
@@ -198,10 +199,11 @@ async def start_cache(logger: kopf.Logger, **_: Any) -> None:
 async def stop_cache(**_: Any) -> None:
     for informer in _running.get("informers", []):
         informer.stop()
-    if watchdog := _running.get("watchdog"):
-        watchdog.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watchdog
+    for name in ("watchdog", "gateway"):
+        if task := _running.get(name):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await JOBS.stop()
     await SERVICES.stop()
     metrics.QUEUE_DEPTH.labels("TrainingJob").set(0)

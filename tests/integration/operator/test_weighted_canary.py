@@ -2,11 +2,12 @@
 standard channel, pinned in hack/gateway-api/go.mod) installed: the operator keeps an HTTPRoute and a
 GRPCRoute whose weights follow spec.canary.trafficPercent, and removes them with the gateway. No Gateway
 controller runs here, so what is checked is the routes the apiserver stores (and validates against the
-Gateway API's schema), not packets. The operator is this module's own, started after the CRDs: it
-watches the routes only when the cluster serves them at its start."""
+Gateway API's schema), not packets. The first test starts an operator before the CRDs are installed
+(it picks them up later); the others share one started after them."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,61 @@ def routed(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rou
     op = OperatorProcess(kube, tmp / "operator.log", [ns]).start()
     try:
         yield Routed(kube, ns, op)
+    finally:
+        op.stop()
+        kube.delete_namespace(ns)
+
+
+def _gateway_api_served(kube: Kube) -> bool:
+    try:
+        kube.custom.get_api_resources(*GW)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+def test_gateway_api_installed_after_the_operator_started_is_picked_up(crds: Kube, tmp_path: Path) -> None:
+    # First in this module, before `routed` installs the CRDs: a platform team's chart or a GitOps sync
+    # often installs the Gateway API after the operator. (Removed first in case something else did.)
+    kube = crds
+    kubectl = [kube.kubectl_bin, f"--kubeconfig={kube.kubeconfig}"]
+    if _gateway_api_served(kube):
+        crd_files = str(gateway_api.crd_dir())
+        subprocess.run([*kubectl, "delete", "--ignore-not-found", "-f", crd_files], check=True)
+        wait_for("the Gateway API gone", lambda: not _gateway_api_served(kube), timeout=120)
+    ns = kube.create_namespace("gateway-late", prefix="g")
+    op = OperatorProcess(kube, tmp_path / "operator.log", [ns]).start()
+    late = Routed(kube, ns, op)
+    try:
+        spec = {
+            "model": {"storage": {"volume": NFS, "path": "v1"}},
+            "canary": {
+                "trafficPercent": 30,
+                "model": {"storage": {"volume": NFS, "path": "v2"}},
+                "gateway": {"name": "public"},
+            },
+        }
+        kube.create_cr("InferenceService", ns, "late", spec)
+        cond = wait_for("Routed False", lambda: late.condition("late", "Routed"), timeout=60)
+        assert (cond["status"], cond["reason"]) == ("False", "GatewayAPINotServed")
+        assert "install the Gateway API CRDs" in cond["message"]
+        assert "restart" not in cond["message"]
+
+        gateway_api.install(kubectl)  # no operator restart: it checks discovery until the API is there
+        weights = wait_for("the HTTPRoute", lambda: late.weights("late"), timeout=180)
+        assert weights == {"late": 70, "late-canary": 30}
+        assert wait_for("the GRPCRoute", lambda: late.weights("late", "grpcroutes"), timeout=60) == weights
+        cond = wait_for(
+            "Routed by both routes",
+            lambda: (c := late.condition("late", "Routed")).get("reason") == "RouteApplied" and c,
+            timeout=60,
+        )
+        assert cond["message"].startswith("HTTPRoute and GRPCRoute late:")
+        # one discovery check may find one kind's CRD Established before the other's
+        found = " ".join(line for line in op.log().splitlines() if "the cluster serves" in line)
+        assert "HTTPRoute" in found and "GRPCRoute" in found, found
     finally:
         op.stop()
         kube.delete_namespace(ns)

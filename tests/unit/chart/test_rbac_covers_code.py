@@ -72,10 +72,11 @@ def calls_in_code() -> set[tuple[str, str, str]]:
 
 def watches_in_code() -> set[tuple[str, str, str]]:
     """(group, resource, verb) for the list+watch of every informer the operator starts."""
-    from aidc_operator.handlers.wiring import CLAIMS, KUEUE, LEASES, NODES, OWNED, ROUTES
+    from aidc_operator.handlers.gateway_discovery import GRPC_ROUTES, ROUTES
+    from aidc_operator.handlers.wiring import CLAIMS, KUEUE, LEASES, NODES, OWNED
 
     found = set()
-    for r in (*OWNED, CLAIMS, NODES, LEASES, *KUEUE, ROUTES):
+    for r in (*OWNED, CLAIMS, NODES, LEASES, *KUEUE, ROUTES, GRPC_ROUTES):
         group = r.group_version.rpartition("/")[0]
         found |= {(group, r.plural, "list"), (group, r.plural, "watch")}
     return found
