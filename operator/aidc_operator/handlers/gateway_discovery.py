@@ -51,6 +51,7 @@ async def await_routes(
     informers_for: Callable[[Resource], list[Informer]],
     started: list[Informer],
     recheck: tuple[float, float] = RECHECK_SECONDS,
+    discover: Callable[[], list[Resource]] = served_routes,
 ) -> None:
     """Until the cluster serves both route kinds: check discovery, and once it serves one that
     HAVE lacks, watch it (INFORMERS_FOR makes its informers; they join STARTED, which start-up's
@@ -61,7 +62,7 @@ async def await_routes(
         await asyncio.sleep(wait)
         wait = min(wait * 2, longest)
         try:
-            new = [r for r in await asyncio.to_thread(served_routes) if r in missing]
+            new = [r for r in await asyncio.to_thread(discover) if r in missing]
         except (ApiException, OSError) as e:
             log.info("cannot tell whether the Gateway API is served yet (%r); checking again", e)
             continue

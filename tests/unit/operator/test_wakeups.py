@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
 from aidc_operator.cache import NODE, POD, TRAININGJOB
@@ -99,3 +102,52 @@ def test_status_is_written_on_real_change_and_ticking_figures_at_their_cadence()
     assert status_write_due(old, {**old, "progress": {"step": 2}}, 100.0, 131.0) == (True, None)
     both = {**old, "progress": {"step": 2}, "gpuSeconds": 11.0}
     assert status_write_due(old, both, 100.0, 131.0) == (True, None)
+
+
+def test_route_kinds_installed_later_are_watched_and_wake_the_gateway_canaries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CRDs arrive after start-up, one kind per discovery check, with a failed check between:
+    each kind is watched once served (never twice), and the canaries naming a Gateway are woken."""
+    from kubernetes.client.exceptions import ApiException
+
+    from aidc_operator.handlers import gateway_discovery as gd
+    from aidc_operator.runtime import CONFIG
+
+    monkeypatch.setattr(CONFIG, "gateway_api_served", False)
+    monkeypatch.setattr(CONFIG, "grpc_routes_served", False)
+    woken: list = []
+    monkeypatch.setattr(gd.SERVICES, "wake", woken.append)
+    for name, canary in [
+        ("routed", {"gateway": {"name": "gw"}}),
+        ("ratio", {"trafficPercent": 10}),
+        ("plain", None),
+    ]:
+        spec = {"model": {"storage": {}}, **({"canary": canary} if canary else {})}
+        STORE.upsert(
+            "InferenceService",
+            {"metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"}, "spec": spec},
+        )
+    answers: list = [[], ApiException(status=503), [gd.GRPC_ROUTES], [gd.ROUTES, gd.GRPC_ROUTES]]
+
+    def discover() -> list:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    class Watch:
+        def __init__(self, kind: str) -> None:
+            self.kind, self.synced = kind, threading.Event()
+
+        def start(self) -> None:
+            self.synced.set()
+
+    started: list = []
+    asyncio.run(
+        gd.await_routes([], lambda r: [Watch(r.kind)], started, recheck=(0.0, 0.0), discover=discover)
+    )
+    assert answers == []  # it stopped checking once both kinds were served
+    assert [w.kind for w in started] == ["GRPCRoute", "HTTPRoute"]
+    assert CONFIG.gateway_api_served and CONFIG.grpc_routes_served
+    assert woken == [("ns", "routed"), ("ns", "routed")]  # once per newly served kind; never the others
