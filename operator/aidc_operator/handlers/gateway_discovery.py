@@ -63,8 +63,9 @@ async def await_routes(
         wait = min(wait * 2, longest)
         try:
             new = [r for r in await asyncio.to_thread(discover) if r in missing]
-        except (ApiException, OSError) as e:
-            log.info("cannot tell whether the Gateway API is served yet (%r); checking again", e)
+        except Exception as e:  # an apiserver restart, a network blip: this task must outlive them
+            why = f"API error {e.status}" if isinstance(e, ApiException) else type(e).__name__
+            log.info("cannot tell whether the Gateway API is served yet (%s); checking again", why)
             continue
         if not new:
             continue

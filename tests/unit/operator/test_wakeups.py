@@ -128,7 +128,13 @@ def test_route_kinds_installed_later_are_watched_and_wake_the_gateway_canaries(
             "InferenceService",
             {"metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"}, "spec": spec},
         )
-    answers: list = [[], ApiException(status=503), [gd.GRPC_ROUTES], [gd.ROUTES, gd.GRPC_ROUTES]]
+    answers: list = [
+        [],
+        ApiException(status=503),
+        [gd.GRPC_ROUTES],
+        ConnectionError(),
+        [gd.ROUTES, gd.GRPC_ROUTES],
+    ]
 
     def discover() -> list:
         answer = answers.pop(0)
