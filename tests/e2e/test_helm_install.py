@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography import x509
+from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_processes import free_port
@@ -422,6 +423,10 @@ def test_after_uninstall_deleting_a_trainingjob_completes(install: Install, tmp_
     (container,) = pod["containers"]
     kubeconfig = service_account_kubeconfig(kube, system_ns, pod["serviceAccountName"], tmp_path / "hook")
     env = {**kube.env(), "KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
+    # The hook releases the finalizers once the operator's pods are gone. Here kwok's pods go at once
+    # while the replica really running is the local operator: a finalizer of the test's keeps each pod
+    # until that process has exited, so "pod gone" means "operator gone" as it does in a real cluster.
+    replicas = _hold_pods(kube, system_ns, install.release)
     hook = subprocess.Popen(
         [sys.executable, "-m", "aidc_operator", *container["args"]],
         env=env,
@@ -438,6 +443,10 @@ def test_after_uninstall_deleting_a_trainingjob_completes(install: Install, tmp_
             timeout=60,
         )
         install.op.stop()
+        install.op.proc.wait(30)  # type: ignore[union-attr]
+    finally:
+        _release_pods(kube, system_ns, replicas)
+    try:
         out, _ = hook.communicate(timeout=180)
     finally:
         if hook.poll() is None:
@@ -454,6 +463,29 @@ def test_after_uninstall_deleting_a_trainingjob_completes(install: Install, tmp_
     # ... and so does every other object the operator served (earlier tests' jobs and services).
     kube.kubectl("delete", "trainingjobs,inferenceservices", "--all", "-n", ns, "--timeout=60s")
     assert not kube.kubectl("get", "trainingjobs,inferenceservices", "-n", ns, "-o", "name").stdout.strip()
+
+
+HOLD = "test.aidc.dev/local-operator"
+
+
+def _hold_pods(kube: Kube, namespace: str, deployment: str) -> list[str]:
+    """Put HOLD on the Deployment's pods (at least one); returns their names."""
+    labels = kube.apps.read_namespaced_deployment(deployment, namespace).spec.selector.match_labels
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    names = [p.metadata.name for p in kube.core.list_namespaced_pod(namespace, label_selector=selector).items]
+    assert names, f"no pod of Deployment {namespace}/{deployment}: the hook would have nothing to wait for"
+    for name in names:
+        kube.core.patch_namespaced_pod(name, namespace, {"metadata": {"finalizers": [HOLD]}})
+    return names
+
+
+def _release_pods(kube: Kube, namespace: str, names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(ApiException):  # 404: already gone
+            pod = kube.core.read_namespaced_pod(name, namespace)
+            rest = [f for f in pod.metadata.finalizers or [] if f != HOLD]
+            patch = [{"op": "replace", "path": "/metadata/finalizers", "value": rest}]
+            kube.core.patch_namespaced_pod(name, namespace, patch)
 
 
 @contextlib.contextmanager
