@@ -22,7 +22,7 @@ def operator_on(c: LocalCluster, namespace: str) -> Iterator[subprocess.Popen[by
     op = None
     try:
         c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        c.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.aidc.dev", "--timeout=60s")
+        c.wait_crds("trainingjobs.aidc.dev")
         c.kubectl("create", "namespace", namespace, check=False)
         poll(
             "default service account",

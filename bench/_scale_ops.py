@@ -76,7 +76,7 @@ class Aidc(Operator):
 
     def install(self, c: LocalCluster) -> None:
         c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        c.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.aidc.dev", "--timeout=60s")
+        c.wait_crds("trainingjobs.aidc.dev")
 
     def start(
         self, c: LocalCluster, log: Path, metrics_port: int, health_port: int

@@ -46,13 +46,7 @@ def main() -> int:
     c = LocalCluster.load(state)
     assert c.bin_dir is not None
     c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    c.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "crd/trainingjobs.aidc.dev",
-        "crd/inferenceservices.aidc.dev",
-        "--timeout=60s",
-    )
+    c.wait_crds("trainingjobs.aidc.dev", "inferenceservices.aidc.dev")
     say("CRDs installed")
     health = free_port()
     ensure_process(

@@ -42,8 +42,7 @@ def kube() -> Iterator[Kube]:
 def crds(kube: Kube) -> Kube:
     """The aidc CRDs applied and Established."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    for crd in ("trainingjobs.aidc.dev", "inferenceservices.aidc.dev"):
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    kube.wait_crds("trainingjobs.aidc.dev", "inferenceservices.aidc.dev")
     return kube
 
 

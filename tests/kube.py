@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from crd_wait import wait_established
 from kubernetes import client, config
 
 from localcluster import LocalCluster, build_binaries
@@ -57,6 +58,10 @@ class Kube:
         self.apps = client.AppsV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         self.coordination = client.CoordinationV1Api(self.api)
+
+    def wait_crds(self, *names: str, timeout: float = 120) -> None:
+        """Until every named CRD is Established (crd_wait: kubectl wait can fail on a fresh one)."""
+        wait_established([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}"], names, timeout)
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from crd_wait import wait_established
+
 import go_modules
 from cluster_processes import ClusterError
 
@@ -57,14 +59,11 @@ def install(kubectl: list[str]) -> Path:
     """Apply the CRDs with the given kubectl command line (binary and --kubeconfig) and wait until they
     are Established; idempotent."""
     directory = crd_dir()
-    for args in (
-        ["apply", "--server-side", "--force-conflicts", "-f", str(directory)],
-        ["wait", "--for=condition=Established", "--timeout=60s"]
-        + [f"crd/{name}.gateway.networking.k8s.io" for name in CRDS],
-    ):
-        proc = subprocess.run([*kubectl, *args], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise GatewayAPIError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+    args = ["apply", "--server-side", "--force-conflicts", "-f", str(directory)]
+    proc = subprocess.run([*kubectl, *args], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise GatewayAPIError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+    wait_established(kubectl, [f"{name}.gateway.networking.k8s.io" for name in CRDS])
     return directory
 
 

@@ -285,12 +285,7 @@ def start(c: LocalCluster, kueue_dir: Path | None = None) -> None:
     _apply(
         c, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}, *_rbac(config), *crds]
     )
-    c.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        *(f"crd/{d['metadata']['name']}" for d in crds),
-    )
+    c.wait_crds(*(d["metadata"]["name"] for d in crds))
     _apply(c, _webhook_configs(config, url, ca_bundle))
     conf = c.state_dir / "kueue-config.yaml"
     conf.write_text(yaml.safe_dump(_configuration(c), sort_keys=False))

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crd_wait import wait_established
+
 import component_args
 import kwok_nodes
 import proctree
@@ -343,6 +345,10 @@ class LocalCluster:
             proctree.markers(self.state_dir, node), meanwhile=lambda: self.procs.kill(f"kwok-{node}")
         )
         drop_node_pod_addresses(self.state_dir, self.pod_net, node)
+
+    def wait_crds(self, *names: str, timeout: float = 120) -> None:
+        """Until every named CRD is Established (crd_wait: kubectl wait can fail on a fresh one)."""
+        wait_established([self.binary("kubectl"), f"--kubeconfig={self.kubeconfig}"], names, timeout)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         assert self.bin_dir is not None

@@ -67,7 +67,7 @@ def phase(kube: Kube, ns: str, job: str) -> str | None:
 
 def test_standby_takes_over_within_the_peering_lifetime(crds: Kube, tmp_path: Path) -> None:
     kube = crds
-    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    kube.wait_crds("kopfpeerings.kopf.dev")
     ns = kube.create_namespace("ha", prefix="o")
     peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}}
     kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(peering))

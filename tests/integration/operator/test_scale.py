@@ -39,8 +39,7 @@ def fleet() -> Iterator[Kube]:
     assert local.bin_dir is not None
     kube = Kube(local.kubeconfig, str(local.bin_dir / "kubectl"), local)
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    for crd in ("trainingjobs.aidc.dev", "inferenceservices.aidc.dev"):
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    kube.wait_crds("trainingjobs.aidc.dev", "inferenceservices.aidc.dev")
     try:
         yield kube
     finally:
