@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from crd_wait import wait_established
 from kubernetes import client, config
 
+from crd_wait import wait_established
 from localcluster import LocalCluster, build_binaries
 
 T = TypeVar("T")

@@ -18,10 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from crd_wait import wait_established
-
 import go_modules
 from cluster_processes import ClusterError
+from crd_wait import wait_established
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = "sigs.k8s.io/gateway-api"

@@ -34,13 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crd_wait import wait_established
-
 import component_args
 import kwok_nodes
 import proctree
 from cluster_pki import issue_identity, kubeconfig, write_pki
 from cluster_processes import ClusterError, Processes, free_port, http_ok, log, port_in_use
+from crd_wait import wait_established
 from kwok_nodes import FLEET
 from pod_addresses import (
     drop_node_pod_addresses,

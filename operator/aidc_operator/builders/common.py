@@ -8,6 +8,7 @@ from typing import Any
 from ..api import API_VERSION
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "aidc-operator"}
+MANAGED_BY_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())  # the watches' labelSelector
 LABEL_JOB = "aidc.dev/job-name"
 LABEL_RANK = "aidc.dev/node-rank"
 LABEL_ATTEMPT = "aidc.dev/attempt"

@@ -18,14 +18,13 @@ from kubernetes.client.exceptions import ApiException
 
 from .. import kubeio
 from ..builders import httproute
-from ..builders.common import MANAGED_BY
+from ..builders.common import MANAGED_BY_SELECTOR as _SELECTOR
 from ..cache import INFERENCESERVICE, key_of
 from ..informer import Informer, Resource
 from ..runtime import CONFIG, STORE
 from .inferenceservice import SERVICES
 
 log = logging.getLogger("aidc.cache")
-_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
 # The HTTPRoutes and GRPCRoutes of weighted canaries (their status says whether a Gateway took them).
 ROUTES = Resource(httproute.KIND, httproute.API_VERSION, httproute.PLURAL, selector=_SELECTOR)
 GRPC_ROUTES = Resource(httproute.GRPC_KIND, httproute.API_VERSION, httproute.GRPC_PLURAL, selector=_SELECTOR)

@@ -27,7 +27,8 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from .. import kubeio, metrics, queueing, volumes
-from ..builders.common import LABEL_ISVC, LABEL_JOB, MANAGED_BY
+from ..builders.common import LABEL_ISVC, LABEL_JOB
+from ..builders.common import MANAGED_BY_SELECTOR as _SELECTOR
 from ..cache import INFERENCESERVICE, LEASE, NODE, POD, TRAININGJOB
 from ..informer import Informer, Resource
 from ..runtime import CONFIG, STORE
@@ -38,7 +39,6 @@ from .trainingjob import JOBS
 log = logging.getLogger("aidc.cache")
 NODE_LEASE_NAMESPACE = "kube-node-lease"  # kubelets renew one Lease per node here
 WATCHDOG_SECONDS = 1.0
-_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
 OWNED = (
     Resource(POD, "v1", "pods", selector=_SELECTOR),
     Resource("Service", "v1", "services", selector=_SELECTOR),
